@@ -1,0 +1,238 @@
+"""Scenario files: the schema of every key, loading, ``--set`` overrides, checks.
+
+A scenario is a TOML file. Top-level keys configure the run; ``[problem]`` and
+``[partition]`` tables configure the data. Internally a scenario is a flat
+dict of dotted keys (``problem.centers``), the same names ``--set`` takes.
+Every check runs before anything starts and raises :class:`ConfigError`
+naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fl_clip21.algorithms import ALGORITHMS
+
+
+class ConfigError(ValueError):
+    """A scenario key has a value the run cannot use."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One scenario key: its type, default and rule."""
+
+    kind: str  # "int" | "float" | "str" | "list" | "bool" | "path-or-list"
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None  # returns the broken rule, or None
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _at_least(lo: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _fraction(v: Any) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _algorithms(v: Any) -> str | None:
+    if not v:
+        return "must name at least one algorithm"
+    unknown = [a for a in v if a not in ALGORITHMS]
+    if unknown:
+        return f"has unknown algorithm {unknown[0]!r}; known: {', '.join(sorted(ALGORITHMS))}"
+    if len(set(v)) != len(v):
+        return "names an algorithm twice"
+    return None
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+SCHEMA: dict[str, Key] = {
+    "name": Key("str", "scenario", "Scenario name, used in titles."),
+    "algorithms": Key("list", ["gd", "clip-gd", "clip21-gd"], "Algorithms to run, comma-separated.", _algorithms),
+    "rounds": Key("int", 100, "Communication rounds per algorithm.", _at_least(1)),
+    "lr": Key("float", 0.1, "Server step size gamma.", _positive),
+    "tau": Key("float", 1.0, "Clipping threshold tau.", _positive),
+    "seed": Key("int", 0, "Seed of data split, model init, sampling and minibatches.", _at_least(0)),
+    "num-clients": Key("int", 10, "Number of clients n.", _at_least(1)),
+    "fraction": Key("float", 1.0, "Share of clients sampled per round (partial participation).", _fraction),
+    "batch-size": Key("int", 32, "Minibatch size of the stochastic algorithms (*-sgd).", _at_least(1)),
+    "target": Key("float", 1e-8, "grad_norm_sq target for 'rounds to target'.", _positive),
+    "audit": Key("bool", False, "Clients also report v_i so the server checks g == mean(v_i) each round."),
+    "num-cpus": Key("float", 1.0, "CPUs reserved per simulated client (Ray).", _positive),
+    "problem.name": Key("str", "mean-estimation", "mean-estimation | logreg | mlp | module:factory."),
+    "problem.centers": Key("path-or-list", None, "mean-estimation: .npy file (n x d) or inline list; unset: drawn from seed."),
+    "problem.dim": Key("int", 10, "mean-estimation: dimension when centres are drawn.", _at_least(1)),
+    "problem.spread": Key("float", 1.0, "mean-estimation: std of drawn centres.", _positive),
+    "problem.dataset": Key("str", "breast_cancer", "logreg: breast_cancer or a LibSVM file path; mlp: digits."),
+    "problem.reg": Key("float", 0.1, "logreg: lambda of the non-convex regulariser.", lambda v: None if v >= 0 else "must be >= 0"),
+    "problem.hidden": Key("int", 32, "mlp: hidden units.", _at_least(1)),
+    "problem.test-fraction": Key("float", 0.2, "mlp: share of rows held out for test accuracy.", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+    "partition.kind": Key("str", "iid", "iid | dirichlet | label-sorted | pathological.", _one_of("iid", "dirichlet", "label-sorted", "pathological")),
+    "partition.alpha": Key("float", 0.5, "dirichlet: concentration alpha.", _positive),
+    "partition.classes-per-client": Key("int", 2, "pathological: classes per client.", _at_least(1)),
+}
+
+_BUILTIN_PROBLEMS = ("mean-estimation", "logreg", "mlp")
+
+
+def _coerce(key: str, spec: Key, value: Any, from_text: bool) -> Any:
+    """Convert ``value`` to the key's type, or raise naming key and value."""
+
+    def bad(rule: str) -> ConfigError:
+        return ConfigError(f"{key} {rule}, got {value!r}")
+
+    kind = spec.kind
+    if kind == "int":
+        if from_text:
+            try:
+                return int(value)
+            except ValueError:
+                raise bad("must be an integer") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("must be an integer")
+        return value
+    if kind == "float":
+        if from_text:
+            try:
+                value_f = float(value)
+            except ValueError:
+                raise bad("must be a number") from None
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("must be a number")
+        else:
+            value_f = float(value)
+        if not math.isfinite(value_f):
+            raise bad("must be finite")
+        return value_f
+    if kind == "bool":
+        if from_text:
+            low = str(value).lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise bad("must be true or false")
+        if not isinstance(value, bool):
+            raise bad("must be true or false")
+        return value
+    if kind == "list":
+        if from_text:
+            return [s.strip() for s in str(value).split(",") if s.strip()]
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise bad("must be a list of names")
+        return list(value)
+    if kind == "path-or-list":
+        if value is None or isinstance(value, (str, list)):
+            return value
+        raise bad("must be a file path or a list of rows")
+    if not isinstance(value, str):
+        raise bad("must be a string")
+    return value
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"problem": {"dim": 3}}`` -> ``{"problem.dim": 3}``."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{name}."))
+        else:
+            out[name] = v
+    return out
+
+
+def _plugin_problem(flat: Mapping[str, Any]) -> bool:
+    return ":" in str(flat.get("problem.name", ""))
+
+
+def resolve(
+    scenario: Mapping[str, Any],
+    overrides: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Defaults + scenario + ``--set`` overrides, typed and checked.
+
+    Relative paths in ``problem.centers`` and ``problem.dataset`` are taken
+    relative to ``base_dir`` (the scenario's folder) and made absolute.
+    """
+    flat = flatten(scenario)
+    overrides = dict(overrides or {})
+    plugin = _plugin_problem({**flat, **overrides})
+    cfg: dict[str, Any] = {k: spec.default for k, spec in SCHEMA.items()}
+    for source, from_text in ((flat, False), (overrides, True)):
+        for key, value in source.items():
+            spec = SCHEMA.get(key)
+            if spec is None:
+                if plugin and key.startswith("problem."):
+                    cfg[key] = value
+                    continue
+                raise ConfigError(
+                    f"unknown key {key!r} (value {value!r}); run 'fl-clip21 run --help' for the keys"
+                )
+            cfg[key] = _coerce(key, spec, value, from_text)
+    for key, spec in SCHEMA.items():
+        if spec.check is not None and cfg[key] is not None:
+            rule = spec.check(cfg[key])
+            if rule:
+                raise ConfigError(f"{key} {rule}, got {cfg[key]!r}")
+    name = cfg["problem.name"]
+    if name not in _BUILTIN_PROBLEMS and ":" not in name:
+        raise ConfigError(
+            f"problem.name must be one of {', '.join(_BUILTIN_PROBLEMS)} or 'module:factory', got {name!r}"
+        )
+    if base_dir is not None:
+        for key in ("problem.centers", "problem.dataset"):
+            v = cfg.get(key)
+            if isinstance(v, str) and v and v != "breast_cancer" and v != "digits":
+                p = Path(v).expanduser()
+                cfg[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
+    return cfg
+
+
+def load_scenario(path: str | Path, overrides: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read a scenario TOML file and resolve it (see :func:`resolve`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"scenario file not found: {str(p)!r}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"scenario {str(p)!r} is not valid TOML: {e}") from None
+    return resolve(data, overrides, base_dir=p.parent.resolve())
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """``["tau=0.5", ...]`` -> ``{"tau": "0.5"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def keys_help() -> str:
+    """One line per key, for ``fl-clip21 run --help``."""
+    lines = []
+    for k, spec in SCHEMA.items():
+        default = ",".join(spec.default) if isinstance(spec.default, list) else spec.default
+        lines.append(f"  {k:<30} {spec.help} [default: {default}]")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""Pure array maths shared by every engine: norms, clipping, error feedback.
+
+A model is a ``Params`` mapping of array names to numpy arrays; norms are the
+global L2 norm over every array of the model (ALGORITHMS.md). Nothing here
+imports Flower, and no function changes its inputs in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+# A contractive operator C: maps an array dict to a new array dict.
+Operator = Callable[[Mapping[str, np.ndarray]], Params]
+
+
+def zeros_like(params: Mapping[str, np.ndarray]) -> Params:
+    """A new zero array for every array of ``params`` (same shapes and dtypes)."""
+    return {k: np.zeros_like(v) for k, v in params.items()}
+
+
+def global_norm(params: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of all arrays taken together, computed in float64."""
+    total = 0.0
+    for v in params.values():
+        a = np.asarray(v, dtype=np.float64)
+        total += float(np.dot(a.ravel(), a.ravel()))
+    return math.sqrt(total)
+
+
+def add(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], scale: float = 1.0) -> Params:
+    """``a + scale * b``, key by key, as new arrays."""
+    return {k: np.asarray(a[k] + scale * b[k], dtype=a[k].dtype) for k in a}
+
+
+def scale(a: Mapping[str, np.ndarray], factor: float) -> Params:
+    """``factor * a`` as new arrays."""
+    return {k: np.asarray(factor * v, dtype=v.dtype) for k, v in a.items()}
+
+
+def mean(items: list[Mapping[str, np.ndarray]], divisor: int | None = None) -> Params:
+    """Sum of ``items`` divided by ``divisor`` (default: their count)."""
+    if not items:
+        raise ValueError("mean needs at least one array dict, got none")
+    n = len(items) if divisor is None else divisor
+    total = {k: np.array(v, dtype=np.float64) for k, v in items[0].items()}
+    for it in items[1:]:
+        for k in total:
+            total[k] += it[k]
+    return {k: (total[k] / n).astype(items[0][k].dtype) for k in total}
+
+
+def clip_by_global_norm(params: Mapping[str, np.ndarray], tau: float) -> tuple[Params, bool]:
+    """``clip_tau(y) = min(1, tau / ||y||) * y`` over the whole model.
+
+    Returns the new arrays and whether clipping was active (``||y|| > tau``).
+    ``clip_tau(0) = 0`` without dividing by zero.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    norm = global_norm(params)
+    if norm <= tau:
+        return {k: np.array(v, copy=True) for k, v in params.items()}, False
+    factor = tau / norm
+    return {k: np.asarray(v * factor, dtype=v.dtype) for k, v in params.items()}, True
+
+
+def clip_operator(tau: float) -> Callable[[Mapping[str, np.ndarray]], tuple[Params, bool]]:
+    """``clip_tau`` as an error-feedback operator (returns ``(C(y), active)``)."""
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+
+    def op(y: Mapping[str, np.ndarray]) -> tuple[Params, bool]:
+        return clip_by_global_norm(y, tau)
+
+    return op
+
+
+def topk_operator(k: int) -> Callable[[Mapping[str, np.ndarray]], tuple[Params, bool]]:
+    """Top-k over the whole model: keep the k entries of largest magnitude.
+
+    ``active`` is True when some non-zero entry was dropped.
+    """
+    if k < 1:
+        raise ValueError(f"topk must be >= 1, got {k!r}")
+
+    def op(y: Mapping[str, np.ndarray]) -> tuple[Params, bool]:
+        flat = np.concatenate([np.ravel(v) for v in y.values()]) if y else np.zeros(0)
+        if k >= flat.size:
+            return {n: np.array(v, copy=True) for n, v in y.items()}, False
+        keep = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
+        mask = np.zeros(flat.size, dtype=bool)
+        mask[keep] = True
+        active = bool(np.any(flat[~mask] != 0))
+        out: Params = {}
+        start = 0
+        for n, v in y.items():
+            size = np.size(v)
+            out[n] = np.where(mask[start : start + size].reshape(np.shape(v)), v, 0).astype(v.dtype)
+            start += size
+        return out, active
+
+    return op
+
+
+def compose(*ops: Callable[[Mapping[str, np.ndarray]], tuple[Params, bool]]):
+    """Apply ``ops`` left to right; active if any of them was."""
+
+    def op(y: Mapping[str, np.ndarray]) -> tuple[Params, bool]:
+        out: Mapping[str, np.ndarray] = y
+        active = False
+        for f in ops:
+            out, a = f(out)
+            active = active or a
+        return dict(out), active
+
+    return op
+
+
+class EFStep(NamedTuple):
+    """Result of one error-feedback step."""
+
+    increment: Params  # c = C(target - memory): what the client sends
+    memory: Params  # memory + step * c
+    active: bool  # whether the operator changed its input
+
+
+def error_feedback_step(
+    target: Mapping[str, np.ndarray],
+    memory: Mapping[str, np.ndarray],
+    operator: Callable[[Mapping[str, np.ndarray]], tuple[Params, bool]],
+    step: float = 1.0,
+) -> EFStep:
+    """One EF21-style step: ``c = C(target - memory)``, ``memory + step * c``.
+
+    With ``C = clip_tau`` and ``step = 1`` this is Clip21's client update;
+    ``step = beta2`` gives Clip21-SGD2M's memory update.
+    """
+    diff = {k: np.asarray(target[k] - memory[k], dtype=memory[k].dtype) for k in memory}
+    c, active = operator(diff)
+    return EFStep(c, add(memory, c, step), active)

@@ -1,0 +1,95 @@
+"""Flower ClientApp handlers: run an :class:`~fl_clip21.algorithms.Algorithm` on a node.
+
+The client's private state (Clip21's v_i) lives in ``context.state`` and only
+the algorithm's message (the clipped increment c_i) goes back to the server.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_clip21.algorithms import algorithm_from_config
+from fl_clip21.flower import records as R
+from fl_clip21.problems import build_problem
+
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+
+def partition_of(context: Context) -> int:
+    """This node's client index i (its ``partition-id`` node config)."""
+    try:
+        return int(context.node_config[PARTITION_ID])
+    except KeyError:
+        raise ValueError(
+            f"node_config has no {PARTITION_ID!r}: start the SuperNode with "
+            f"--node-config \"{PARTITION_ID}=I {NUM_PARTITIONS}=N\""
+        ) from None
+
+
+def client_rng(seed: int, client: int, server_round: int) -> np.random.Generator:
+    """The generator of client ``client`` in round ``server_round`` (reproducible)."""
+    return np.random.default_rng([seed, client, server_round])
+
+
+def load_state(context: Context, init: dict) -> dict:
+    """The client state saved by :func:`save_state`, or ``init`` on a first round."""
+    out = {}
+    for name, value in init.items():
+        key = R.STATE_PREFIX + name
+        out[name] = R.from_record(context.state[key]) if key in context.state else value
+    return out
+
+
+def save_state(context: Context, state: dict) -> None:
+    for name, params in state.items():
+        context.state[R.STATE_PREFIX + name] = R.to_record(params)
+
+
+def train(msg: Message, context: Context) -> Message:
+    """One client round of the algorithm named in the message's config."""
+    config = msg.content[R.CONFIG]
+    cfg = json.loads(str(config[R.SCENARIO]))
+    server_round = int(config[R.ROUND])
+    algorithm = algorithm_from_config(str(config[R.ALGORITHM]), cfg)
+    problem = build_problem(cfg)
+    i = partition_of(context)
+    params = R.from_record(msg.content[R.ARRAYS])
+    state = load_state(context, algorithm.client_init(params)) if algorithm.error_feedback else {}
+    batch = cfg["batch-size"] if algorithm.stochastic else None
+
+    def grad_fn(p, rng):
+        return problem.client_grad(i, p, rng if batch else None, batch)
+
+    result = algorithm.client_update(params, state, grad_fn, client_rng(cfg["seed"], i, server_round))
+    save_state(context, result.state)
+    content = RecordDict(
+        {
+            R.ARRAYS: R.to_record(result.message),
+            R.METRICS: MetricRecord({"clipped": int(result.clipped), PARTITION_ID: i}),
+        }
+    )
+    if bool(config.get(R.DO_AUDIT, False)) and "v" in result.state:
+        content[R.AUDIT] = R.to_record(result.state["v"])
+    return Message(content, reply_to=msg)
+
+
+def query(msg: Message, context: Context) -> Message:
+    """Handshake: tell the server which client index this node holds."""
+    i = partition_of(context)
+    n = int(context.node_config.get(NUM_PARTITIONS, -1))
+    return Message(
+        RecordDict({R.CONFIG: ConfigRecord({PARTITION_ID: i, NUM_PARTITIONS: n})}), reply_to=msg
+    )
+
+
+def make_client_app() -> ClientApp:
+    """The ClientApp every engine and deployment uses."""
+    app = ClientApp()
+    app.train()(train)
+    app.query()(query)
+    return app

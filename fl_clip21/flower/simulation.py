@@ -1,0 +1,69 @@
+"""Run a scenario on Flower's simulation engine (Ray backend), in this process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fl_clip21.flower.client import make_client_app
+from fl_clip21.flower.server import OnRound, run_scenario
+
+
+class SimulationError(RuntimeError):
+    """The ServerApp of a simulation did not finish."""
+
+
+def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Ray settings from the scenario: client resources, the local CPUs."""
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if "RAY_ADDRESS" not in os.environ:
+        init_args["num_cpus"] = os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": cfg["num-cpus"], "num_gpus": 0.0},
+        "init_args": init_args,
+    }
+
+
+def simulate(cfg: dict[str, Any], on_round: OnRound | None = None, verbose: bool = False) -> dict[str, dict]:
+    """Run every algorithm of ``cfg`` in one Flower simulation; return their results."""
+    from flwr.simulation import run_simulation
+
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            results.update(run_scenario(grid, cfg, on_round))
+        except BaseException as e:
+            errors.append(e)
+            raise
+
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_simulation(
+                server_app=server_app,
+                client_app=make_client_app(),
+                num_supernodes=cfg["num-clients"],
+                backend_config=backend_config(cfg),
+                verbose_logging=verbose,
+            )
+    finally:
+        flwr_logger.setLevel(level)
+    if errors:
+        raise SimulationError(f"the simulation stopped: {errors[0]!r}") from errors[0]
+    missing = [a for a in cfg["algorithms"] if a not in results]
+    if missing:
+        raise SimulationError(f"the simulation ended without results for {missing}")
+    return results

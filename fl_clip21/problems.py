@@ -1,0 +1,355 @@
+"""Federated problems: client objectives f_i, the global f = (1/n) sum_i f_i.
+
+Built in: ``mean-estimation``, ``logreg`` (non-convex regulariser, breast_cancer
+or a LibSVM file) and ``mlp`` (a small torch classifier on digits). A plug-in
+problem is named ``module:factory``; ``factory(cfg)`` gets the resolved
+scenario dict and returns an object with the :class:`Problem` methods.
+
+Everything here is deterministic in the scenario (seed included), so the
+server and every client build the same problem independently.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from fl_clip21.config import ConfigError
+from fl_clip21.core import Params
+
+
+class Problem(Protocol):
+    """What an engine needs from a problem."""
+
+    num_clients: int
+    classification: bool
+
+    def init_params(self) -> Params: ...
+
+    def client_grad(
+        self, i: int, params: Params, rng: np.random.Generator | None = None, batch_size: int | None = None
+    ) -> Params:
+        """Gradient of f_i at params; a minibatch one when ``rng`` is given."""
+
+    def loss(self, params: Params) -> float: ...
+
+    def grad(self, params: Params) -> Params:
+        """Gradient of the global f = (1/n) sum_i f_i."""
+
+    def accuracy(self, params: Params) -> float | None: ...
+
+
+# --- data partitioning with flwr-datasets ----------------------------------
+
+
+def partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarray]:
+    """Split row indices among ``num-clients`` clients with a flwr-datasets partitioner."""
+    import datasets
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+    )
+
+    n, seed, kind = cfg["num-clients"], cfg["seed"], cfg["partition.kind"]
+    if n > len(labels):
+        raise ConfigError(f"num-clients must be <= the {len(labels)} data rows, got {n}")
+    datasets.disable_progress_bars()
+    ds = datasets.Dataset.from_dict({"label": labels.tolist(), "row": np.arange(len(labels)).tolist()})
+    ds = ds.shuffle(seed=seed)
+    if kind == "iid":
+        part = IidPartitioner(num_partitions=n)
+    elif kind == "dirichlet":
+        part = DirichletPartitioner(
+            num_partitions=n, partition_by="label", alpha=cfg["partition.alpha"],
+            min_partition_size=1, seed=seed,
+        )
+    elif kind == "label-sorted":
+        part = ShardPartitioner(num_partitions=n, partition_by="label", num_shards_per_partition=1, seed=seed)
+    else:
+        k = cfg["partition.classes-per-client"]
+        num_classes = len(np.unique(labels))
+        if k > num_classes:
+            raise ConfigError(f"partition.classes-per-client must be <= {num_classes} classes, got {k}")
+        part = PathologicalPartitioner(
+            num_partitions=n, partition_by="label", num_classes_per_partition=k,
+            class_assignment_mode="deterministic", seed=seed,
+        )
+    part.dataset = ds
+    out = []
+    for i in range(n):
+        rows = np.asarray(part.load_partition(i)["row"], dtype=np.int64)
+        if rows.size == 0:
+            raise ConfigError(
+                f"partition.kind {kind!r} left client {i} without data for num-clients={n}; "
+                "use fewer clients or another partition"
+            )
+        out.append(np.sort(rows))
+    return out
+
+
+# --- mean estimation -------------------------------------------------------
+
+
+class MeanEstimation:
+    """f_i(x) = 0.5 * ||x - a_i||^2; the minimiser of f is the mean of the a_i."""
+
+    classification = False
+
+    def __init__(self, centers: np.ndarray):
+        self.centers = np.asarray(centers, dtype=np.float64)
+        self.num_clients = self.centers.shape[0]
+
+    def init_params(self) -> Params:
+        return {"x": np.zeros(self.centers.shape[1])}
+
+    def client_grad(self, i, params, rng=None, batch_size=None) -> Params:
+        return {"x": params["x"] - self.centers[i]}
+
+    def loss(self, params) -> float:
+        return float(0.5 * np.mean(np.sum((params["x"] - self.centers) ** 2, axis=1)))
+
+    def grad(self, params) -> Params:
+        return {"x": params["x"] - self.centers.mean(axis=0)}
+
+    def accuracy(self, params) -> None:
+        return None
+
+
+def _load_centers(cfg: dict[str, Any]) -> np.ndarray:
+    src = cfg["problem.centers"]
+    if src is None:
+        rng = np.random.default_rng(cfg["seed"])
+        return rng.normal(0.0, cfg["problem.spread"], size=(cfg["num-clients"], cfg["problem.dim"]))
+    if isinstance(src, list):
+        try:
+            arr = np.asarray(src, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise ConfigError(f"problem.centers must be a list of equal-length rows of numbers, got {src!r}") from None
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise ConfigError(f"problem.centers file not found: {src!r}")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - numpy raises many kinds here
+            raise ConfigError(f"problem.centers could not be read as .npy ({e}): {src!r}") from None
+    if arr.ndim != 2:
+        raise ConfigError(f"problem.centers must be 2-D (n x d), got shape {arr.shape} from {src!r}")
+    if not np.all(np.isfinite(arr)):
+        raise ConfigError(f"problem.centers must be finite, got non-finite values in {src!r}")
+    if arr.shape[0] != cfg["num-clients"]:
+        raise ConfigError(
+            f"num-clients must equal the {arr.shape[0]} rows of problem.centers, got {cfg['num-clients']}"
+        )
+    return arr
+
+
+# --- logistic regression with a non-convex regulariser ----------------------
+
+
+def load_libsvm(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a LibSVM file with scikit-learn, dense features, labels as given."""
+    from sklearn.datasets import load_svmlight_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"problem.dataset file not found: {path!r}")
+    try:
+        X, y = load_svmlight_file(str(p))
+    except ValueError as e:
+        raise ConfigError(f"problem.dataset is not a LibSVM file ({e}): {path!r}") from None
+    return np.asarray(X.todense()), np.asarray(y)
+
+
+class _ClientData:
+    """Per-client (X_i, y_i) built by a partitioner over the whole data."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, cfg: dict[str, Any]):
+        self.X, self.y = X, y
+        self.parts = partition_indices(y, cfg)
+        self.num_clients = len(self.parts)
+
+    def batch(self, i: int, rng: np.random.Generator | None, batch_size: int | None) -> np.ndarray:
+        rows = self.parts[i]
+        if rng is None or batch_size is None or batch_size >= rows.size:
+            return rows
+        return rng.choice(rows, size=batch_size, replace=False)
+
+
+class LogReg(_ClientData):
+    """f_i(x) = mean log(1 + exp(-y a^T x)) + reg * sum_j x_j^2 / (1 + x_j^2)."""
+
+    classification = True
+
+    def __init__(self, cfg: dict[str, Any]):
+        src = cfg["problem.dataset"]
+        if src == "breast_cancer":
+            from sklearn.datasets import load_breast_cancer
+
+            X, y = load_breast_cancer(return_X_y=True)
+        else:
+            X, y = load_libsvm(src)
+        classes = np.unique(y)
+        if classes.size != 2:
+            raise ConfigError(f"problem.dataset must have 2 classes for logreg, got {classes.size} in {src!r}")
+        X = (X - X.mean(axis=0)) / np.where(X.std(axis=0) > 0, X.std(axis=0), 1.0)
+        X = np.hstack([X, np.ones((X.shape[0], 1))])
+        labels = (y == classes[1]).astype(np.int64)
+        super().__init__(X, labels, cfg)
+        self.signs = 2.0 * labels - 1.0
+        self.reg = cfg["problem.reg"]
+
+    def init_params(self) -> Params:
+        return {"w": np.zeros(self.X.shape[1])}
+
+    def _loss_rows(self, w, rows) -> float:
+        z = self.signs[rows] * (self.X[rows] @ w)
+        return float(np.mean(np.logaddexp(0.0, -z)) + self.reg * np.sum(w**2 / (1 + w**2)))
+
+    def _grad_rows(self, w, rows) -> np.ndarray:
+        z = self.signs[rows] * (self.X[rows] @ w)
+        s = -self.signs[rows] * _sigmoid(-z)
+        return self.X[rows].T @ s / rows.size + self.reg * 2 * w / (1 + w**2) ** 2
+
+    def client_grad(self, i, params, rng=None, batch_size=None) -> Params:
+        return {"w": self._grad_rows(params["w"], self.batch(i, rng, batch_size))}
+
+    def loss(self, params) -> float:
+        return float(np.mean([self._loss_rows(params["w"], r) for r in self.parts]))
+
+    def grad(self, params) -> Params:
+        return {"w": np.mean([self._grad_rows(params["w"], r) for r in self.parts], axis=0)}
+
+    def accuracy(self, params) -> float:
+        return float(np.mean((self.X @ params["w"] > 0) == (self.signs > 0)))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+# --- a small torch MLP on digits --------------------------------------------
+
+
+class DigitsMLP(_ClientData):
+    """64 -> hidden -> 10 MLP with cross-entropy on scikit-learn's digits."""
+
+    classification = True
+
+    def __init__(self, cfg: dict[str, Any]):
+        import torch
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if cfg["problem.dataset"] not in ("digits", "breast_cancer"):
+            raise ConfigError(f"problem.dataset must be 'digits' for mlp, got {cfg['problem.dataset']!r}")
+        X, y = load_digits(return_X_y=True)
+        X = X / 16.0
+        if cfg["problem.test-fraction"] > 0:
+            X, Xt, y, yt = train_test_split(
+                X, y, test_size=cfg["problem.test-fraction"], random_state=cfg["seed"], stratify=y
+            )
+        else:
+            Xt, yt = X, y
+        super().__init__(X, y, cfg)
+        self.torch = torch
+        self.Xtr = torch.tensor(X, dtype=torch.float32)
+        self.ytr = torch.tensor(y, dtype=torch.int64)
+        self.Xte = torch.tensor(Xt, dtype=torch.float32)
+        self.yte = torch.tensor(yt, dtype=torch.int64)
+        self.hidden = cfg["problem.hidden"]
+        self.seed = cfg["seed"]
+
+    def _model(self):
+        torch = self.torch
+        return torch.nn.Sequential(
+            torch.nn.Linear(64, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 10)
+        )
+
+    def init_params(self) -> Params:
+        gen_state = self.torch.random.get_rng_state()
+        self.torch.manual_seed(self.seed)
+        try:
+            model = self._model()
+        finally:
+            self.torch.random.set_rng_state(gen_state)
+        return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+    def _forward(self, params, X):
+        torch = self.torch
+        tensors = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+        return torch.func.functional_call(self._model_shell, tensors, (X,)), tensors
+
+    @functools.cached_property
+    def _model_shell(self):
+        return self._model()
+
+    def _grad_rows(self, params, rows) -> Params:
+        torch = self.torch
+        logits, tensors = self._forward(params, self.Xtr[rows])
+        loss = torch.nn.functional.cross_entropy(logits, self.ytr[rows])
+        grads = torch.autograd.grad(loss, list(tensors.values()))
+        return {k: g.numpy() for k, g in zip(tensors, grads)}
+
+    def client_grad(self, i, params, rng=None, batch_size=None) -> Params:
+        return self._grad_rows(params, self.batch(i, rng, batch_size))
+
+    def loss(self, params) -> float:
+        torch = self.torch
+        with torch.no_grad():
+            losses = []
+            for rows in self.parts:
+                logits, _ = self._forward(params, self.Xtr[rows])
+                losses.append(float(torch.nn.functional.cross_entropy(logits, self.ytr[rows])))
+        return float(np.mean(losses))
+
+    def grad(self, params) -> Params:
+        from fl_clip21.core import mean
+
+        return mean([self._grad_rows(params, rows) for rows in self.parts])
+
+    def accuracy(self, params) -> float:
+        with self.torch.no_grad():
+            logits, _ = self._forward(params, self.Xte)
+        return float((logits.argmax(dim=1) == self.yte).float().mean())
+
+
+# --- building ---------------------------------------------------------------
+
+
+def _build(cfg: dict[str, Any]) -> Problem:
+    name = cfg["problem.name"]
+    if name == "mean-estimation":
+        return MeanEstimation(_load_centers(cfg))
+    if name == "logreg":
+        return LogReg(cfg)
+    if name == "mlp":
+        return DigitsMLP(cfg)
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"problem.name {name!r} could not be imported: {e}") from None
+    problem = factory(cfg)
+    if problem.num_clients != cfg["num-clients"]:
+        raise ConfigError(
+            f"num-clients must equal the {problem.num_clients} clients of problem {name!r}, got {cfg['num-clients']}"
+        )
+    return problem
+
+
+@functools.lru_cache(maxsize=4)
+def _build_cached(key: str) -> Problem:
+    return _build(json.loads(key))
+
+
+def build_problem(cfg: dict[str, Any]) -> Problem:
+    """Build (once per process and scenario) the problem a scenario describes."""
+    return _build_cached(json.dumps(cfg, sort_keys=True))
