@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -84,7 +85,9 @@ def partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarra
     part.dataset = ds
     out = []
     for i in range(n):
-        rows = np.asarray(part.load_partition(i)["row"], dtype=np.int64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # pyarrow's, inside the partitioners
+            rows = np.asarray(part.load_partition(i)["row"], dtype=np.int64)
         if rows.size == 0:
             raise ConfigError(
                 f"partition.kind {kind!r} left client {i} without data for num-clients={n}; "
@@ -350,6 +353,10 @@ def _build_cached(key: str) -> Problem:
     return _build(json.loads(key))
 
 
+_PROBLEM_KEYS = ("seed", "num-clients")
+
+
 def build_problem(cfg: dict[str, Any]) -> Problem:
-    """Build (once per process and scenario) the problem a scenario describes."""
-    return _build_cached(json.dumps(cfg, sort_keys=True))
+    """Build (once per process and problem) the problem a scenario describes."""
+    key = {k: v for k, v in cfg.items() if k in _PROBLEM_KEYS or k.startswith(("problem.", "partition."))}
+    return _build_cached(json.dumps(key, sort_keys=True))

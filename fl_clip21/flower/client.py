@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_clip21.algorithms import algorithm_from_config
+from fl_clip21.engine import client_round
 from fl_clip21.flower import records as R
 from fl_clip21.problems import build_problem
 
@@ -31,23 +31,23 @@ def partition_of(context: Context) -> int:
         ) from None
 
 
-def client_rng(seed: int, client: int, server_round: int) -> np.random.Generator:
-    """The generator of client ``client`` in round ``server_round`` (reproducible)."""
-    return np.random.default_rng([seed, client, server_round])
+def state_key(algorithm: str, name: str) -> str:
+    """Record name of state ``name`` (e.g. ``v``) of ``algorithm`` in ``context.state``."""
+    return f"{R.STATE_PREFIX}{algorithm}.{name}"
 
 
-def load_state(context: Context, init: dict) -> dict:
+def load_state(context: Context, algorithm: str, init: dict) -> dict:
     """The client state saved by :func:`save_state`, or ``init`` on a first round."""
     out = {}
     for name, value in init.items():
-        key = R.STATE_PREFIX + name
+        key = state_key(algorithm, name)
         out[name] = R.from_record(context.state[key]) if key in context.state else value
     return out
 
 
-def save_state(context: Context, state: dict) -> None:
+def save_state(context: Context, algorithm: str, state: dict) -> None:
     for name, params in state.items():
-        context.state[R.STATE_PREFIX + name] = R.to_record(params)
+        context.state[state_key(algorithm, name)] = R.to_record(params)
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -59,14 +59,9 @@ def train(msg: Message, context: Context) -> Message:
     problem = build_problem(cfg)
     i = partition_of(context)
     params = R.from_record(msg.content[R.ARRAYS])
-    state = load_state(context, algorithm.client_init(params)) if algorithm.error_feedback else {}
-    batch = cfg["batch-size"] if algorithm.stochastic else None
-
-    def grad_fn(p, rng):
-        return problem.client_grad(i, p, rng if batch else None, batch)
-
-    result = algorithm.client_update(params, state, grad_fn, client_rng(cfg["seed"], i, server_round))
-    save_state(context, result.state)
+    state = load_state(context, algorithm.name, algorithm.client_init(params))
+    result = client_round(algorithm, problem, cfg, i, server_round, params, state)
+    save_state(context, algorithm.name, result.state)
     content = RecordDict(
         {
             R.ARRAYS: R.to_record(result.message),

@@ -9,23 +9,14 @@ from typing import Any
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from fl_clip21 import core
 from fl_clip21.algorithms import algorithm_from_config
 from fl_clip21.flower import records as R
 from fl_clip21.flower.strategy import Clip21Strategy
-from fl_clip21.problems import Problem, build_problem
+from fl_clip21.engine import evaluate
+from fl_clip21.problems import build_problem
 
 # on_round(algorithm, record, rounds) is called after every round, for progress displays.
 OnRound = Callable[[str, dict[str, Any], int], None]
-
-
-def evaluate(problem: Problem, params: dict) -> dict[str, float]:
-    """Global metrics at ``params``: loss, grad_norm_sq (on all data), accuracy."""
-    out = {"loss": problem.loss(params), "grad_norm_sq": core.global_norm(problem.grad(params)) ** 2}
-    acc = problem.accuracy(params)
-    if acc is not None:
-        out["accuracy"] = acc
-    return out
 
 
 def run_algorithm(

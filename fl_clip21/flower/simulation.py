@@ -14,6 +14,13 @@ from fl_clip21.flower.client import make_client_app
 from fl_clip21.flower.server import OnRound, run_scenario
 
 
+class _DropDeprecation(logging.Filter):
+    """We call ``run_simulation`` on purpose (in-process results); drop its notice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
 class SimulationError(RuntimeError):
     """The ServerApp of a simulation did not finish."""
 
@@ -49,6 +56,8 @@ def simulate(cfg: dict[str, Any], on_round: OnRound | None = None, verbose: bool
     level = flwr_logger.level
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
+    drop = _DropDeprecation()
+    flwr_logger.addFilter(drop)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -61,6 +70,7 @@ def simulate(cfg: dict[str, Any], on_round: OnRound | None = None, verbose: bool
             )
     finally:
         flwr_logger.setLevel(level)
+        flwr_logger.removeFilter(drop)
     if errors:
         raise SimulationError(f"the simulation stopped: {errors[0]!r}") from errors[0]
     missing = [a for a in cfg["algorithms"] if a not in results]

@@ -23,6 +23,7 @@ from flwr.supercore import log
 
 from fl_clip21 import core
 from fl_clip21.algorithms import Algorithm
+from fl_clip21.engine import sample_clients
 from fl_clip21.flower import records as R
 from fl_clip21.flower.client import NUM_PARTITIONS, PARTITION_ID
 
@@ -153,12 +154,7 @@ class Clip21Strategy(Strategy):
 
     def sample_clients(self, server_round: int) -> list[int]:
         """The client indices that take part in ``server_round`` (seeded)."""
-        n = self.num_clients
-        if self.fraction >= 1:
-            return list(range(n))
-        m = max(1, int(round(self.fraction * n)))
-        rng = np.random.default_rng([self.seed, 0x5A3D1E, server_round])
-        return sorted(int(c) for c in rng.choice(n, size=m, replace=False))
+        return sample_clients(self.seed, server_round, self.num_clients, self.fraction)
 
     # --- Strategy interface ---------------------------------------------------
 
