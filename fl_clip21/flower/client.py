@@ -82,9 +82,9 @@ def query(msg: Message, context: Context) -> Message:
     )
 
 
-def make_client_app() -> ClientApp:
-    """The ClientApp every engine and deployment uses."""
+def make_client_app(train_mods: list | None = None) -> ClientApp:
+    """The ClientApp every engine and deployment uses (``train_mods`` wrap its train handler)."""
     app = ClientApp()
-    app.train()(train)
+    app.train(mods=train_mods or [])(train)
     app.query()(query)
     return app

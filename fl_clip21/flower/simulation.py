@@ -8,6 +8,7 @@ import warnings
 from typing import Any
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fl_clip21.flower.client import make_client_app
@@ -36,8 +37,16 @@ def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: dict[str, Any], on_round: OnRound | None = None, verbose: bool = False) -> dict[str, dict]:
-    """Run every algorithm of ``cfg`` in one Flower simulation; return their results."""
+def simulate(
+    cfg: dict[str, Any],
+    on_round: OnRound | None = None,
+    verbose: bool = False,
+    client_app: ClientApp | None = None,
+) -> dict[str, dict]:
+    """Run every algorithm of ``cfg`` in one Flower simulation; return their results.
+
+    ``client_app`` replaces the standard ClientApp (e.g. one with fault mods).
+    """
     from flwr.simulation import run_simulation
 
     results: dict[str, dict] = {}
@@ -63,7 +72,7 @@ def simulate(cfg: dict[str, Any], on_round: OnRound | None = None, verbose: bool
             warnings.simplefilter("ignore")
             run_simulation(
                 server_app=server_app,
-                client_app=make_client_app(),
+                client_app=client_app or make_client_app(),
                 num_supernodes=cfg["num-clients"],
                 backend_config=backend_config(cfg),
                 verbose_logging=verbose,
