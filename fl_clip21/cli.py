@@ -56,6 +56,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fl_clip21.bench import DEFAULT_SCENARIO, run_bench
+
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        print(f"fl-clip21: error: --clients must be integers, got {args.clients!r}", file=sys.stderr)
+        return 2
+    if not clients or min(clients) < 1 or args.rounds < 1 or args.repeats < 1:
+        print(
+            f"fl-clip21: error: --clients, --rounds and --repeats must be >= 1, got "
+            f"{args.clients!r}, {args.rounds!r}, {args.repeats!r}",
+            file=sys.stderr,
+        )
+        return 2
+    run_bench(clients, args.rounds, args.repeats, Path(args.scenario) if args.scenario else DEFAULT_SCENARIO, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fl-clip21", description="Clip21 and its baselines on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,7 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
     run.add_argument("--out", help="output folder (default: results/<scenario name>)")
     run.add_argument("--verbose", action="store_true", help="show Flower's logs")
+    bench = sub.add_parser(
+        "bench", help="seconds per round of clip21-gd vs Flower's FedAvg in one Flower simulation"
+    )
+    bench.add_argument("--clients", default="10,100", help="client counts, comma-separated")
+    bench.add_argument("--rounds", type=int, default=10, help="timed rounds per repeat")
+    bench.add_argument("--repeats", type=int, default=3, help="alternating repeats (median is reported)")
+    bench.add_argument("--scenario", help="scenario file (default: scenarios/logreg-nonconvex.toml)")
+    bench.add_argument("--out", default="bench.json", help="JSON output file")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args)
     return cmd_run(args)
 
 

@@ -37,29 +37,9 @@ def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def simulate(
-    cfg: dict[str, Any],
-    on_round: OnRound | None = None,
-    verbose: bool = False,
-    client_app: ClientApp | None = None,
-) -> dict[str, dict]:
-    """Run every algorithm of ``cfg`` in one Flower simulation; return their results.
-
-    ``client_app`` replaces the standard ClientApp (e.g. one with fault mods).
-    """
+def simulate_app(server_app: ServerApp, client_app: ClientApp, cfg: dict[str, Any], verbose: bool = False) -> None:
+    """Run ``server_app`` with ``cfg['num-clients']`` simulated nodes of ``client_app`` (Ray)."""
     from flwr.simulation import run_simulation
-
-    results: dict[str, dict] = {}
-    errors: list[BaseException] = []
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        try:
-            results.update(run_scenario(grid, cfg, on_round))
-        except BaseException as e:
-            errors.append(e)
-            raise
 
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
@@ -72,7 +52,7 @@ def simulate(
             warnings.simplefilter("ignore")
             run_simulation(
                 server_app=server_app,
-                client_app=client_app or make_client_app(),
+                client_app=client_app,
                 num_supernodes=cfg["num-clients"],
                 backend_config=backend_config(cfg),
                 verbose_logging=verbose,
@@ -80,6 +60,31 @@ def simulate(
     finally:
         flwr_logger.setLevel(level)
         flwr_logger.removeFilter(drop)
+
+
+def simulate(
+    cfg: dict[str, Any],
+    on_round: OnRound | None = None,
+    verbose: bool = False,
+    client_app: ClientApp | None = None,
+) -> dict[str, dict]:
+    """Run every algorithm of ``cfg`` in one Flower simulation; return their results.
+
+    ``client_app`` replaces the standard ClientApp (e.g. one with fault mods).
+    """
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            results.update(run_scenario(grid, cfg, on_round))
+        except BaseException as e:
+            errors.append(e)
+            raise
+
+    simulate_app(server_app, client_app or make_client_app(), cfg, verbose)
     if errors:
         raise SimulationError(f"the simulation stopped: {errors[0]!r}") from errors[0]
     missing = [a for a in cfg["algorithms"] if a not in results]

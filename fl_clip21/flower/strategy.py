@@ -82,6 +82,10 @@ class Clip21Strategy(Strategy):
         max |g - mean_i v_i| over every client.
     node_wait_timeout:
         Seconds to wait for all ``num_clients`` nodes to register.
+    client_of_node:
+        Node id -> client index, when the caller already knows it (from an
+        earlier strategy's :attr:`client_of_node`); otherwise the first round
+        starts with a handshake that asks every node for its partition-id.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class Clip21Strategy(Strategy):
         seed: int = 0,
         audit: bool = False,
         node_wait_timeout: float = 600.0,
+        client_of_node: dict[int, int] | None = None,
     ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
@@ -108,7 +113,7 @@ class Clip21Strategy(Strategy):
         self._scenario_json = json.dumps(scenario, sort_keys=True)
         self.params: dict[str, np.ndarray] | None = None
         self.server_state: dict | None = None
-        self.client_of_node: dict[int, int] = {}
+        self.client_of_node: dict[int, int] = dict(client_of_node or {})
         self._asked: dict[int, int] = {}
         self._audit_v: dict[int, dict[str, np.ndarray]] = {}
         self.history: list[dict[str, float]] = []
@@ -126,7 +131,7 @@ class Clip21Strategy(Strategy):
             time.sleep(0.2)
         return nodes
 
-    def _handshake(self, grid: Grid) -> None:
+    def handshake(self, grid: Grid) -> None:
         """Learn which client index (partition-id) every node holds."""
         nodes = self._wait_for_nodes(grid)
         msgs = [
@@ -166,7 +171,7 @@ class Clip21Strategy(Strategy):
             self.server_state = self.algorithm.server_init(self.params)
             self._audit_v = {i: core.zeros_like(self.params) for i in range(self.num_clients)}
         if not self.client_of_node:
-            self._handshake(grid)
+            self.handshake(grid)
         node_of_client = {c: nid for nid, c in self.client_of_node.items()}
         clients = self.sample_clients(server_round)
         self._asked = {node_of_client[c]: c for c in clients}
