@@ -52,10 +52,19 @@ class Algorithm:
         ``(params, state, messages, n) -> (params, state)``; ``messages`` are the
         accepted replies of this round, ``n`` the number of all clients.
     message_bound:
-        Largest global norm a valid message may have (None: unbounded). The
-        server rejects any message above ``bound * (1 + 1e-6)``.
+        ``d -> bound``: the largest global norm a valid message of a model with
+        ``d`` entries may have (None: unbounded). The server rejects a message
+        above ``bound * (1 + 1e-6)``.
     stochastic:
         Whether clients use minibatch gradients.
+    memory:
+        Name of the client state whose mean over all clients the server's
+        ``g`` tracks (``v`` for Clip21, ``g`` for Clip21-SGD2M), or None.
+    sparse:
+        Messages are mostly zeros (Top-k): engines send indices and values.
+    noise_multiplier:
+        z = sigma / (2 tau) of the local Gaussian mechanism, or None when the
+        messages carry no DP noise.
     """
 
     name: str
@@ -63,9 +72,11 @@ class Algorithm:
     client_update: Callable[..., ClientResult]
     server_init: Callable[[Params], ServerState]
     server_update: Callable[..., tuple[Params, ServerState]]
-    message_bound: float | None = None
+    message_bound: Callable[[int], float] | None = None
     stochastic: bool = False
-    error_feedback: bool = False
+    memory: str | None = None
+    sparse: bool = False
+    noise_multiplier: float | None = None
     hyper: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -73,23 +84,42 @@ def _no_state(params: Params) -> dict:
     return {}
 
 
+def model_size(params: Mapping[str, np.ndarray]) -> int:
+    """d: the number of entries of the whole model."""
+    return int(sum(np.size(v) for v in params.values()))
+
+
+def gaussian_noise_bound(sigma: float, d: int) -> float:
+    """A norm the noise N(0, sigma^2 I_d) exceeds with probability < exp(-50).
+
+    Gaussian concentration: P(||w|| >= sigma (sqrt(d) + t)) <= exp(-t^2 / 2), t = 10.
+    """
+    return sigma * (np.sqrt(d) + 10.0)
+
+
+def _add_noise(message: Params, sigma: float, rng: np.random.Generator) -> Params:
+    if sigma == 0:
+        return message
+    return {k: np.asarray(v + rng.normal(0.0, sigma, size=np.shape(v)), dtype=v.dtype) for k, v in message.items()}
+
+
 # --- building blocks -------------------------------------------------------
 
 
-def _gradient_client(transform: Callable[[Params], tuple[Params, bool]] | None):
-    """Client that sends ``transform(grad)`` (or the raw gradient)."""
+def _gradient_client(transform=None, sigma: float = 0.0):
+    """Client that sends ``transform(grad)`` (or the raw gradient), plus N(0, sigma^2) noise."""
 
     def update(params, state, grad_fn: GradFn, rng) -> ClientResult:
         grad = grad_fn(params, rng)
         if transform is None:
-            return ClientResult(grad, state, False)
+            return ClientResult(_add_noise(grad, sigma, rng), state, False)
         msg, active = transform(grad)
-        return ClientResult(msg, state, active)
+        return ClientResult(_add_noise(msg, sigma, rng), state, active)
 
     return update
 
 
-def _averaging_server(lr: float, transform: Callable[[Params], tuple[Params, bool]] | None = None):
+def _averaging_server(lr: float, transform=None):
     """``x <- x - lr * T(mean of the messages received)``."""
 
     def update(params, state, messages, n):
@@ -103,22 +133,39 @@ def _averaging_server(lr: float, transform: Callable[[Params], tuple[Params, boo
     return update
 
 
-def _ef_client(operator, step: float = 1.0):
-    """Error feedback: ``c = C(grad - v)``, ``v <- v + step * c``; sends ``c``."""
+def _ef_client(make_operator, memory: str = "v", beta1: float = 1.0, beta2: float = 1.0, sigma: float = 0.0):
+    """Error feedback, with optional momentum and noise (Clip21, EF21, Clip21-SGD2M).
+
+    ``m <- (1 - beta1) m + beta1 grad`` (only when beta1 < 1, state ``v``);
+    ``c = C(m - mem)``, ``mem <- mem + beta2 c``; sends ``beta2 (c + noise)``.
+    ``make_operator(d)`` builds C for a model of d entries.
+    """
+    momentum = beta1 < 1
 
     def init(params: Params) -> ClientState:
-        return {"v": core.zeros_like(params)}
+        state = {memory: core.zeros_like(params)}
+        if momentum:
+            state["v"] = core.zeros_like(params)
+        return state
 
     def update(params, state, grad_fn: GradFn, rng) -> ClientResult:
         grad = grad_fn(params, rng)
-        res = core.error_feedback_step(grad, state["v"], operator, step)
-        return ClientResult(res.increment, {"v": res.memory}, res.active)
+        new_state = {}
+        if momentum:
+            grad = core.add(core.scale(state["v"], 1 - beta1), grad, beta1)
+            new_state["v"] = grad
+        res = core.error_feedback_step(grad, state[memory], make_operator(model_size(params)), beta2)
+        new_state[memory] = res.memory
+        msg = _add_noise(res.increment, sigma, rng)
+        if beta2 != 1:
+            msg = core.scale(msg, beta2)
+        return ClientResult(msg, new_state, res.active)
 
     return init, update
 
 
-def _ef_server(lr: float, scale: float = 1.0):
-    """``g <- g + scale * sum(c_i) / n``, ``x <- x - lr * g`` (divides by all n)."""
+def _ef_server(lr: float):
+    """``g <- g + sum(messages) / n``, ``x <- x - lr * g`` (divides by all n)."""
 
     def init(params: Params) -> ServerState:
         return {"g": core.zeros_like(params)}
@@ -126,16 +173,42 @@ def _ef_server(lr: float, scale: float = 1.0):
     def update(params, state, messages, n):
         g = state["g"]
         if messages:
-            g = core.add(g, core.mean(messages, divisor=n), scale)
+            g = core.add(g, core.mean(messages, divisor=n))
         return core.add(params, g, -lr), {"g": g}
 
     return init, update
 
 
-def _check_positive(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+def _check(name: str, value: object, rule, text: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or not rule(value):
+        raise ValueError(f"{name} {text}, got {value!r}")
     return float(value)
+
+
+def _positive(name: str, value: object) -> float:
+    return _check(name, value, lambda v: v > 0, "must be > 0")
+
+
+def _beta(name: str, value: object) -> float:
+    return _check(name, value, lambda v: 0 < v <= 1, "must be in (0, 1]")
+
+
+def _sigma(value: object) -> float:
+    return _check("sigma", value, lambda v: v >= 0, "must be >= 0")
+
+
+def topk_count(topk: float, d: int) -> int:
+    """k from the ``topk`` key: a count (>= 1) or a fraction of d (in (0, 1))."""
+    _positive("topk", topk)
+    if topk < 1:
+        return max(1, int(round(topk * d)))
+    if topk != int(topk):
+        raise ValueError(f"topk must be a whole count >= 1 or a fraction in (0, 1), got {topk!r}")
+    return int(topk)
+
+
+def _noise_z(sigma: float, tau: float) -> float | None:
+    return sigma / (2 * tau) if sigma > 0 else None
 
 
 # --- the registry ----------------------------------------------------------
@@ -143,41 +216,104 @@ def _check_positive(name: str, value: float) -> float:
 
 def gd(*, lr: float, stochastic: bool = False, **_: object) -> Algorithm:
     """Distributed (S)GD: clients send gradients, the server averages them."""
-    lr = _check_positive("lr", lr)
+    lr = _positive("lr", lr)
     return Algorithm(
-        "sgd" if stochastic else "gd", _no_state, _gradient_client(None), _no_state,
+        "sgd" if stochastic else "gd", _no_state, _gradient_client(), _no_state,
         _averaging_server(lr), stochastic=stochastic, hyper={"lr": lr},
     )
 
 
-def clip_gd(*, lr: float, tau: float, stochastic: bool = False, **_: object) -> Algorithm:
-    """Naive client-side clipping: clients send ``clip_tau(grad)``."""
-    lr, tau = _check_positive("lr", lr), _check_positive("tau", tau)
+def clip_gd(*, lr: float, tau: float, sigma: float = 0.0, stochastic: bool = False, **_: object) -> Algorithm:
+    """Naive client-side clipping: clients send ``clip_tau(grad) + N(0, sigma^2)``."""
+    lr, tau, sigma = _positive("lr", lr), _positive("tau", tau), _sigma(sigma)
     return Algorithm(
         "clip-sgd" if stochastic else "clip-gd", _no_state,
-        _gradient_client(core.clip_operator(tau)), _no_state, _averaging_server(lr),
-        message_bound=tau, stochastic=stochastic, hyper={"lr": lr, "tau": tau},
+        _gradient_client(core.clip_operator(tau), sigma), _no_state, _averaging_server(lr),
+        message_bound=lambda d: tau + gaussian_noise_bound(sigma, d), stochastic=stochastic,
+        noise_multiplier=_noise_z(sigma, tau), hyper={"lr": lr, "tau": tau, "sigma": sigma},
     )
 
 
 def server_clip_gd(*, lr: float, tau: float, **_: object) -> Algorithm:
     """Server-side clipping of the averaged gradient."""
-    lr, tau = _check_positive("lr", lr), _check_positive("tau", tau)
+    lr, tau = _positive("lr", lr), _positive("tau", tau)
     return Algorithm(
-        "server-clip-gd", _no_state, _gradient_client(None), _no_state,
+        "server-clip-gd", _no_state, _gradient_client(), _no_state,
         _averaging_server(lr, core.clip_operator(tau)), hyper={"lr": lr, "tau": tau},
     )
 
 
 def clip21(*, lr: float, tau: float, stochastic: bool = False, **_: object) -> Algorithm:
     """Clip21-GD / Clip21-SGD: error feedback with ``C = clip_tau``."""
-    lr, tau = _check_positive("lr", lr), _check_positive("tau", tau)
-    c_init, c_update = _ef_client(core.clip_operator(tau))
+    lr, tau = _positive("lr", lr), _positive("tau", tau)
+    op = core.clip_operator(tau)
+    c_init, c_update = _ef_client(lambda d: op)
     s_init, s_update = _ef_server(lr)
     return Algorithm(
         "clip21-sgd" if stochastic else "clip21-gd", c_init, c_update, s_init, s_update,
-        message_bound=tau, stochastic=stochastic, error_feedback=True,
+        message_bound=lambda d: tau, stochastic=stochastic, memory="v",
         hyper={"lr": lr, "tau": tau},
+    )
+
+
+def clip21_sgd2m(
+    *, lr: float, tau: float, beta1: float = 1.0, beta2: float = 1.0, sigma: float = 0.0, **_: object
+) -> Algorithm:
+    """Clip21-SGD2M: client momentum beta1, error-feedback step beta2, local noise sigma."""
+    lr, tau = _positive("lr", lr), _positive("tau", tau)
+    beta1, beta2, sigma = _beta("beta1", beta1), _beta("beta2", beta2), _sigma(sigma)
+    op = core.clip_operator(tau)
+    c_init, c_update = _ef_client(lambda d: op, memory="g", beta1=beta1, beta2=beta2, sigma=sigma)
+    s_init, s_update = _ef_server(lr)
+    return Algorithm(
+        "clip21-sgd2m", c_init, c_update, s_init, s_update,
+        message_bound=lambda d: beta2 * (tau + gaussian_noise_bound(sigma, d)), stochastic=True,
+        memory="g", noise_multiplier=_noise_z(sigma, tau),
+        hyper={"lr": lr, "tau": tau, "beta1": beta1, "beta2": beta2, "sigma": sigma},
+    )
+
+
+def ef21_topk(*, lr: float, topk: float, tau: float | None = None, **_: object) -> Algorithm:
+    """EF21 with Top-k; with ``tau``, Clip21-TopK (Top-k, then clipping)."""
+    lr = _positive("lr", lr)
+    topk_count(topk, 1)  # checks the value
+    clip = core.clip_operator(_positive("tau", tau)) if tau is not None else None
+
+    def make_operator(d: int):
+        op = core.topk_operator(topk_count(topk, d))
+        return core.compose(op, clip) if clip is not None else op
+
+    c_init, c_update = _ef_client(make_operator)
+    s_init, s_update = _ef_server(lr)
+    return Algorithm(
+        "clip21-topk" if clip else "ef21-topk", c_init, c_update, s_init, s_update,
+        message_bound=(lambda d: tau) if clip else None, memory="v", sparse=True,
+        hyper={"lr": lr, "topk": topk, **({"tau": tau} if clip else {})},
+    )
+
+
+def celgc(*, lr: float, tau: float, local_steps: int = 1, **_: object) -> Algorithm:
+    """CELGC: I local steps ``y <- y - min(eta, gamma_c / ||g||) g`` from x, then model averaging.
+
+    With eta = lr and gamma_c = lr * tau each local step is ``y - lr * clip_tau(g)``.
+    Clients send ``x - y`` (the server's new model is the mean of the y_i).
+    """
+    lr, tau = _positive("lr", lr), _positive("tau", tau)
+    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+        raise ValueError(f"local-steps must be an integer >= 1, got {local_steps!r}")
+    op = core.clip_operator(tau)
+
+    def update(params, state, grad_fn: GradFn, rng) -> ClientResult:
+        y, active = params, False
+        for _ in range(local_steps):
+            step, a = op(grad_fn(y, rng))
+            y, active = core.add(y, step, -lr), active or a
+        return ClientResult(core.add(params, y, -1.0), state, active)
+
+    return Algorithm(
+        "celgc", _no_state, update, _no_state, _averaging_server(1.0),
+        message_bound=lambda d: local_steps * lr * tau, stochastic=True,
+        hyper={"lr": lr, "tau": tau, "local-steps": local_steps},
     )
 
 
@@ -189,7 +325,13 @@ ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
     "server-clip-gd": server_clip_gd,
     "clip21-gd": clip21,
     "clip21-sgd": lambda **kw: clip21(stochastic=True, **kw),
+    "clip21-sgd2m": clip21_sgd2m,
+    "ef21-topk": lambda **kw: ef21_topk(**{**kw, "tau": None}),
+    "clip21-topk": ef21_topk,
+    "celgc": celgc,
 }
+# Run by Flower's own strategy (fl_clip21.flower.dp_baseline), not an Algorithm value.
+FLOWER_BASELINES = ("flower-dp-fixed",)
 
 
 def make_algorithm(name: str, **hyper: object) -> Algorithm:
@@ -205,4 +347,7 @@ def make_algorithm(name: str, **hyper: object) -> Algorithm:
 
 def algorithm_from_config(name: str, cfg: Mapping[str, object]) -> Algorithm:
     """The algorithm ``name`` with the hyper-parameters of a resolved scenario."""
-    return make_algorithm(name, lr=cfg["lr"], tau=cfg["tau"])
+    return make_algorithm(
+        name, lr=cfg["lr"], tau=cfg["tau"], beta1=cfg.get("beta1", 1.0), beta2=cfg.get("beta2", 1.0),
+        sigma=cfg.get("sigma", 0.0), topk=cfg.get("topk", 1), local_steps=cfg.get("local-steps", 1),
+    )

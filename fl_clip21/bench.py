@@ -8,9 +8,7 @@ which is exactly one gradient per client per round, as Clip21-GD does.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import platform
 import statistics
 import time
@@ -27,6 +25,7 @@ from fl_clip21.algorithms import algorithm_from_config
 from fl_clip21.config import load_scenario, parse_sets
 from fl_clip21.flower import records as R
 from fl_clip21.flower.client import partition_of, query
+from fl_clip21.flower.records import quiet_flower
 from fl_clip21.flower.client import train as clip21_train
 from fl_clip21.flower.strategy import Clip21Strategy
 from fl_clip21.problems import build_problem
@@ -61,17 +60,6 @@ def bench_client_app() -> ClientApp:
     return app
 
 
-@contextlib.contextmanager
-def _quiet():
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _time_rounds(strategy, grid: Grid, cfg: dict, rounds: int, train_config: ConfigRecord | None) -> float:
     problem = build_problem(cfg)
     t0 = time.perf_counter()
@@ -84,7 +72,7 @@ def _time_rounds(strategy, grid: Grid, cfg: dict, rounds: int, train_config: Con
 
 def bench_clients(cfg: dict[str, Any], rounds: int, repeats: int) -> dict[str, Any]:
     """Seconds per round of clip21-gd and FedAvg at ``cfg['num-clients']`` clients."""
-    from fl_clip21.flower.simulation import simulate_app
+    from fl_clip21.flower.simulation import fast_polling, simulate_app
 
     n = cfg["num-clients"]
     times: dict[str, list[float]] = {"fedavg": [], "clip21-gd": []}
@@ -93,10 +81,11 @@ def bench_clients(cfg: dict[str, Any], rounds: int, repeats: int) -> dict[str, A
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        fast_polling(grid)
         scenario = ConfigRecord({R.SCENARIO: json.dumps(cfg, sort_keys=True)})
 
         def fedavg():
-            with _quiet():  # FedAvg warns that fraction_evaluate=0 skips evaluation
+            with quiet_flower():  # FedAvg warns that fraction_evaluate=0 skips evaluation
                 return FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
 
         mapping: dict[int, int] = {}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl_clip21.algorithms import ALGORITHMS
+from fl_clip21.algorithms import ALGORITHMS, FLOWER_BASELINES
 
 
 class ConfigError(ValueError):
@@ -48,11 +48,20 @@ def _fraction(v: Any) -> str | None:
 def _algorithms(v: Any) -> str | None:
     if not v:
         return "must name at least one algorithm"
-    unknown = [a for a in v if a not in ALGORITHMS]
+    known = [*ALGORITHMS, *FLOWER_BASELINES]
+    unknown = [a for a in v if a not in known]
     if unknown:
-        return f"has unknown algorithm {unknown[0]!r}; known: {', '.join(sorted(ALGORITHMS))}"
+        return f"has unknown algorithm {unknown[0]!r}; known: {', '.join(sorted(known))}"
     if len(set(v)) != len(v):
         return "names an algorithm twice"
+    return None
+
+
+def _topk(v: Any) -> str | None:
+    if v <= 0:
+        return "must be > 0"
+    if v >= 1 and v != int(v):
+        return "must be a whole count >= 1 or a fraction in (0, 1)"
     return None
 
 
@@ -73,6 +82,13 @@ SCHEMA: dict[str, Key] = {
     "target": Key("float", 1e-8, "grad_norm_sq target for 'rounds to target'.", _positive),
     "audit": Key("bool", False, "Clients also report v_i so the server checks g == mean(v_i) each round."),
     "num-cpus": Key("float", 1.0, "CPUs reserved per simulated client (Ray).", _positive),
+    "beta1": Key("float", 1.0, "clip21-sgd2m: client momentum beta1.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+    "beta2": Key("float", 1.0, "clip21-sgd2m: error-feedback step beta2.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+    "sigma": Key("float", 0.0, "Std of the Gaussian noise clients add after clipping (clip-*, clip21-sgd2m, flower-dp-fixed).", lambda v: None if v >= 0 else "must be >= 0"),
+    "delta": Key("float", 1e-5, "delta of the reported (epsilon, delta) local DP.", lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
+    "target-epsilon": Key("floats", None, "Calibrate sigma to these epsilons over all rounds (comma-separated: a grid).", lambda v: None if v and all(e > 0 for e in v) else "must be numbers > 0"),
+    "topk": Key("float", 0.1, "ef21-topk / clip21-topk: k as a count (>= 1) or a fraction of the model (< 1).", _topk),
+    "local-steps": Key("int", 1, "celgc, flower-dp-fixed: local steps per round.", _at_least(1)),
     "problem.name": Key("str", "mean-estimation", "mean-estimation | logreg | mlp | module:factory."),
     "problem.centers": Key("path-or-list", None, "mean-estimation: .npy file (n x d) or inline list; unset: drawn from seed."),
     "problem.dim": Key("int", 10, "mean-estimation: dimension when centres are drawn.", _at_least(1)),
@@ -137,6 +153,17 @@ def _coerce(key: str, spec: Key, value: Any, from_text: bool) -> Any:
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
             raise bad("must be a list of names")
         return list(value)
+    if kind == "floats":
+        items = str(value).split(",") if (from_text or isinstance(value, str)) else value
+        if not isinstance(items, list):
+            items = [items]
+        try:
+            out = [float(x) for x in items if str(x).strip()]
+        except (TypeError, ValueError):
+            raise bad("must be numbers") from None
+        if not all(math.isfinite(x) for x in out):
+            raise bad("must be finite")
+        return out
     if kind == "path-or-list":
         if value is None or isinstance(value, (str, list)):
             return value
@@ -204,6 +231,14 @@ def resolve(
                 p = Path(v).expanduser()
                 cfg[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
     return cfg
+
+
+def with_epsilon(cfg: dict[str, Any], target: float) -> dict[str, Any]:
+    """``cfg`` with ``sigma`` calibrated so that every client's epsilon after all rounds is ``target``."""
+    from fl_clip21.privacy import calibrate_noise_multiplier
+
+    z = calibrate_noise_multiplier(target, cfg["rounds"], cfg["delta"])
+    return {**cfg, "target-epsilon": [target], "sigma": 2 * cfg["tau"] * z}
 
 
 def load_scenario(path: str | Path, overrides: Mapping[str, str] | None = None) -> dict[str, Any]:

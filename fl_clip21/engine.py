@@ -14,6 +14,7 @@ import numpy as np
 
 from fl_clip21 import core
 from fl_clip21.algorithms import Algorithm, algorithm_from_config
+from fl_clip21.privacy import epsilon
 from fl_clip21.problems import Problem, build_problem
 
 
@@ -44,6 +45,20 @@ def client_round(
     return algorithm.client_update(params, state, grad_fn, client_rng(cfg["seed"], client, server_round))
 
 
+def message_bytes(algorithm: Algorithm, message: core.Params) -> int:
+    """Bytes of values a message carries: dense arrays, or Top-k's int32 indices and values."""
+    if algorithm.sparse:
+        return sum(int(np.count_nonzero(v)) * (4 + v.itemsize) for v in message.values())
+    return sum(int(v.nbytes) for v in message.values())
+
+
+def round_epsilon(algorithm: Algorithm, times_asked: np.ndarray, delta: float) -> dict[str, float]:
+    """``{"epsilon": ...}`` of the most-asked client, for algorithms with DP noise."""
+    if algorithm.noise_multiplier is None:
+        return {}
+    return {"epsilon": epsilon(algorithm.noise_multiplier, int(times_asked.max()), delta)}
+
+
 def evaluate(problem: Problem, params: core.Params) -> dict[str, float]:
     """Global metrics at ``params``: loss, grad_norm_sq (on all data), accuracy."""
     out = {"loss": problem.loss(params), "grad_norm_sq": core.global_norm(problem.grad(params)) ** 2}
@@ -62,11 +77,13 @@ def run_local(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     server_state = algorithm.server_init(params)
     states = [algorithm.client_init(params) for _ in range(n)]
     records = []
+    times_asked = np.zeros(n, dtype=np.int64)
     start = time.perf_counter()
     for k in range(1, cfg["rounds"] + 1):
         t0 = time.perf_counter()
         messages, clipped = [], 0
         clients = sample_clients(cfg["seed"], k, n, cfg["fraction"])
+        times_asked[clients] += 1
         for i in clients:
             res = client_round(algorithm, problem, cfg, i, k, params, states[i])
             states[i] = res.state
@@ -76,8 +93,9 @@ def run_local(cfg: dict[str, Any], name: str) -> dict[str, Any]:
         rec = {
             "round": k, "participants": len(clients), "accepted": len(messages),
             "clip_fraction": clipped / len(messages), "rejected": 0, "failed": 0,
-            "bytes_up": sum(int(a.nbytes) for m in messages for a in m.values()),
+            "bytes_up": sum(message_bytes(algorithm, m) for m in messages),
             "seconds": time.perf_counter() - t0,
+            **round_epsilon(algorithm, times_asked, cfg["delta"]),
         }
         rec.update(evaluate(problem, params))
         records.append(rec)

@@ -32,7 +32,6 @@ def test_defaults_fill_in():
     for key, spec in config.SCHEMA.items():
         assert cfg[key] == spec.default, key
     assert cfg["rounds"] == 100 and cfg["tau"] == 1.0 and cfg["lr"] == 0.1
-    assert cfg["algorithms"] == ["gd", "clip-gd", "clip21-gd"]
     assert cfg["problem.name"] == "mean-estimation"
     assert cfg["partition.kind"] == "iid"
 
@@ -279,3 +278,19 @@ def test_cli_run_help_lists_keys():
     assert proc.returncode == 0, proc.stderr
     for key in ["tau", "lr", "rounds", "seed", "algorithms", "problem.centers"]:
         assert re.search(rf"^\s+{re.escape(key)}\s", proc.stdout, re.M), f"{key} not listed in:\n{proc.stdout}"
+
+
+def test_cli_unsatisfiable_dirichlet_split_exits_2(tmp_path):
+    # flwr-datasets' DirichletPartitioner gives up (ValueError) on this split:
+    # 10 clients, 2 classes, alpha = 0.1, seed = 1. The CLI must report it as a
+    # scenario error (exit 2, no traceback), like every other data error.
+    out = tmp_path / "out"
+    proc = _cli(
+        "run", "scenarios/logreg-nonconvex.toml",
+        "--set", "partition.kind=dirichlet", "--set", "partition.alpha=0.1", "--set", "seed=1",
+        "--out", str(out), timeout=60,
+    )
+    assert not out.exists()
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "partition.alpha" in proc.stderr and "0.1" in proc.stderr

@@ -403,7 +403,8 @@ def test_clip21_gd_two_clients_two_rounds_by_hand():
         server["g"]["x"], (c_states[0]["v"]["x"] + c_states[1]["v"]["x"]) / 2, rtol=0, atol=1e-14
     )
     # every message respects the bound the server enforces
-    assert alg.message_bound == 1.0
+    bound = alg.message_bound(2) if callable(alg.message_bound) else alg.message_bound  # d = 2 entries
+    assert bound == 1.0
     assert np.linalg.norm(r1.message["x"]) <= 1.0 + 1e-12
 
 
@@ -530,3 +531,43 @@ def test_make_algorithm_unknown_name():
     with pytest.raises(ValueError) as ei:
         algorithms.make_algorithm("nope", lr=0.1, tau=1.0)
     assert "nope" in str(ei.value)
+
+
+# --- partial participation: the server still divides by n ---------------------------
+
+
+def test_clip21_server_divides_by_all_clients():
+    alg = algorithms.make_algorithm("clip21-gd", lr=0.5, tau=1.0)
+    x = {"x": np.array([1.0, 1.0])}
+    state = alg.server_init(x)
+    # one reply out of n = 4 clients: g = 0 + (0.4, -0.8) / 4 = (0.1, -0.2)
+    # x = (1, 1) - 0.5 (0.1, -0.2) = (0.95, 1.1)
+    x_new, state = alg.server_update(x, state, [{"x": np.array([0.4, -0.8])}], 4)
+    np.testing.assert_allclose(state["g"]["x"], [0.1, -0.2], rtol=1e-15)
+    np.testing.assert_allclose(x_new["x"], [0.95, 1.1], rtol=1e-15)
+    # no reply at all: g is kept and the model still moves by -lr g
+    x_next, state = alg.server_update(x_new, state, [], 4)
+    np.testing.assert_allclose(state["g"]["x"], [0.1, -0.2], rtol=1e-15)
+    np.testing.assert_allclose(x_next["x"], [0.9, 1.2], rtol=1e-15)
+
+
+def test_clip21_invariant_with_partial_participation():
+    rng = np.random.default_rng(11)
+    centers = rng.normal(0.0, 5.0, size=(6, 3))
+    grads = mean_estimation_grads(centers)
+    n = len(grads)
+    alg = algorithms.make_algorithm("clip21-gd", lr=0.4, tau=0.5)
+    x = {"x": np.zeros(3)}
+    server = alg.server_init(x)
+    clients = [alg.client_init(x) for _ in range(n)]
+    for _ in range(40):
+        sampled = rng.choice(n, size=3, replace=False)
+        msgs = []
+        for i in sampled:
+            res = alg.client_update(x, clients[i], grads[i], rng)
+            assert np.linalg.norm(res.message["x"]) <= 0.5 * (1 + 1e-12)
+            clients[i] = res.state
+            msgs.append(res.message)
+        x, server = alg.server_update(x, server, msgs, n)
+        mean_v = np.mean([c["v"]["x"] for c in clients], axis=0)
+        np.testing.assert_allclose(server["g"]["x"], mean_v, rtol=1e-12, atol=1e-12)

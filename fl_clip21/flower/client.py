@@ -51,7 +51,15 @@ def save_state(context: Context, algorithm: str, state: dict) -> None:
 
 
 def train(msg: Message, context: Context) -> Message:
-    """One client round of the algorithm named in the message's config."""
+    """One client round of the algorithm named in the message's config.
+
+    A message from one of Flower's own strategies (no algorithm named) gets
+    plain local training, for the ``flower-dp-fixed`` baseline.
+    """
+    from fl_clip21.flower import dp_baseline
+
+    if dp_baseline.is_flower_message(msg):
+        return dp_baseline.local_training(msg, context)
     config = msg.content[R.CONFIG]
     cfg = json.loads(str(config[R.SCENARIO]))
     server_round = int(config[R.ROUND])
@@ -64,12 +72,12 @@ def train(msg: Message, context: Context) -> Message:
     save_state(context, algorithm.name, result.state)
     content = RecordDict(
         {
-            R.ARRAYS: R.to_record(result.message),
+            R.ARRAYS: (R.encode_sparse if algorithm.sparse else R.to_record)(result.message),
             R.METRICS: MetricRecord({"clipped": int(result.clipped), PARTITION_ID: i}),
         }
     )
-    if bool(config.get(R.DO_AUDIT, False)) and "v" in result.state:
-        content[R.AUDIT] = R.to_record(result.state["v"])
+    if bool(config.get(R.DO_AUDIT, False)) and algorithm.memory is not None:
+        content[R.AUDIT] = R.to_record(result.state[algorithm.memory])
     return Message(content, reply_to=msg)
 
 
@@ -83,8 +91,14 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def make_client_app(train_mods: list | None = None) -> ClientApp:
-    """The ClientApp every engine and deployment uses (``train_mods`` wrap its train handler)."""
+    """The ClientApp every engine and deployment uses (``train_mods`` wrap its train handler).
+
+    Flower's ``fixedclipping_mod`` wraps the train handler for Flower's own
+    DP strategy's messages (the ``flower-dp-fixed`` baseline) and only those.
+    """
+    from fl_clip21.flower.dp_baseline import flower_dp_mod
+
     app = ClientApp()
-    app.train(mods=train_mods or [])(train)
+    app.train(mods=[*(train_mods or []), flower_dp_mod])(train)
     app.query()(query)
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,6 +25,18 @@ DO_AUDIT = "fl_clip21.audit"
 STATE_PREFIX = "fl_clip21.state."
 
 
+@contextlib.contextmanager
+def quiet_flower():
+    """Silence Flower's log below ERROR (its notices on constructing strategies)."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Array dict -> ArrayRecord (keeps names, shapes and dtypes)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
@@ -39,3 +53,42 @@ def payload_bytes(record: ArrayRecord) -> int:
     for arr in record.values():
         total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
     return total
+
+# A sparse message (Top-k) travels as flat indices into the model (its arrays
+# in key order, each flattened) and the values there.
+SPARSE_INDICES = "fl_clip21.sparse.indices"
+SPARSE_VALUES = "fl_clip21.sparse.values"
+
+
+def encode_sparse(params: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Array dict -> ArrayRecord of (indices, values) of its non-zero entries."""
+    flat = np.concatenate([np.ravel(v) for v in params.values()])
+    idx = np.flatnonzero(flat)
+    dtype = np.int32 if flat.size < 2**31 else np.int64
+    return ArrayRecord(
+        {SPARSE_INDICES: Array(idx.astype(dtype)), SPARSE_VALUES: Array(np.ascontiguousarray(flat[idx]))}
+    )
+
+
+def decode_sparse(
+    record: ArrayRecord, reference: Mapping[str, np.ndarray]
+) -> tuple[Params | None, str | None]:
+    """Inverse of :func:`encode_sparse` with the model's layout; ``(None, reason)`` if malformed."""
+    if set(record.keys()) != {SPARSE_INDICES, SPARSE_VALUES}:
+        return None, f"sparse message has keys {sorted(record.keys())}, expected indices and values"
+    idx, val = record[SPARSE_INDICES].numpy(), record[SPARSE_VALUES].numpy()
+    d = int(sum(np.size(v) for v in reference.values()))
+    if idx.ndim != 1 or val.shape != idx.shape or not np.issubdtype(idx.dtype, np.integer):
+        return None, f"sparse message has indices {idx.shape} {idx.dtype} and values {val.shape}"
+    if idx.size and (idx.min() < 0 or idx.max() >= d or np.unique(idx).size != idx.size):
+        return None, f"sparse indices must be distinct and in [0, {d}), got range [{idx.min()}, {idx.max()}]"
+    dtypes = {np.dtype(v.dtype) for v in reference.values()}
+    if np.dtype(val.dtype) not in dtypes:
+        return None, f"sparse values have dtype {val.dtype}, expected one of {sorted(map(str, dtypes))}"
+    flat = np.zeros(d, dtype=np.float64)
+    flat[idx] = val
+    out, start = {}, 0
+    for k, ref in reference.items():
+        out[k] = flat[start : start + ref.size].reshape(ref.shape).astype(ref.dtype)
+        start += ref.size
+    return out, None

@@ -31,6 +31,7 @@ def run_algorithm(
         fraction=cfg["fraction"],
         seed=cfg["seed"],
         audit=cfg["audit"],
+        delta=cfg["delta"],
     )
     evals: dict[int, dict[str, float]] = {}
 
@@ -61,4 +62,12 @@ def run_algorithm(
 
 def run_scenario(grid: Grid, cfg: dict[str, Any], on_round: OnRound | None = None) -> dict[str, dict]:
     """Run every algorithm the scenario lists, one after the other, on ``grid``."""
-    return {name: run_algorithm(grid, cfg, name, on_round) for name in cfg["algorithms"]}
+    from fl_clip21.flower import dp_baseline
+
+    results = {}
+    for name in cfg["algorithms"]:
+        if name == dp_baseline.NAME:
+            results[name] = dp_baseline.run_flower_dp(grid, cfg, on_round)
+        else:
+            results[name] = run_algorithm(grid, cfg, name, on_round)
+    return results

@@ -15,6 +15,17 @@ from fl_clip21.flower.client import make_client_app
 from fl_clip21.flower.server import OnRound, run_scenario
 
 
+# Flower's in-memory grid sleeps this long between polls for replies (0.1 s by
+# default): at 10 clients that sleep, not the clients' work, sets a round's length.
+PULL_INTERVAL = 0.005
+
+
+def fast_polling(grid: Grid) -> None:
+    """Poll the simulation's in-memory grid every PULL_INTERVAL seconds."""
+    if hasattr(grid, "pull_interval"):
+        grid.pull_interval = PULL_INTERVAL
+
+
 class _DropDeprecation(logging.Filter):
     """We call ``run_simulation`` on purpose (in-process results); drop its notice."""
 
@@ -78,6 +89,7 @@ def simulate(
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        fast_polling(grid)
         try:
             results.update(run_scenario(grid, cfg, on_round))
         except BaseException as e:

@@ -22,8 +22,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fl_clip21 import core
-from fl_clip21.algorithms import Algorithm
-from fl_clip21.engine import sample_clients
+from fl_clip21.algorithms import Algorithm, model_size
+from fl_clip21.engine import round_epsilon, sample_clients
 from fl_clip21.flower import records as R
 from fl_clip21.flower.client import NUM_PARTITIONS, PARTITION_ID
 
@@ -35,16 +35,22 @@ class ClientSetupError(RuntimeError):
 
 
 def check_message(
-    message: ArrayRecord | None, reference: dict[str, np.ndarray], bound: float | None
+    message: ArrayRecord | None, reference: dict[str, np.ndarray], bound: float | None, sparse: bool = False
 ) -> tuple[dict[str, np.ndarray] | None, str | None]:
     """Validate one client message against the model's layout.
 
     Returns ``(arrays, None)`` when the message may be applied, else
-    ``(None, reason)``: keys, shapes and dtypes must match the model, every
-    value must be finite, and the global norm must be <= ``bound * (1 + 1e-6)``.
+    ``(None, reason)``: keys, shapes and dtypes must match the model (a sparse
+    message must decode to it), every value must be finite, and the global norm
+    must be <= ``bound * (1 + 1e-6)``.
     """
     if message is None:
         return None, f"no {R.ARRAYS!r} ArrayRecord in the reply"
+    if sparse:
+        dense, reason = R.decode_sparse(message, reference)
+        if dense is None:
+            return None, reason
+        message = R.to_record(dense)
     if set(message.keys()) != set(reference):
         return None, f"array keys {sorted(message.keys())} differ from the model's {sorted(reference)}"
     arrays = {}
@@ -82,6 +88,8 @@ class Clip21Strategy(Strategy):
         max |g - mean_i v_i| over every client.
     node_wait_timeout:
         Seconds to wait for all ``num_clients`` nodes to register.
+    delta:
+        delta at which ``epsilon`` is reported (algorithms with DP noise).
     client_of_node:
         Node id -> client index, when the caller already knows it (from an
         earlier strategy's :attr:`client_of_node`); otherwise the first round
@@ -99,6 +107,7 @@ class Clip21Strategy(Strategy):
         audit: bool = False,
         node_wait_timeout: float = 600.0,
         client_of_node: dict[int, int] | None = None,
+        delta: float = 1e-5,
     ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
@@ -108,7 +117,8 @@ class Clip21Strategy(Strategy):
         self.num_clients = num_clients
         self.fraction = fraction
         self.seed = seed
-        self.audit = audit and algorithm.error_feedback
+        self.audit = audit and algorithm.memory is not None
+        self.delta = delta
         self.node_wait_timeout = node_wait_timeout
         self._scenario_json = json.dumps(scenario, sort_keys=True)
         self.params: dict[str, np.ndarray] | None = None
@@ -116,6 +126,7 @@ class Clip21Strategy(Strategy):
         self.client_of_node: dict[int, int] = dict(client_of_node or {})
         self._asked: dict[int, int] = {}
         self._audit_v: dict[int, dict[str, np.ndarray]] = {}
+        self.times_asked = np.zeros(num_clients, dtype=np.int64)  # rounds each client was asked
         self.history: list[dict[str, float]] = []
 
     # --- set-up -------------------------------------------------------------
@@ -170,11 +181,14 @@ class Clip21Strategy(Strategy):
             self.params = R.from_record(arrays)
             self.server_state = self.algorithm.server_init(self.params)
             self._audit_v = {i: core.zeros_like(self.params) for i in range(self.num_clients)}
+            bound = self.algorithm.message_bound
+            self._bound = bound(model_size(self.params)) if bound is not None else None
         if not self.client_of_node:
             self.handshake(grid)
         node_of_client = {c: nid for nid, c in self.client_of_node.items()}
         clients = self.sample_clients(server_round)
         self._asked = {node_of_client[c]: c for c in clients}
+        self.times_asked[clients] += 1
         self._round_start = time.perf_counter()
         cfg = ConfigRecord(dict(config))
         cfg[R.ROUND] = server_round
@@ -213,7 +227,7 @@ class Clip21Strategy(Strategy):
                 reason = "node was not asked this round" if nid not in self._asked else "duplicate reply"
                 arrays = None
             else:
-                arrays, reason = check_message(record, self.params, self.algorithm.message_bound)
+                arrays, reason = check_message(record, self.params, self._bound, self.algorithm.sparse)
             if arrays is None:
                 rejected += 1
                 log(WARNING, "round %d: rejected the message of node %d: %s", server_round, nid, reason)
@@ -240,6 +254,7 @@ class Clip21Strategy(Strategy):
         }
         if self.audit:
             record["invariant_gap"] = self.invariant_gap()
+        record.update(round_epsilon(self.algorithm, self.times_asked, self.delta))
         self.history.append(record)
         return R.to_record(self.params), MetricRecord({k: v for k, v in record.items() if k != "round"})
 
