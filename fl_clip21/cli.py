@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fl_clip21.config import ConfigError, keys_help, load_scenario, parse_sets
+from fl_clip21.config import ConfigError, expand_runs, keys_help, load_scenario, parse_sets
 
 
 def _progress(stream=sys.stderr):
@@ -15,9 +15,10 @@ def _progress(stream=sys.stderr):
 
     def on_round(name: str, rec: dict[str, Any], rounds: int) -> None:
         k = rec["round"]
+        eps = f"  epsilon={rec['epsilon']:.3g}" if "epsilon" in rec else ""
         line = (
             f"[{name}] round {k}/{rounds}  loss={rec['loss']:.6g}  "
-            f"grad_norm_sq={rec['grad_norm_sq']:.3e}  clipped={rec['clip_fraction']:.2f}"
+            f"grad_norm_sq={rec['grad_norm_sq']:.3e}{eps}"
         )
         if rec.get("rejected"):
             line += f"  rejected={rec['rejected']}"
@@ -41,18 +42,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out) if args.out else Path("results") / cfg["name"]
     from fl_clip21.flower.simulation import simulate
-    from fl_clip21.report import rounds_to_target, write_outputs
+    from fl_clip21.report import summary_markdown, write_outputs
 
-    results = simulate(cfg, on_round=_progress(), verbose=args.verbose)
-    write_outputs(out, cfg, results)
-    for name, res in results.items():
-        recs = res["records"]
-        hit = rounds_to_target(recs, cfg["target"])
-        print(
-            f"{name:>16}: final loss {recs[-1]['loss']:.6g}, grad_norm_sq {recs[-1]['grad_norm_sq']:.3e}, "
-            f"rounds to {cfg['target']:g}: {hit if hit is not None else 'not reached'}"
-        )
-    print(f"wrote {out}/metrics.json, config.json, convergence.png")
+    try:
+        runs = expand_runs(cfg)
+    except ValueError as e:
+        print(f"fl-clip21: error: {e}", file=sys.stderr)
+        return 2
+    results = simulate(runs, on_round=_progress(), verbose=args.verbose)
+    rows = write_outputs(out, list(zip(runs, results)))
+    print(summary_markdown(rows, cfg["name"], cfg["target"]))
+    print(f"wrote {out}/ (metrics.json, config.json, summary.md, summary.csv, plots)")
     return 0
 
 

@@ -80,6 +80,7 @@ SCHEMA: dict[str, Key] = {
     "fraction": Key("float", 1.0, "Share of clients sampled per round (partial participation).", _fraction),
     "batch-size": Key("int", 32, "Minibatch size of the stochastic algorithms (*-sgd).", _at_least(1)),
     "target": Key("float", 1e-8, "grad_norm_sq target for 'rounds to target'.", _positive),
+    "seeds": Key("ints", None, "Run once per seed (comma-separated); the summary averages over them.", lambda v: None if v and all(x >= 0 for x in v) else "must be integers >= 0"),
     "audit": Key("bool", False, "Clients also report v_i so the server checks g == mean(v_i) each round."),
     "num-cpus": Key("float", 1.0, "CPUs reserved per simulated client (Ray).", _positive),
     "beta1": Key("float", 1.0, "clip21-sgd2m: client momentum beta1.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
@@ -153,6 +154,14 @@ def _coerce(key: str, spec: Key, value: Any, from_text: bool) -> Any:
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
             raise bad("must be a list of names")
         return list(value)
+    if kind == "ints":
+        items = str(value).split(",") if (from_text or isinstance(value, str)) else value
+        if not isinstance(items, list):
+            items = [items]
+        try:
+            return [int(x) for x in items if str(x).strip()]
+        except (TypeError, ValueError):
+            raise bad("must be integers") from None
     if kind == "floats":
         items = str(value).split(",") if (from_text or isinstance(value, str)) else value
         if not isinstance(items, list):
@@ -239,6 +248,17 @@ def with_epsilon(cfg: dict[str, Any], target: float) -> dict[str, Any]:
 
     z = calibrate_noise_multiplier(target, cfg["rounds"], cfg["delta"])
     return {**cfg, "target-epsilon": [target], "sigma": 2 * cfg["tau"] * z}
+
+
+def expand_runs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """One resolved config per (target epsilon, seed) of the scenario's grid."""
+    seeds = cfg["seeds"] or [cfg["seed"]]
+    epsilons = cfg["target-epsilon"] or [None]
+    runs = []
+    for eps in epsilons:
+        base = with_epsilon(cfg, eps) if eps is not None else cfg
+        runs.extend({**base, "seed": s} for s in seeds)
+    return runs
 
 
 def load_scenario(path: str | Path, overrides: Mapping[str, str] | None = None) -> dict[str, Any]:

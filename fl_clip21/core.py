@@ -24,12 +24,20 @@ def zeros_like(params: Mapping[str, np.ndarray]) -> Params:
 
 
 def global_norm(params: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of all arrays taken together, computed in float64."""
-    total = 0.0
-    for v in params.values():
-        a = np.asarray(v, dtype=np.float64)
-        total += float(np.dot(a.ravel(), a.ravel()))
-    return math.sqrt(total)
+    """L2 norm of all arrays taken together, computed in float64.
+
+    Entries so large that their squares overflow, or so small that they
+    underflow, are handled by rescaling with the largest magnitude first.
+    """
+    flats = [np.asarray(v, dtype=np.float64).ravel() for v in params.values()]
+    with np.errstate(over="ignore", under="ignore"):
+        total = sum(float(np.dot(a, a)) for a in flats)
+    if 1e-280 < total < math.inf:
+        return math.sqrt(total)
+    peak = max((float(np.max(np.abs(a))) for a in flats if a.size), default=0.0)
+    if peak == 0 or not math.isfinite(peak):
+        return peak
+    return peak * math.sqrt(sum(float(np.dot(a / peak, a / peak)) for a in flats))
 
 
 def add(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], scale: float = 1.0) -> Params:

@@ -55,7 +55,6 @@ def partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarra
         DirichletPartitioner,
         IidPartitioner,
         PathologicalPartitioner,
-        ShardPartitioner,
     )
 
     n, seed, kind = cfg["num-clients"], cfg["seed"], cfg["partition.kind"]
@@ -72,7 +71,10 @@ def partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarra
             min_partition_size=1, seed=seed,
         )
     elif kind == "label-sorted":
-        part = ShardPartitioner(num_partitions=n, partition_by="label", num_shards_per_partition=1, seed=seed)
+        # Contiguous blocks of the label-sorted rows: every row goes to a client
+        # (ShardPartitioner's equal shards would drop the remainder).
+        ds = ds.sort(["label", "row"])
+        part = IidPartitioner(num_partitions=n)
     else:
         k = cfg["partition.classes-per-client"]
         num_classes = len(np.unique(labels))
@@ -87,7 +89,13 @@ def partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarra
     for i in range(n):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # pyarrow's, inside the partitioners
-            rows = np.asarray(part.load_partition(i)["row"], dtype=np.int64)
+            try:
+                rows = np.asarray(part.load_partition(i)["row"], dtype=np.int64)
+            except ValueError as e:
+                raise ConfigError(
+                    f"partition.alpha={cfg['partition.alpha']!r} gives no split of {len(labels)} rows that leaves "
+                    f"each of num-clients={n} clients data (flwr-datasets: {e}); use a larger alpha or fewer clients"
+                ) from None
         if rows.size == 0:
             raise ConfigError(
                 f"partition.kind {kind!r} left client {i} without data for num-clients={n}; "

@@ -1,16 +1,29 @@
-"""Outputs of a run: metrics.json, config.json, convergence.png."""
+"""Outputs of a run: metrics, resolved config, summary table and plots.
+
+One run (a scenario with one epsilon and one seed) writes ``metrics.json``,
+``config.json``, ``convergence.png``, ``loss.png``, ``bytes.png`` and, for
+classification problems, ``accuracy.png``. Every invocation also writes
+``summary.md`` / ``summary.csv`` (one row per algorithm, or per algorithm and
+epsilon for a ``target-epsilon`` grid, averaged over seeds) and, for DP grids,
+``accuracy_vs_epsilon.png``.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
+Records = list[dict[str, Any]]
 
-def rounds_to_target(records: list[dict[str, Any]], target: float) -> int | None:
+
+def rounds_to_target(records: Records, target: float) -> int | None:
     """First round whose grad_norm_sq is <= target (None: never)."""
     for rec in records:
         if rec["grad_norm_sq"] <= target:
@@ -18,21 +31,125 @@ def rounds_to_target(records: list[dict[str, Any]], target: float) -> int | None
     return None
 
 
-def plot_convergence(results: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
-    """grad_norm_sq vs round, log scale, one line per algorithm."""
+def bytes_to_target(records: Records, target: float) -> int | None:
+    """Bytes sent up until the first round whose grad_norm_sq is <= target."""
+    total = 0
+    for rec in records:
+        total += rec["bytes_up"]
+        if rec["grad_norm_sq"] <= target:
+            return total
+    return None
+
+
+def summarize(records: Records, target: float, wall_seconds: float) -> dict[str, Any]:
+    """The summary row of one algorithm's run."""
+    last = records[-1]
+    acc = [r["accuracy"] for r in records if "accuracy" in r]
+    return {
+        "final_loss": last["loss"],
+        "best_accuracy": max(acc) if acc else None,
+        "final_accuracy": acc[-1] if acc else None,
+        "final_grad_norm_sq": last["grad_norm_sq"],
+        "rounds_to_target": rounds_to_target(records, target),
+        "bytes_to_target": bytes_to_target(records, target),
+        "epsilon": last.get("epsilon"),
+        "bytes_up": sum(r["bytes_up"] for r in records),
+        "wall_seconds": wall_seconds,
+    }
+
+
+COLUMNS = [
+    "algorithm", "epsilon", "seeds", "final_loss", "best_accuracy", "final_accuracy",
+    "final_grad_norm_sq", "rounds_to_target", "bytes_to_target", "bytes_up", "wall_seconds",
+]
+
+
+def _mean(values: list[Any]) -> Any:
+    """Mean over seeds; None when any seed has None (e.g. never reached the target)."""
+    if not values or any(v is None for v in values):
+        return None
+    return statistics.fmean(values)
+
+
+def aggregate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows averaged over seeds, one per (algorithm, target epsilon)."""
+    groups: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
+    for run in runs:
+        for name, row in run["rows"].items():
+            groups.setdefault((name, run["target_epsilon"]), []).append(row)
+    out = []
+    for (name, eps), rows in groups.items():
+        row = {"algorithm": name, "seeds": len(rows)}
+        for col in COLUMNS[3:]:
+            row[col] = _mean([r[col] for r in rows])
+        reported = [r["epsilon"] for r in rows]
+        row["epsilon"] = max(reported) if all(e is not None for e in reported) else None
+        row["target_epsilon"] = eps
+        out.append(row)
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4g}"
+        return f"{value:.3e}"
+    return str(value)
+
+
+def summary_markdown(rows: list[dict[str, Any]], title: str, target: float) -> str:
+    cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+    out = io.StringIO()
+    out.write(f"# {title}\n\nTarget: grad_norm_sq <= {target:g}. Means over seeds; '-': none (not reached, not private, not a classifier).\n\n")
+    out.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+    for r in rows:
+        out.write("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |\n")
+    return out.getvalue()
+
+
+def summary_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=[*COLUMNS, "target_epsilon"], extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return out.getvalue()
+
+
+# --- plots --------------------------------------------------------------------
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_lines(series: dict[str, Records], x: str, y: str, path: Path, title: str, log_y: bool) -> None:
+    """One line per algorithm of ``y`` against ``x`` (``bytes`` = cumulative bytes up)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, records in results.items():
-        rounds = [r["round"] for r in records]
-        values = [max(r["grad_norm_sq"], 1e-300) for r in records]
-        ax.plot(rounds, values, label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("round")
-    ax.set_ylabel(r"$\|\nabla f(x)\|^2$")
+    for name, records in series.items():
+        if not records or y not in records[0]:
+            continue
+        if x == "bytes":
+            xs, total = [], 0
+            for r in records:
+                total += r["bytes_up"]
+                xs.append(total)
+        else:
+            xs = [r[x] for r in records]
+        ys = [max(r[y], 1e-300) if log_y else r[y] for r in records]
+        ax.plot(xs, ys, label=name)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("bytes sent up (all clients)" if x == "bytes" else x)
+    ax.set_ylabel({"grad_norm_sq": r"$\|\nabla f(x)\|^2$"}.get(y, y))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -41,37 +158,85 @@ def plot_convergence(results: dict[str, list[dict[str, Any]]], path: Path, title
     plt.close(fig)
 
 
+def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    by_algo: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["target_epsilon"] is not None and r.get("final_accuracy") is not None:
+            by_algo.setdefault(r["algorithm"], []).append((r["target_epsilon"], r["final_accuracy"]))
+    for name, pts in by_algo.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel(r"$\varepsilon$")
+    ax.set_ylabel("test accuracy (final round)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- writing ------------------------------------------------------------------
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
 
 
-def write_outputs(out: Path, cfg: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
-    """Write every output into a temporary folder, then move it to ``out``.
+def write_run(folder: Path, cfg: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Write one run's metrics, config and plots into ``folder``; return its summary rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per_algo = {name: res["records"] for name, res in results.items()}
+    metrics = {
+        "scenario": cfg["name"],
+        "algorithms": {
+            name: [{k: _jsonable(v) for k, v in rec.items()} for rec in recs] for name, recs in per_algo.items()
+        },
+        "wall_seconds": {name: res["wall_seconds"] for name, res in results.items()},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
+    title = cfg["name"]
+    plot_lines(per_algo, "round", "grad_norm_sq", folder / "convergence.png", title, log_y=True)
+    plot_lines(per_algo, "round", "loss", folder / "loss.png", title, log_y=True)
+    plot_lines(per_algo, "bytes", "grad_norm_sq", folder / "bytes.png", title, log_y=True)
+    if any("accuracy" in recs[0] for recs in per_algo.values() if recs):
+        plot_lines(per_algo, "round", "accuracy", folder / "accuracy.png", title, log_y=False)
+    return {name: summarize(res["records"], cfg["target"], res["wall_seconds"]) for name, res in results.items()}
 
-    A run that fails leaves no partial output; an existing ``out`` is replaced
-    only once everything was written.
+
+def write_outputs(out: Path, runs: list[tuple[dict[str, Any], dict[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Write every run into a temporary folder, then move it to ``out``.
+
+    ``runs`` are ``(cfg, results)`` pairs. A single run writes its files into
+    ``out`` itself; a grid writes ``out/eps-E/seed-S/`` per run. A run that fails
+    leaves no partial output; an existing ``out`` is replaced only once
+    everything was written.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fl-clip21-", dir=out.parent))
     try:
-        per_algo = {name: res["records"] for name, res in results.items()}
-        metrics = {
-            "scenario": cfg["name"],
-            "algorithms": {
-                name: [{k: _jsonable(v) for k, v in rec.items()} for rec in recs]
-                for name, recs in per_algo.items()
-            },
-            "wall_seconds": {name: res["wall_seconds"] for name, res in results.items()},
-        }
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
-        plot_convergence(per_algo, tmp / "convergence.png", cfg["name"])
+        summaries = []
+        for cfg, results in runs:
+            eps = cfg["target-epsilon"][0] if cfg.get("target-epsilon") else None
+            folder = tmp if len(runs) == 1 else tmp / (f"eps-{eps:g}" if eps is not None else "run") / f"seed-{cfg['seed']}"
+            summaries.append({"target_epsilon": eps, "rows": write_run(folder, cfg, results)})
+        rows = aggregate_rows(summaries)
+        cfg0 = runs[0][0]
+        (tmp / "summary.md").write_text(summary_markdown(rows, cfg0["name"], cfg0["target"]))
+        (tmp / "summary.csv").write_text(summary_csv(rows))
+        if any(r["target_epsilon"] is not None for r in rows):
+            plot_accuracy_vs_epsilon(rows, tmp / "accuracy_vs_epsilon.png", cfg0["name"])
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+        return rows
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

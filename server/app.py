@@ -10,7 +10,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fl_clip21.config import load_scenario, parse_sets
+from fl_clip21.config import expand_runs, load_scenario, parse_sets
 from fl_clip21.flower.server import run_scenario
 from fl_clip21.report import write_outputs
 
@@ -24,6 +24,7 @@ def main(grid: Grid, context: Context) -> None:
     scenario = Path(str(context.run_config["scenario"]))
     overrides = parse_sets(str(context.run_config.get("overrides", "")).split())
     cfg = load_scenario(scenario if scenario.is_absolute() else APP_DIR / scenario, overrides)
-    results = run_scenario(grid, cfg)
+    runs = expand_runs(cfg)
+    results = [run_scenario(grid, run) for run in runs]
     out = Path(str(context.run_config.get("out", "results/flwr-run")))
-    write_outputs(out if out.is_absolute() else Path.cwd() / out, cfg, results)
+    write_outputs(out if out.is_absolute() else Path.cwd() / out, list(zip(runs, results)))

@@ -74,16 +74,20 @@ def simulate_app(server_app: ServerApp, client_app: ClientApp, cfg: dict[str, An
 
 
 def simulate(
-    cfg: dict[str, Any],
+    cfg: dict[str, Any] | list[dict[str, Any]],
     on_round: OnRound | None = None,
     verbose: bool = False,
     client_app: ClientApp | None = None,
-) -> dict[str, dict]:
+):
     """Run every algorithm of ``cfg`` in one Flower simulation; return their results.
 
-    ``client_app`` replaces the standard ClientApp (e.g. one with fault mods).
+    ``cfg`` may be a list of configs (a grid over seeds or epsilons, with the
+    same clients): they run one after the other in the same simulation, and a
+    list of results comes back. ``client_app`` replaces the standard ClientApp
+    (e.g. one with fault mods).
     """
-    results: dict[str, dict] = {}
+    cfgs = cfg if isinstance(cfg, list) else [cfg]
+    results: list[dict[str, dict]] = []
     errors: list[BaseException] = []
     server_app = ServerApp()
 
@@ -91,15 +95,15 @@ def simulate(
     def _main(grid: Grid, context: Context) -> None:
         fast_polling(grid)
         try:
-            results.update(run_scenario(grid, cfg, on_round))
+            for c in cfgs:
+                results.append(run_scenario(grid, c, on_round))
         except BaseException as e:
             errors.append(e)
             raise
 
-    simulate_app(server_app, client_app or make_client_app(), cfg, verbose)
+    simulate_app(server_app, client_app or make_client_app(), cfgs[0], verbose)
     if errors:
         raise SimulationError(f"the simulation stopped: {errors[0]!r}") from errors[0]
-    missing = [a for a in cfg["algorithms"] if a not in results]
-    if missing:
-        raise SimulationError(f"the simulation ended without results for {missing}")
-    return results
+    if len(results) != len(cfgs) or any(set(r) != set(c["algorithms"]) for r, c in zip(results, cfgs)):
+        raise SimulationError("the simulation ended without results for every algorithm")
+    return results if isinstance(cfg, list) else results[0]
