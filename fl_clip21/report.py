@@ -1,7 +1,8 @@
 """Outputs of a run: metrics, resolved config, summary table and plots.
 
 One run (a scenario with one epsilon and one seed) writes ``metrics.json``,
-``config.json``, ``convergence.png``, ``loss.png``, ``bytes.png`` and, for
+``config.json``, ``final_params.npz`` (the final model of each algorithm, keys
+``ALGORITHM/ARRAY``), ``convergence.png``, ``loss.png``, ``bytes.png`` and, for
 classification problems, ``accuracy.png``. Every invocation also writes
 ``summary.md`` / ``summary.csv`` (one row per algorithm, or per algorithm and
 epsilon for a ``target-epsilon`` grid, averaged over seeds) and, for DP grids,
@@ -19,6 +20,8 @@ import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 Records = list[dict[str, Any]]
 
@@ -201,6 +204,10 @@ def write_run(folder: Path, cfg: dict[str, Any], results: dict[str, dict[str, An
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (folder / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
+    np.savez(
+        folder / "final_params.npz",
+        **{f"{name}/{key}": arr for name, res in results.items() for key, arr in res["params"].items()},
+    )
     title = cfg["name"]
     plot_lines(per_algo, "round", "grad_norm_sq", folder / "convergence.png", title, log_y=True)
     plot_lines(per_algo, "round", "loss", folder / "loss.png", title, log_y=True)
