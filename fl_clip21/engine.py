@@ -1,21 +1,30 @@
 """What every engine shares: client sampling, per-client RNGs, one round.
 
-``run_local`` runs a scenario's algorithm in this process, client after
-client, with the same algorithm values, sampling and generators as the Flower
-engine: it is the reference the Flower runs are checked against.
+``run_local`` runs a scenario's algorithm in this process with the same
+algorithm values, sampling and generators as the Flower engine: it is the
+reference the Flower runs are checked against. Each round it computes every
+sampled client's gradient in one batched call (:func:`clients_round`), then
+runs each client's update of the algorithm. ``run_vectorized`` runs every
+algorithm of a scenario that way: the ``--engine vectorized`` of the CLI.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from fl_clip21 import core
-from fl_clip21.algorithms import Algorithm, algorithm_from_config
+from fl_clip21.algorithms import FLOWER_BASELINES, Algorithm, ClientResult, GradFn, algorithm_from_config
+from fl_clip21.config import ConfigError
 from fl_clip21.privacy import epsilon
-from fl_clip21.problems import Problem, build_problem
+from fl_clip21.problems import Problem, build_problem, client_grads
+
+# on_round(algorithm, record, rounds) after every round, for progress displays
+# (the same callback the Flower engine takes).
+OnRound = Callable[[str, dict[str, Any], int], None]
 
 
 def sample_clients(seed: int, server_round: int, num_clients: int, fraction: float) -> list[int]:
@@ -32,17 +41,78 @@ def client_rng(seed: int, client: int, server_round: int) -> np.random.Generator
     return np.random.default_rng([seed, client, server_round])
 
 
-def client_round(
-    algorithm: Algorithm, problem: Problem, cfg: dict[str, Any], client: int, server_round: int,
-    params: core.Params, state: dict,
-):
-    """Client ``client``'s work in ``server_round``: the algorithm's client update."""
-    batch = cfg["batch-size"] if algorithm.stochastic else None
+def _batch_size(algorithm: Algorithm, cfg: dict[str, Any]) -> int | None:
+    return cfg["batch-size"] if algorithm.stochastic else None
 
+
+def _grad_fn(problem: Problem, client: int, batch: int | None) -> GradFn:
     def grad_fn(p, rng):
         return problem.client_grad(client, p, rng if batch else None, batch)
 
+    return grad_fn
+
+
+def client_round(
+    algorithm: Algorithm, problem: Problem, cfg: dict[str, Any], client: int, server_round: int,
+    params: core.Params, state: dict,
+) -> ClientResult:
+    """Client ``client``'s work in ``server_round``: the algorithm's client update."""
+    grad_fn = _grad_fn(problem, client, _batch_size(algorithm, cfg))
     return algorithm.client_update(params, state, grad_fn, client_rng(cfg["seed"], client, server_round))
+
+
+def _prefetched(
+    grad_fn: GradFn, params: core.Params, grad: core.Params, rng: np.random.Generator,
+    fresh: dict | None, drawn: dict | None,
+) -> GradFn:
+    """``grad_fn`` whose first call, at ``params`` with an unused ``rng``, returns ``grad``.
+
+    ``grad`` was computed (by a batched call) from a copy of ``rng`` that went from
+    state ``fresh`` to ``drawn`` while drawing the minibatch; that call leaves
+    ``rng`` in state ``drawn`` too, as if it had drawn the minibatch itself. Any
+    other call computes the gradient as :func:`client_round` does, so the draws
+    never depend on whether the gradient was prefetched.
+    """
+    pending = [True]
+
+    def fn(p, r):
+        first = bool(pending)
+        pending.clear()
+        if first and p is params and r is rng and (fresh is None or r.bit_generator.state == fresh):
+            if drawn is not None:
+                r.bit_generator.state = drawn
+            return grad
+        return grad_fn(p, r)
+
+    return fn
+
+
+def clients_round(
+    algorithm: Algorithm, problem: Problem, cfg: dict[str, Any], clients: Sequence[int], server_round: int,
+    params: core.Params, states: Sequence[dict],
+) -> list[ClientResult]:
+    """:func:`client_round` of every client in ``clients``, with one batched gradient call.
+
+    ``states[j]`` is the state of client ``clients[j]``. The results, generator
+    draws included, are those of :func:`client_round` client after client.
+    """
+    batch = _batch_size(algorithm, cfg)
+    rngs = [client_rng(cfg["seed"], i, server_round) for i in clients]
+    fresh = drawn = [None] * len(clients)
+    if batch:
+        fresh = [r.bit_generator.state for r in rngs]
+        grads = client_grads(problem, params, clients, rngs, batch)
+        drawn = [r.bit_generator.state for r in rngs]
+        for r, state in zip(rngs, fresh):
+            r.bit_generator.state = state
+    else:
+        grads = client_grads(problem, params, clients)
+    return [
+        algorithm.client_update(
+            params, state, _prefetched(_grad_fn(problem, i, batch), params, grad, rng, f, d), rng
+        )
+        for i, state, grad, rng, f, d in zip(clients, states, grads, rngs, fresh, drawn)
+    ]
 
 
 def message_bytes(algorithm: Algorithm, message: core.Params) -> int:
@@ -68,7 +138,7 @@ def evaluate(problem: Problem, params: core.Params) -> dict[str, float]:
     return out
 
 
-def run_local(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -> dict[str, Any]:
     """Run algorithm ``name`` of scenario ``cfg`` in-process; same output as the Flower engine."""
     problem = build_problem(cfg)
     algorithm = algorithm_from_config(name, cfg)
@@ -81,14 +151,13 @@ def run_local(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     start = time.perf_counter()
     for k in range(1, cfg["rounds"] + 1):
         t0 = time.perf_counter()
-        messages, clipped = [], 0
         clients = sample_clients(cfg["seed"], k, n, cfg["fraction"])
         times_asked[clients] += 1
-        for i in clients:
-            res = client_round(algorithm, problem, cfg, i, k, params, states[i])
+        results = clients_round(algorithm, problem, cfg, clients, k, params, [states[i] for i in clients])
+        for i, res in zip(clients, results):
             states[i] = res.state
-            messages.append(res.message)
-            clipped += res.clipped
+        messages = [res.message for res in results]
+        clipped = sum(res.clipped for res in results)
         params, server_state = algorithm.server_update(params, server_state, messages, n)
         rec = {
             "round": k, "participants": len(clients), "accepted": len(messages),
@@ -99,7 +168,34 @@ def run_local(cfg: dict[str, Any], name: str) -> dict[str, Any]:
         }
         rec.update(evaluate(problem, params))
         records.append(rec)
+        if on_round is not None:
+            on_round(name, rec, cfg["rounds"])
     return {
         "records": records, "params": params, "server_state": server_state, "client_states": states,
         "wall_seconds": time.perf_counter() - start,
     }
+
+
+def check_vectorized(cfg: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` if ``cfg`` lists an algorithm only the Flower engine runs."""
+    for name in cfg["algorithms"]:
+        if name in FLOWER_BASELINES:
+            raise ConfigError(
+                f"algorithms: {name!r} is Flower's own strategy and runs only with --engine flower; "
+                f"drop it from algorithms to use --engine vectorized"
+            )
+
+
+def run_vectorized(cfg: dict[str, Any], on_round: OnRound | None = None) -> dict[str, dict[str, Any]]:
+    """Every algorithm of ``cfg`` with :func:`run_local`: ``{algorithm: result}``.
+
+    The results have the shape of the Flower engine's (``records``, ``params``,
+    ``wall_seconds``) and the same values. Flower's own baselines
+    (``flower-dp-fixed``) are refused, before anything runs.
+    """
+    check_vectorized(cfg)
+    out = {}
+    for name in cfg["algorithms"]:
+        res = run_local(cfg, name, on_round)
+        out[name] = {k: res[k] for k in ("records", "params", "wall_seconds")}
+    return out

@@ -15,6 +15,7 @@ import functools
 import importlib
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,12 +45,49 @@ class Problem(Protocol):
 
     def accuracy(self, params: Params) -> float | None: ...
 
+    # Optional: ``client_grads(params, clients, rngs, batch_size) -> list[Params]``,
+    # every listed client's ``client_grad`` in one pass (see :func:`client_grads`).
+
+
+def client_grads(
+    problem: Problem,
+    params: Params,
+    clients: Sequence[int],
+    rngs: Sequence[np.random.Generator | None] | None = None,
+    batch_size: int | None = None,
+) -> list[Params]:
+    """``[problem.client_grad(i, params, rngs[j], batch_size) for j, i in enumerate(clients)]``.
+
+    Uses the problem's batched ``client_grads`` when it has one. Either way each
+    ``rngs[j]`` is drawn from exactly as client ``clients[j]``'s own
+    ``client_grad`` would draw from it, so minibatches do not depend on how the
+    gradients were computed.
+    """
+    rngs = list(rngs) if rngs is not None else [None] * len(clients)
+    if len(rngs) != len(clients):
+        raise ValueError(f"client_grads needs one rng per client, got {len(rngs)} for {len(clients)} clients")
+    batched = getattr(problem, "client_grads", None)
+    if batched is not None:
+        return batched(params, clients, rngs, batch_size)
+    return [problem.client_grad(i, params, r, batch_size) for i, r in zip(clients, rngs)]
+
+
+def _segment_starts(sizes: np.ndarray) -> np.ndarray:
+    """Offsets of consecutive segments of ``sizes`` rows (for ``np.add.reduceat``)."""
+    return np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+
 
 # --- data partitioning with flwr-datasets ----------------------------------
 
 
 def partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarray]:
     """Split row indices among ``num-clients`` clients with a flwr-datasets partitioner."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pyarrow's, inside datasets
+        return _partition_indices(labels, cfg)
+
+
+def _partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarray]:
     import datasets
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
@@ -87,15 +125,13 @@ def partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarra
     part.dataset = ds
     out = []
     for i in range(n):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # pyarrow's, inside the partitioners
-            try:
-                rows = np.asarray(part.load_partition(i)["row"], dtype=np.int64)
-            except ValueError as e:
-                raise ConfigError(
-                    f"partition.alpha={cfg['partition.alpha']!r} gives no split of {len(labels)} rows that leaves "
-                    f"each of num-clients={n} clients data (flwr-datasets: {e}); use a larger alpha or fewer clients"
-                ) from None
+        try:
+            rows = np.asarray(part.load_partition(i)["row"], dtype=np.int64)
+        except ValueError as e:
+            raise ConfigError(
+                f"partition.alpha={cfg['partition.alpha']!r} gives no split of {len(labels)} rows that leaves "
+                f"each of num-clients={n} clients data (flwr-datasets: {e}); use a larger alpha or fewer clients"
+            ) from None
         if rows.size == 0:
             raise ConfigError(
                 f"partition.kind {kind!r} left client {i} without data for num-clients={n}; "
@@ -122,6 +158,9 @@ class MeanEstimation:
 
     def client_grad(self, i, params, rng=None, batch_size=None) -> Params:
         return {"x": params["x"] - self.centers[i]}
+
+    def client_grads(self, params, clients, rngs=None, batch_size=None) -> list[Params]:
+        return [{"x": g} for g in params["x"] - self.centers[np.asarray(clients, dtype=np.int64)]]
 
     def loss(self, params) -> float:
         return float(0.5 * np.mean(np.sum((params["x"] - self.centers) ** 2, axis=1)))
@@ -220,23 +259,52 @@ class LogReg(_ClientData):
     def init_params(self) -> Params:
         return {"w": np.zeros(self.X.shape[1])}
 
-    def _loss_rows(self, w, rows) -> float:
-        z = self.signs[rows] * (self.X[rows] @ w)
-        return float(np.mean(np.logaddexp(0.0, -z)) + self.reg * np.sum(w**2 / (1 + w**2)))
-
     def _grad_rows(self, w, rows) -> np.ndarray:
         z = self.signs[rows] * (self.X[rows] @ w)
         s = -self.signs[rows] * _sigmoid(-z)
-        return self.X[rows].T @ s / rows.size + self.reg * 2 * w / (1 + w**2) ** 2
+        return self.X[rows].T @ s / rows.size + self._reg_grad(w)
+
+    def _reg_grad(self, w) -> np.ndarray:
+        return self.reg * 2 * w / (1 + w**2) ** 2
 
     def client_grad(self, i, params, rng=None, batch_size=None) -> Params:
         return {"w": self._grad_rows(params["w"], self.batch(i, rng, batch_size))}
 
+    def client_grads(self, params, clients, rngs=None, batch_size=None) -> list[Params]:
+        """Every listed client's (minibatch) gradient from one matrix product and segment sums."""
+        rngs = rngs if rngs is not None else [None] * len(clients)
+        rows = [self.batch(i, r, batch_size) for i, r in zip(clients, rngs)]
+        if not rows:
+            return []
+        sizes = np.array([r.size for r in rows])
+        idx = np.concatenate(rows)
+        X, signs, w = self.X[idx], self.signs[idx], params["w"]
+        s = -signs * _sigmoid(-signs * (X @ w))
+        sums = np.add.reduceat(X * s[:, None], _segment_starts(sizes), axis=0)
+        per_client = sums / sizes[:, None] + self._reg_grad(w)
+        return [{"w": g} for g in per_client]
+
+    @functools.cached_property
+    def _stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """X and signs with every client's rows one after the other; segment starts, |P_i|, 1/|P_i| per row."""
+        sizes = np.array([p.size for p in self.parts])
+        idx = np.concatenate(self.parts)
+        return self.X[idx], self.signs[idx], _segment_starts(sizes), sizes, np.repeat(1.0 / sizes, sizes)
+
     def loss(self, params) -> float:
-        return float(np.mean([self._loss_rows(params["w"], r) for r in self.parts]))
+        """f = (1/n) sum_i f_i, every client's rows in one pass."""
+        X, signs, starts, sizes, _ = self._stacked
+        w = params["w"]
+        per_row = np.logaddexp(0.0, -signs * (X @ w))
+        data = np.add.reduceat(per_row, starts) / sizes
+        return float(np.mean(data) + self.reg * np.sum(w**2 / (1 + w**2)))
 
     def grad(self, params) -> Params:
-        return {"w": np.mean([self._grad_rows(params["w"], r) for r in self.parts], axis=0)}
+        """Gradient of f = (1/n) sum_i f_i, every client's rows in one matrix product."""
+        X, signs, _, _, row_weight = self._stacked
+        w = params["w"]
+        s = -signs * _sigmoid(-signs * (X @ w))
+        return {"w": X.T @ (s * row_weight) / self.num_clients + self._reg_grad(w)}
 
     def accuracy(self, params) -> float:
         return float(np.mean((self.X @ params["w"] > 0) == (self.signs > 0)))

@@ -1,0 +1,310 @@
+"""``fl-clip21 sweep``: every algorithm of a scenario over a grid of scenario values.
+
+``--grid tau=0.01,0.1,1 --grid lr=0.1,1`` runs the product of the values of
+every ``--grid`` key (any scenario key), with ``--set`` applied to every cell.
+Every cell is resolved and checked before anything runs. Outputs, in ``--out``:
+
+- ``sweep.csv`` / ``sweep.md``: one row per cell and algorithm: the grid values,
+  rounds_to_target, final_grad_norm_sq, final_loss (means over the scenario's
+  seeds; rounds_to_target is empty when some seed never reached the target);
+- ``heatmap-ALGORITHM.png``: rounds to target over the grid, the first key on
+  the y axis and the second on the x axis (a 1-D grid is a single row; further
+  keys give one panel per combination of their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from fl_clip21.config import ConfigError, expand_runs, load_scenario, parse_sets
+from fl_clip21.report import rounds_to_target
+
+Grid = dict[str, list[str]]  # key -> its values, as typed on the command line
+Cell = dict[str, str]  # key -> one value
+
+METRICS = ["rounds_to_target", "final_grad_norm_sq", "final_loss"]
+NOT_REACHED = "not reached"
+NOT_REACHED_COLOUR = "#d0d0d0"
+
+
+def parse_grid(items: list[str]) -> Grid:
+    """``["tau=0.1,1", "lr=0.5"]`` -> ``{"tau": ["0.1", "1"], "lr": ["0.5"]}`` (syntax only)."""
+    grid: Grid = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--grid takes KEY=V1,V2,..., got {item!r}")
+        values = [v.strip() for v in text.split(",")]
+        if not text.strip() or not all(values):
+            raise ConfigError(f"--grid {key} needs comma-separated non-empty values, got {text!r}")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--grid {key} names a value twice, got {text!r}")
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice")
+        if key == "algorithms":
+            raise ConfigError(
+                f"--grid algorithms={text}: every cell runs every algorithm of the scenario; "
+                "choose them with --set algorithms=..."
+            )
+        grid[key] = values
+    if not grid:
+        raise ConfigError("sweep needs at least one --grid KEY=V1,V2,...")
+    return grid
+
+
+def grid_cells(grid: Grid) -> list[Cell]:
+    """Every combination of the grid's values, the first key varying slowest."""
+    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+
+
+def _cell_text(cell: Cell) -> str:
+    return " ".join(f"{k}={v}" for k, v in cell.items())
+
+
+def resolve_cells(
+    scenario: Path, grid: Grid, sets: dict[str, str], engine: str = "vectorized"
+) -> list[tuple[Cell, list[dict[str, Any]]]]:
+    """Every cell's resolved runs (one per seed), or :class:`ConfigError` naming the key and value.
+
+    Each grid value is checked alone first, so an error names the one that is
+    wrong; then every cell, so combinations that do not fit are caught too (the
+    data of every problem, and algorithms the engine cannot run, included),
+    before anything runs.
+    """
+    from fl_clip21.engine import check_vectorized
+    from fl_clip21.problems import build_problem
+
+    both = sorted(set(grid) & set(sets))
+    if both:
+        raise ConfigError(f"{both[0]} is both a --grid key and a --set key; give it once")
+    for key, values in grid.items():
+        for value in values:
+            try:
+                load_scenario(scenario, {**sets, key: value})
+            except ConfigError as e:
+                raise ConfigError(f"--grid {key}={value}: {e}") from None
+    out = []
+    for cell in grid_cells(grid):
+        try:
+            cfg = load_scenario(scenario, {**sets, **cell})
+            runs = expand_runs(cfg)
+            if len(cfg["target-epsilon"] or []) > 1:
+                raise ConfigError(
+                    f"target-epsilon has {len(cfg['target-epsilon'])} values in one cell; "
+                    "sweep them with --grid target-epsilon=..."
+                )
+            if engine == "vectorized":
+                check_vectorized(cfg)
+            build_problem(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"--grid cell {_cell_text(cell)}: {e}") from None
+        except ValueError as e:  # expand_runs: an epsilon the accountant cannot reach
+            raise ConfigError(f"--grid cell {_cell_text(cell)}: {e}") from None
+        out.append((cell, runs))
+    return out
+
+
+class Progress:
+    """One stderr line per finished (cell, seed, algorithm), with an estimate of the time left."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr):
+        self.total, self.done, self.stream = total, 0, stream
+        self.start = time.perf_counter()
+
+    def tick(self, cell: Cell, name: str, reached: int | None) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        result = f"rounds_to_target={reached}" if reached is not None else NOT_REACHED
+        self.stream.write(
+            f"sweep [{self.done}/{self.total}] {_cell_text(cell)} {name}: {result}"
+            f"  ({elapsed:.1f} s, ~{left:.0f} s left)\n"
+        )
+        self.stream.flush()
+
+
+def _run_cell(cfg: dict[str, Any], engine: str, on_round) -> dict[str, dict[str, Any]]:
+    if engine == "vectorized":
+        from fl_clip21.engine import run_vectorized
+
+        return run_vectorized(cfg, on_round=on_round)
+    from fl_clip21.flower.simulation import simulate
+
+    # One simulation per run: the nodes' client state must start afresh.
+    return simulate(cfg, on_round=on_round)
+
+
+def _mean(values: list[Any]) -> Any:
+    """Mean over seeds (one seed: its value); None when some seed has None."""
+    if any(v is None for v in values):
+        return None
+    return values[0] if len(values) == 1 else statistics.fmean(values)
+
+
+def run_sweep(
+    cells: list[tuple[Cell, list[dict[str, Any]]]], engine: str = "vectorized", stream: TextIO = sys.stderr
+) -> list[dict[str, Any]]:
+    """Run every cell of :func:`resolve_cells`; one row per cell and algorithm (grid values, :data:`METRICS`)."""
+    progress = Progress(sum(len(runs) * len(runs[0]["algorithms"]) for _, runs in cells), stream)
+    rows = []
+    for cell, runs in cells:
+        per_algo: dict[str, list[dict[str, Any]]] = {}
+        for cfg in runs:
+            seen: dict[str, list[dict[str, Any]]] = {}
+
+            def on_round(name: str, rec: dict[str, Any], rounds: int, cell=cell, cfg=cfg, seen=seen) -> None:
+                seen.setdefault(name, []).append(rec)
+                if rec["round"] == rounds:
+                    progress.tick(cell, name, rounds_to_target(seen[name], cfg["target"]))
+
+            for name, res in _run_cell(cfg, engine, on_round).items():
+                recs = res["records"]
+                per_algo.setdefault(name, []).append(
+                    {
+                        "rounds_to_target": rounds_to_target(recs, cfg["target"]),
+                        "final_grad_norm_sq": recs[-1]["grad_norm_sq"],
+                        "final_loss": recs[-1]["loss"],
+                    }
+                )
+        for name, results in per_algo.items():
+            row: dict[str, Any] = {**cell, "algorithm": name}
+            for metric in METRICS:
+                row[metric] = _mean([r[metric] for r in results])
+            rows.append(row)
+    return rows
+
+
+# --- outputs ------------------------------------------------------------------
+
+
+def sweep_csv(rows: list[dict[str, Any]], grid: Grid) -> str:
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=[*grid, "algorithm", *METRICS])
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return out.getvalue()
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return NOT_REACHED
+    if isinstance(value, float):
+        return f"{value:.4g}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def sweep_markdown(rows: list[dict[str, Any]], grid: Grid, title: str, target: float, seeds: int) -> str:
+    cols = [*grid, "algorithm", *METRICS]
+    out = io.StringIO()
+    mean = f" Means over {seeds} seeds." if seeds > 1 else ""
+    out.write(f"# {title}: sweep\n\nTarget: grad_norm_sq <= {target:g}.{mean}\n\n")
+    out.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+    for r in rows:
+        out.write("| " + " | ".join(_fmt(r[c]) for c in cols) + " |\n")
+    return out.getvalue()
+
+
+def plot_heatmap(rows: list[dict[str, Any]], grid: Grid, path: Path, title: str, max_rounds: int) -> None:
+    """Rounds to target of one algorithm over the grid; cells never reaching it are grey and labelled."""
+    from matplotlib.patches import Patch
+
+    from fl_clip21.report import _pyplot
+
+    plt = _pyplot()
+    keys = list(grid)
+    y_key, x_key = (keys[0], keys[1]) if len(keys) > 1 else (None, keys[0])
+    ys = grid[y_key] if y_key else [""]
+    xs = grid[x_key]
+    rest = keys[2:]
+    panels = [dict(zip(rest, combo)) for combo in itertools.product(*(grid[k] for k in rest))]
+    by_cell = {tuple(r[k] for k in keys): r["rounds_to_target"] for r in rows}
+    cmap = plt.get_cmap("viridis_r").with_extremes(bad=NOT_REACHED_COLOUR)
+    norm = plt.Normalize(vmin=1, vmax=max(max_rounds, 2))
+    fig, axes = plt.subplots(
+        len(panels), 1, squeeze=False,
+        figsize=(max(4.8, 2.2 + 1.1 * len(xs)), 1.2 + (0.8 + 0.55 * len(ys)) * len(panels)),
+    )
+    for ax, panel in zip(axes[:, 0], panels):
+        m = np.full((len(ys), len(xs)), np.nan)
+        for iy, yv in enumerate(ys):
+            for ix, xv in enumerate(xs):
+                cell = {**({y_key: yv} if y_key else {}), x_key: xv, **panel}
+                reached = by_cell.get(tuple(cell[k] for k in keys))
+                if reached is not None:
+                    m[iy, ix] = reached
+                face = norm(reached) if reached is not None else None
+                ax.text(
+                    ix, iy, f"{reached:g}" if reached is not None else NOT_REACHED, ha="center", va="center",
+                    fontsize=8, color="white" if face is not None and face > 0.55 else "black",
+                )
+        image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, norm=norm, aspect="auto")
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set_yticks(range(len(ys)), ys)
+        ax.set_xlabel(x_key)
+        if y_key:
+            ax.set_ylabel(y_key)
+        if panel:
+            ax.set_title(_cell_text(panel), fontsize=9)
+        fig.colorbar(image, ax=ax, label="rounds to target")
+    fig.suptitle(title, fontsize=10)
+    fig.legend(
+        handles=[Patch(facecolor=NOT_REACHED_COLOUR, label=f"{NOT_REACHED} within the rounds run")],
+        loc="lower center", fontsize=8, frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_sweep(
+    out: Path, rows: list[dict[str, Any]], grid: Grid, cfg: dict[str, Any], seeds: int, max_rounds: int
+) -> None:
+    """Write sweep.csv, sweep.md and one heat map per algorithm; replace ``out`` only when all are written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fl-clip21-sweep-", dir=out.parent))
+    try:
+        (tmp / "sweep.csv").write_text(sweep_csv(rows, grid))
+        (tmp / "sweep.md").write_text(sweep_markdown(rows, grid, cfg["name"], cfg["target"], seeds))
+        for name in dict.fromkeys(r["algorithm"] for r in rows):
+            title = f"{cfg['name']}: {name}\nrounds until grad_norm_sq <= {cfg['target']:g}"
+            plot_heatmap([r for r in rows if r["algorithm"] == name], grid, tmp / f"heatmap-{name}.png", title, max_rounds)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``fl-clip21 sweep``: check every cell, run the grid, write the outputs."""
+    try:
+        grid = parse_grid(args.grid or [])
+        cells = resolve_cells(Path(args.scenario), grid, parse_sets(args.set or []), args.engine)
+    except ConfigError as e:
+        print(f"fl-clip21: error: {e}", file=sys.stderr)
+        return 2
+    first = cells[0][1][0]
+    out = Path(args.out) if args.out else Path("results") / f"{first['name']}-sweep"
+    rows = run_sweep(cells, args.engine)
+    write_sweep(
+        out, rows, grid, first, seeds=len(cells[0][1]), max_rounds=max(r["rounds"] for _, runs in cells for r in runs)
+    )
+    print(sweep_markdown(rows, grid, first["name"], first["target"], len(cells[0][1])))
+    print(f"wrote {out}/ (sweep.csv, sweep.md, heatmap-ALGORITHM.png)")
+    return 0

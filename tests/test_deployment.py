@@ -1,0 +1,394 @@
+"""Deployment: the same apps on ``flower-superlink`` + three ``flower-supernode`` processes.
+
+Everything runs on loopback: one SuperLink (one HTTP port in Flower 1.41 serves the
+Fleet, Control and Runtime APIs), three SuperNodes with their own Runtime API port
+and ``partition-id`` node config, then ``flwr run ROOT NAME --stream`` through a
+``[superlink.NAME]`` entry in ``$FLWR_HOME/config.toml``. The final model of every
+algorithm must equal the in-process reference engine (and the Flower simulation
+engine). Once without TLS, once with a CA and a server certificate made here.
+
+Every process the test starts is stopped by its PID (with the Flower processes it
+spawned: SuperExec, ServerApp and ClientApp processes), in a ``finally`` block.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl_clip21.config import expand_runs, load_scenario, parse_sets
+from fl_clip21.engine import run_local
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, flower-superexec ...
+SCENARIO = "scenarios/mean-estimation.toml"
+OVERRIDES = ["rounds=15", "num-clients=3"]
+NUM_NODES = 3
+START_TIMEOUT = 60.0  # s for a SuperLink / SuperNode to accept connections
+RUN_TIMEOUT = 900.0  # s for `flwr run --stream` (45 rounds of a few seconds each)
+
+
+# --- processes ------------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent PID -> child PIDs, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(proc.name))
+    return tree
+
+
+def _descendants(pid: int) -> list[int]:
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class Processes:
+    """The processes this test starts; :meth:`stop_all` stops them by PID."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[tuple[str, subprocess.Popen]] = []
+        self.spawned: set[int] = set()  # PIDs our processes started (SuperExec, apps)
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop_all)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        proc._log_file = log  # type: ignore[attr-defined]
+        self.started.append((name, proc))
+        return proc
+
+    def note_spawned(self) -> None:
+        """Remember the PIDs our processes spawned (before a parent dies and they move to init)."""
+        for _, proc in self.started:
+            if proc.poll() is None:
+                self.spawned.update(_descendants(proc.pid))
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def stop_all(self, timeout: float = 15.0) -> None:
+        self.note_spawned()
+        for _, proc in reversed(self.started):
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in reversed(self.started):
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=timeout)
+            proc._log_file.close()  # type: ignore[attr-defined]
+        # SuperExec and app processes watch their parent's PID and exit with it;
+        # whatever is left of them (and what they spawned) is stopped here.
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [pid for pid in self.spawned if _alive(pid)]
+            for pid in left:
+                self.spawned.update(_descendants(pid))
+            left = [pid for pid in self.spawned if _alive(pid)]
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                for pid in left:
+                    _signal(pid, signal.SIGKILL)
+                return
+            for pid in left:
+                _signal(pid, signal.SIGTERM)
+            time.sleep(0.5)
+
+
+# --- ports, certificates ---------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, procs: Processes, name: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with code {proc.returncode}:\n{procs.log_tail(name)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"{what} did not accept connections on 127.0.0.1:{port} within {START_TIMEOUT:.0f} s")
+
+
+def wait_for_health(port: int, ca: Path | None, proc: subprocess.Popen, procs: Processes, name: str) -> None:
+    """Wait until the SuperLink's /health answers (over TLS when ``ca`` is given)."""
+    wait_for_port(port, proc, "flower-superlink", procs, name)
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}/health"
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2.0, context=context) as resp:
+                if resp.status == 200:
+                    return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                pytest.fail(f"SuperLink /health did not answer: {e}\n{procs.log_tail(name)}")
+        time.sleep(0.2)
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 / localhost; returns (ca, cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fl-clip21 test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_path, cert_path, key_path = folder / "ca.crt", folder / "server.pem", folder / "server.key"
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return ca_path, cert_path, key_path
+
+
+def base_env(home: Path) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("FLWR_", "RAY_"))  # nothing of the caller's Flower / Ray set-up
+    }
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",  # no `uv sync` of the app
+        FLWR_DISABLE_UPDATE_CHECK="1",  # no network
+        FLWR_TELEMETRY_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+        # SuperLink and SuperNodes start flower-superexec, flwr-serverapp and
+        # flwr-clientapp by name: the ones beside this Python.
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    return env
+
+
+# --- the expected result -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """(cfg, {algorithm: final params}) of the scenario run by the in-process engine."""
+    runs = expand_runs(load_scenario(ROOT / SCENARIO, parse_sets(OVERRIDES)))
+    assert len(runs) == 1
+    cfg = runs[0]
+    return cfg, {name: run_local(cfg, name)["params"] for name in cfg["algorithms"]}
+
+
+def test_reference_engine_equals_flower_simulation(reference):
+    """The in-process reference the deployment is compared with equals Flower's simulation engine."""
+    from fl_clip21.flower.simulation import simulate
+
+    cfg, expected = reference
+    results = simulate(cfg)
+    assert set(results) == set(expected)
+    for name, params in expected.items():
+        for key, arr in params.items():
+            np.testing.assert_allclose(results[name]["params"][key], arr, rtol=1e-12, atol=0, err_msg=name)
+
+
+# --- the deployment ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
+def test_deployment_equals_in_process_engine(tmp_path, reference, tls):
+    cfg, expected = reference
+    flwr = BIN / "flwr"
+    assert flwr.exists() and (BIN / "flower-superlink").exists() and (BIN / "flower-supernode").exists()
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = Processes(logs)
+    ca = cert = key = None
+    if tls:
+        ca, cert, key = make_certificates(tmp_path / "certs")
+    tls_args = ["--insecure"] if not tls else []
+
+    # The SuperLink's working directory: where the ServerApp process (SuperLink ->
+    # flower-superexec -> flwr-serverapp) resolves a relative `out`.
+    link_dir = tmp_path / "superlink"
+    (link_dir / "home").mkdir(parents=True)
+    link_port = free_port()
+    superlink_cmd = [
+        str(BIN / "flower-superlink"), *tls_args,
+        "--database", str(link_dir / "state.db"),
+        "--host", "127.0.0.1", "--port", str(link_port),  # Fleet, Control and Runtime API (HTTP)
+    ]
+    if tls:
+        superlink_cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+
+    # `flwr run` asks for the run by name; relative `out` in the TLS case shows where outputs land.
+    out_arg = "out" if tls else str(tmp_path / "out")
+    out_dir = link_dir / "out" if tls else tmp_path / "out"
+    cli_home = tmp_path / "cli-home"
+    cli_home.mkdir()
+    entry = ["[superlink.deploy-test]", f'address = "127.0.0.1:{link_port}"']
+    entry.append(f'root-certificates = "{ca}"' if tls else "insecure = true")
+    (cli_home / "config.toml").write_text('[superlink]\ndefault = "deploy-test"\n\n' + "\n".join(entry) + "\n")
+    pyproject_before = (ROOT / "pyproject.toml").read_text()
+
+    try:
+        superlink = procs.start("superlink", superlink_cmd, base_env(link_dir / "home"), cwd=link_dir)
+        wait_for_health(link_port, ca, superlink, procs, "superlink")
+
+        for i in range(NUM_NODES):
+            node_dir = tmp_path / f"supernode-{i}"
+            (node_dir / "home").mkdir(parents=True)
+            port = free_port()
+            cmd = [
+                str(BIN / "flower-supernode"), *tls_args,
+                "--superlink", f"127.0.0.1:{link_port}",
+                "--host", "127.0.0.1", "--port", str(port),  # this node's Runtime API (ClientApps)
+                "--node-config", f"partition-id={i} num-partitions={NUM_NODES}",
+            ]
+            if tls:
+                cmd += ["--root-certificates", str(ca)]
+            node = procs.start(f"supernode-{i}", cmd, base_env(node_dir / "home"), cwd=node_dir)
+            wait_for_port(port, node, f"flower-supernode {i}", procs, f"supernode-{i}")
+
+        start = time.monotonic()
+        run_config = f"scenario='{SCENARIO}' out='{out_arg}' overrides='{' '.join(OVERRIDES)}'"
+        try:
+            run = subprocess.run(
+                [str(flwr), "run", str(ROOT), "deploy-test", "--stream", "--run-config", run_config],
+                env=base_env(cli_home), cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+            )
+        finally:
+            procs.note_spawned()
+        elapsed = time.monotonic() - start
+        assert run.returncode == 0, (run.stdout[-4000:], run.stderr[-4000:], procs.log_tail("superlink"))
+    finally:
+        procs.stop_all()
+
+    # No process of ours is left, not even the SuperExec / app processes they spawned.
+    left = [pid for _, p in procs.started if _alive(p.pid) for pid in [p.pid]]
+    left += [pid for pid in procs.spawned if _alive(pid)]
+    assert not left, f"processes still running: {left}"
+
+    assert (ROOT / "pyproject.toml").read_text() == pyproject_before
+    assert (out_dir / "final_params.npz").exists(), (sorted(p.name for p in link_dir.iterdir()), run.stdout[-3000:])
+    with np.load(out_dir / "final_params.npz") as npz:
+        got = {k: npz[k] for k in npz.files}
+    assert set(got) == {f"{name}/{key}" for name, params in expected.items() for key in params}
+    for name, params in expected.items():
+        for key, arr in params.items():
+            np.testing.assert_allclose(got[f"{name}/{key}"], arr, rtol=1e-12, atol=0, err_msg=name)
+
+    metrics = json.loads((out_dir / "metrics.json").read_text())["algorithms"]
+    assert set(metrics) == set(cfg["algorithms"])
+    assert all(len(recs) == cfg["rounds"] for recs in metrics.values())
+    assert all(r["participants"] == r["accepted"] == NUM_NODES for recs in metrics.values() for r in recs)
+    assert metrics["clip21-gd"][-1]["grad_norm_sq"] < metrics["clip-gd"][-1]["grad_norm_sq"]
+
+    seconds = [r["seconds"] for recs in metrics.values() for r in recs]
+    later = [r["seconds"] for recs in metrics.values() for r in recs[1:]]
+    print(
+        f"\n[deployment {'tls' if tls else 'insecure'}] flwr run: {elapsed:.1f} s for "
+        f"{len(seconds)} rounds; seconds per round: mean {statistics.fmean(seconds):.2f}, "
+        f"median {statistics.median(seconds):.2f}, min {min(seconds):.2f}, max {max(seconds):.2f}; "
+        f"first rounds (with the handshake) {[round(recs[0]['seconds'], 2) for recs in metrics.values()]}, "
+        f"later rounds mean {statistics.fmean(later):.2f}"
+    )

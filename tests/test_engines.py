@@ -1,0 +1,146 @@
+"""The vectorized engine against Flower's simulation engine: same algorithms, same numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl_clip21.algorithms import ALGORITHMS
+from fl_clip21.config import ConfigError, resolve
+from fl_clip21.engine import client_rng, run_local, run_vectorized
+from fl_clip21.problems import build_problem, client_grads
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Small problems, every algorithm, a few rounds: full participation on one,
+# partial on the other; noise (clip-sgd, clip21-sgd2m), momentum, minibatches and
+# two local steps (celgc) on both.
+_COMMON = {
+    "algorithms": list(ALGORITHMS), "rounds": 3, "num-clients": 4, "seed": 5, "topk": 2, "batch-size": 16,
+    "sigma": 0.05, "beta1": 0.5, "beta2": 0.8, "local-steps": 2,
+}
+CONFIGS = {
+    "mean-estimation": {
+        **_COMMON, "lr": 0.5, "tau": 0.5, "problem": {"name": "mean-estimation", "dim": 3, "spread": 2.0},
+    },
+    "logreg-partial": {
+        **_COMMON, "lr": 1.0, "tau": 0.1, "fraction": 0.5,
+        "problem": {"name": "logreg"}, "partition": {"kind": "dirichlet", "alpha": 1.0},
+    },
+}
+COMPARED = ("loss", "grad_norm_sq", "accuracy", "clip_fraction", "bytes_up", "epsilon", "participants", "accepted")
+
+
+@pytest.fixture(scope="module")
+def both_engines():
+    from fl_clip21.flower.simulation import simulate
+
+    out = {}
+    for key, scenario in CONFIGS.items():
+        cfg = resolve(scenario)
+        # One simulation per config: a node's client state outlives a config in a
+        # multi-config simulate call (reported); every algorithm in one Ray start.
+        out[key] = (simulate(cfg), run_vectorized(cfg))
+    return out
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_vectorized_engine_matches_flower(both_engines, config, name):
+    flower, vectorized = (res[name] for res in both_engines[config])
+    for key, arr in flower["params"].items():
+        np.testing.assert_allclose(vectorized["params"][key], arr, rtol=0, atol=1e-10)
+    assert set(vectorized) == {"records", "params", "wall_seconds"}
+    assert len(vectorized["records"]) == len(flower["records"]) == 3
+    for fr, vr in zip(flower["records"], vectorized["records"]):
+        assert set(fr) == set(vr), (fr, vr)
+        assert vr["round"] == fr["round"]
+        for key in COMPARED:
+            if key in fr:
+                assert vr[key] == pytest.approx(fr[key], rel=1e-9, abs=1e-14), (key, vr["round"])
+
+
+def test_the_configs_exercise_clipping_noise_and_sampling(both_engines):
+    _, vec = both_engines["logreg-partial"]
+    assert all(r["participants"] == 2 for r in vec["clip21-sgd2m"]["records"])
+    assert vec["clip21-sgd2m"]["records"][-1]["epsilon"] > 0
+    assert vec["clip21-gd"]["records"][0]["clip_fraction"] == 1.0
+    _, vec = both_engines["mean-estimation"]
+    assert all(r["participants"] == 4 for r in vec["clip-sgd"]["records"])
+    assert vec["clip-sgd"]["records"][-1]["epsilon"] > 0
+
+
+def test_vectorized_engine_refuses_flower_dp_fixed_before_running():
+    cfg = resolve({"algorithms": ["gd", "flower-dp-fixed"], "num-clients": 3})
+    with pytest.raises(ConfigError, match="flower-dp-fixed"):
+        run_vectorized(cfg)
+
+
+@pytest.mark.parametrize("batch_size", [None, 16, 10_000])
+def test_batched_logreg_grads_equal_client_grad_and_draw_the_same_minibatches(batch_size):
+    cfg = resolve({"num-clients": 5, "problem": {"name": "logreg"}, "partition": {"kind": "dirichlet", "alpha": 0.5}})
+    problem = build_problem(cfg)
+    w = {"w": np.random.default_rng(1).normal(0.0, 0.5, size=problem.X.shape[1])}
+    clients = [0, 2, 3]
+    rngs = [client_rng(7, i, 3) for i in clients]
+    refs = [client_rng(7, i, 3) for i in clients]
+    batched = client_grads(problem, w, clients, rngs, batch_size)
+    for i, g, r, ref in zip(clients, batched, rngs, refs):
+        np.testing.assert_allclose(g["w"], problem.client_grad(i, w, ref, batch_size)["w"], rtol=1e-12, atol=1e-15)
+        assert r.bit_generator.state == ref.bit_generator.state
+
+
+def test_problem_without_batched_grads_uses_client_grad():
+    class Plain:
+        def client_grad(self, i, params, rng=None, batch_size=None):
+            return {"x": params["x"] * i + (rng.normal() if rng is not None else 0.0)}
+
+    rngs = [np.random.default_rng(i) for i in range(3)]
+    out = client_grads(Plain(), {"x": np.ones(2)}, [0, 1, 2], rngs, 4)
+    expected = [np.ones(2) * i + np.random.default_rng(i).normal() for i in range(3)]
+    for g, e in zip(out, expected):
+        np.testing.assert_array_equal(g["x"], e)
+
+
+@pytest.mark.parametrize("name, calls_per_client", [("clip21-sgd", 0), ("celgc", 1)])
+def test_run_local_takes_gradients_at_the_model_from_the_batched_call(monkeypatch, name, calls_per_client):
+    # celgc's second local step is at another point: that one gradient is the client's own.
+    cfg = resolve({**CONFIGS["logreg-partial"], "algorithms": [name], "rounds": 3})
+    problem = build_problem(cfg)
+    calls = []
+    original = problem.client_grad
+    monkeypatch.setattr(problem, "client_grad", lambda i, *a: calls.append(i) or original(i, *a))
+    run_local(cfg, name)
+    assert len(calls) == calls_per_client * 3 * 2
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fl_clip21.cli", "run", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_run_with_the_vectorized_engine(tmp_path):
+    out = tmp_path / "out"
+    proc = _cli(str(ROOT / "scenarios" / "mean-estimation.toml"), "--engine", "vectorized", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    algos = json.loads((out / "metrics.json").read_text())["algorithms"]
+    assert set(algos) == {"gd", "clip-gd", "clip21-gd"}
+    assert 8 / 3 - np.sqrt(algos["clip-gd"][-1]["grad_norm_sq"]) == pytest.approx(-0.5, abs=1e-6)
+    assert algos["clip21-gd"][-1]["grad_norm_sq"] < 1e-16
+    assert (out / "convergence.png").stat().st_size > 1000
+
+
+def test_cli_vectorized_engine_with_flower_dp_fixed_exits_2(tmp_path):
+    proc = _cli(
+        str(ROOT / "scenarios" / "mean-estimation.toml"), "--engine", "vectorized",
+        "--set", "algorithms=clip21-gd,flower-dp-fixed", "--out", str(tmp_path / "out"), cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "flower-dp-fixed" in proc.stderr and "--engine flower" in proc.stderr
+    assert not (tmp_path / "out").exists()
