@@ -2,6 +2,15 @@
 
 The client's private state (Clip21's v_i) lives in ``context.state`` and only
 the algorithm's message (the clipped increment c_i) goes back to the server.
+
+Consistency protocol (README, "Keeping g = mean(v_i) through faults"): the
+memory the server mirrors (``algorithm.memory``) is not committed when the
+client replies. The new value is kept as *pending*, tagged with its round; the
+server's next message to this client says the last round whose increment it
+applied (``ack``). Pending equal to ``ack`` is committed, any other is
+dropped. A client whose state is gone while the server has applied its
+increments asks for a resync; a resync message carries the server's copy of
+this client's memory, which replaces the client's.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from fl_clip21.problems import build_problem
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+PENDING = "pending."
+PENDING_ROUND = "pending-round"
 
 
 def partition_of(context: Context) -> int:
@@ -50,6 +61,20 @@ def save_state(context: Context, algorithm: str, state: dict) -> None:
         context.state[state_key(algorithm, name)] = R.to_record(params)
 
 
+def resolve_pending(context: Context, algorithm: str, memory: str, ack: int) -> bool:
+    """Commit the pending memory if the server applied it (round == ack), else drop it.
+
+    Returns whether this client holds its memory (committed or just resolved).
+    """
+    pending_key, round_key = state_key(algorithm, PENDING + memory), state_key(algorithm, PENDING_ROUND)
+    if round_key in context.state:
+        if int(context.state[round_key]["round"]) == ack:
+            context.state[state_key(algorithm, memory)] = context.state[pending_key]
+        del context.state[pending_key]
+        del context.state[round_key]
+    return state_key(algorithm, memory) in context.state
+
+
 def train(msg: Message, context: Context) -> Message:
     """One client round of the algorithm named in the message's config.
 
@@ -67,17 +92,35 @@ def train(msg: Message, context: Context) -> Message:
     problem = build_problem(cfg)
     i = partition_of(context)
     params = R.from_record(msg.content[R.ARRAYS])
+    mem = algorithm.memory
+    if mem is not None:
+        resync = msg.content.array_records.get(R.RESYNC)
+        if resync is not None:
+            resolve_pending(context, algorithm.name, mem, -1)  # drop any pending
+            context.state[state_key(algorithm.name, mem)] = resync
+        elif not resolve_pending(context, algorithm.name, mem, int(config.get(R.ACK, 0))) and int(
+            config.get(R.ACK, 0)
+        ) > 0:
+            # The server applied increments of ours that this node no longer knows.
+            metrics = MetricRecord({R.NEEDS_RESYNC: 1, PARTITION_ID: i, R.ROUND: server_round})
+            return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
     state = load_state(context, algorithm.name, algorithm.client_init(params))
     result = client_round(algorithm, problem, cfg, i, server_round, params, state)
-    save_state(context, algorithm.name, result.state)
+    committed = {k: v for k, v in result.state.items() if k != mem}
+    save_state(context, algorithm.name, committed)
+    if mem is not None:
+        context.state[state_key(algorithm.name, PENDING + mem)] = R.to_record(result.state[mem])
+        context.state[state_key(algorithm.name, PENDING_ROUND)] = ConfigRecord({"round": server_round})
     content = RecordDict(
         {
             R.ARRAYS: (R.encode_sparse if algorithm.sparse else R.to_record)(result.message),
-            R.METRICS: MetricRecord({"clipped": int(result.clipped), PARTITION_ID: i}),
+            R.METRICS: MetricRecord({"clipped": int(result.clipped), PARTITION_ID: i, R.ROUND: server_round}),
         }
     )
-    if bool(config.get(R.DO_AUDIT, False)) and algorithm.memory is not None:
-        content[R.AUDIT] = R.to_record(result.state[algorithm.memory])
+    if bool(config.get(R.DO_AUDIT, False)) and mem is not None:
+        # The memory as it stands if the server applies this reply, and if it does not.
+        content[R.AUDIT_APPLIED] = R.to_record(result.state[mem])
+        content[R.AUDIT_DROPPED] = R.to_record(state[mem])
     return Message(content, reply_to=msg)
 
 

@@ -15,12 +15,17 @@ from fl_clip21.core import Params
 ARRAYS = "arrays"  # server -> client: the model x; client -> server: the message c_i
 CONFIG = "config"
 METRICS = "metrics"
-AUDIT = "fl_clip21.audit"  # client -> server, only when auditing: the client's v_i
+# client -> server, only when auditing: the client's memory if this reply is applied / dropped
+AUDIT_APPLIED = "fl_clip21.audit.applied"
+AUDIT_DROPPED = "fl_clip21.audit.dropped"
+RESYNC = "fl_clip21.resync"  # server -> client: the server's copy of the client's memory
 # Keys inside the ConfigRecord sent with each train message.
 ROUND = "server-round"
 ALGORITHM = "fl_clip21.algorithm"
 SCENARIO = "fl_clip21.scenario"
 DO_AUDIT = "fl_clip21.audit"
+ACK = "fl_clip21.ack"  # the last round whose increment of this client the server applied
+NEEDS_RESYNC = "needs-resync"  # reply metric: this client lost the memory the server mirrors
 # Client state (context.state) record names.
 STATE_PREFIX = "fl_clip21.state."
 

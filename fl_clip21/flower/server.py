@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from fl_clip21.algorithms import algorithm_from_config
+from fl_clip21.engine import evaluate
 from fl_clip21.flower import records as R
 from fl_clip21.flower.strategy import Clip21Strategy
-from fl_clip21.engine import evaluate
 from fl_clip21.problems import build_problem
 
 # on_round(algorithm, record, rounds) is called after every round, for progress displays.
@@ -20,9 +20,18 @@ OnRound = Callable[[str, dict[str, Any], int], None]
 
 
 def run_algorithm(
-    grid: Grid, cfg: dict[str, Any], name: str, on_round: OnRound | None = None, timeout: float = 3600.0
+    grid: Grid,
+    cfg: dict[str, Any],
+    name: str,
+    on_round: OnRound | None = None,
+    timeout: float = 3600.0,
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
-    """Run one algorithm for ``cfg['rounds']`` rounds; returns its records and final model."""
+    """Run one algorithm for ``cfg['rounds']`` rounds; returns its records and final model.
+
+    With ``checkpoint``, the server's state is saved there after every round,
+    and a run whose checkpoint already exists continues from it.
+    """
     problem = build_problem(cfg)
     strategy = Clip21Strategy(
         algorithm=algorithm_from_config(name, cfg),
@@ -32,36 +41,35 @@ def run_algorithm(
         seed=cfg["seed"],
         audit=cfg["audit"],
         delta=cfg["delta"],
+        checkpoint=checkpoint,
+        evaluate=lambda params: evaluate(problem, params),
+        on_round=(lambda rec: on_round(name, rec, cfg["rounds"])) if on_round is not None else None,
     )
-    evals: dict[int, dict[str, float]] = {}
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            return None
-        metrics = evaluate(problem, R.from_record(arrays))
-        evals[server_round] = metrics
-        if on_round is not None:
-            on_round(name, {**strategy.history[-1], **metrics}, cfg["rounds"])
-        return MetricRecord(metrics)
-
+    done = strategy.resume(checkpoint) if checkpoint is not None and checkpoint.exists() else 0
     start = time.perf_counter()
-    strategy.start(
-        grid=grid,
-        initial_arrays=R.to_record(problem.init_params()),
-        num_rounds=cfg["rounds"],
-        timeout=timeout,
-        evaluate_fn=evaluate_fn,
-    )
-    records = [{**rec, **evals[rec["round"]]} for rec in strategy.history]
+    if done < cfg["rounds"]:
+        strategy.start(
+            grid=grid,
+            initial_arrays=R.to_record(strategy.params if done else problem.init_params()),
+            num_rounds=cfg["rounds"] - done,
+            timeout=timeout,
+        )
     return {
-        "records": records,
+        "records": strategy.history,
         "params": strategy.params,
         "wall_seconds": time.perf_counter() - start,
+        "resumed_from_round": done,
     }
 
 
-def run_scenario(grid: Grid, cfg: dict[str, Any], on_round: OnRound | None = None) -> dict[str, dict]:
-    """Run every algorithm the scenario lists, one after the other, on ``grid``."""
+def run_scenario(
+    grid: Grid, cfg: dict[str, Any], on_round: OnRound | None = None, checkpoint_dir: Path | None = None
+) -> dict[str, dict]:
+    """Run every algorithm the scenario lists, one after the other, on ``grid``.
+
+    With ``checkpoint_dir``, each algorithm checkpoints to ``checkpoint_dir/NAME.npz``
+    after every round and continues from there if it exists.
+    """
     from fl_clip21.flower import dp_baseline
 
     results = {}
@@ -69,5 +77,6 @@ def run_scenario(grid: Grid, cfg: dict[str, Any], on_round: OnRound | None = Non
         if name == dp_baseline.NAME:
             results[name] = dp_baseline.run_flower_dp(grid, cfg, on_round)
         else:
-            results[name] = run_algorithm(grid, cfg, name, on_round)
+            ckpt = checkpoint_dir / f"{name}.npz" if checkpoint_dir is not None else None
+            results[name] = run_algorithm(grid, cfg, name, on_round, checkpoint=ckpt)
     return results

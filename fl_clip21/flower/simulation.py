@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 import warnings
 from typing import Any
 
@@ -78,13 +79,15 @@ def simulate(
     on_round: OnRound | None = None,
     verbose: bool = False,
     client_app: ClientApp | None = None,
+    checkpoint_dirs: list[Path] | None = None,
 ):
     """Run every algorithm of ``cfg`` in one Flower simulation; return their results.
 
     ``cfg`` may be a list of configs (a grid over seeds or epsilons, with the
     same clients): they run one after the other in the same simulation, and a
     list of results comes back. ``client_app`` replaces the standard ClientApp
-    (e.g. one with fault mods).
+    (e.g. one with fault mods). ``checkpoint_dirs`` (one per config) make
+    every algorithm checkpoint each round and resume from an existing checkpoint.
     """
     cfgs = cfg if isinstance(cfg, list) else [cfg]
     results: list[dict[str, dict]] = []
@@ -95,8 +98,9 @@ def simulate(
     def _main(grid: Grid, context: Context) -> None:
         fast_polling(grid)
         try:
-            for c in cfgs:
-                results.append(run_scenario(grid, c, on_round))
+            for j, c in enumerate(cfgs):
+                ckpt = checkpoint_dirs[j] if checkpoint_dirs is not None else None
+                results.append(run_scenario(grid, c, on_round, ckpt))
         except BaseException as e:
             errors.append(e)
             raise

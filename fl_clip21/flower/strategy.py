@@ -5,13 +5,21 @@ aggregate g). Each round it samples clients, sends x, checks every reply
 before using it, and applies the algorithm's server update to the accepted
 replies. A reply that fails a check is not applied: it is counted in the
 round's metrics (``rejected``), logged with its node id, and the round goes on.
+
+For error-feedback algorithms it also runs the server side of the consistency
+protocol (see :mod:`fl_clip21.flower.client`): it keeps, per client, the sum
+of the increments it applied (its copy of v_i) and the last round it applied
+one; it tells each client that round (``ack``) and sends its copy back to a
+client that lost its state (``resync``). With ``checkpoint`` it saves all of
+this after every round, atomically, and :meth:`resume` continues from it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from pathlib import Path
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
 
@@ -21,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from fl_clip21 import checkpoint as ckpt
 from fl_clip21 import core
 from fl_clip21.algorithms import Algorithm, model_size
 from fl_clip21.engine import round_epsilon, sample_clients
@@ -84,16 +93,23 @@ class Clip21Strategy(Strategy):
     fraction:
         Share of clients sampled per round (seeded by ``seed`` and the round).
     audit:
-        Clients also return v_i; each round reports ``invariant_gap`` =
-        max |g - mean_i v_i| over every client.
+        Clients also return their memory; each round reports ``invariant_gap`` =
+        max |g - mean_i v_i| over the memories the clients last reported.
     node_wait_timeout:
-        Seconds to wait for all ``num_clients`` nodes to register.
+        Seconds to wait for all ``num_clients`` nodes to register at the start.
     delta:
         delta at which ``epsilon`` is reported (algorithms with DP noise).
     client_of_node:
         Node id -> client index, when the caller already knows it (from an
         earlier strategy's :attr:`client_of_node`); otherwise the first round
         starts with a handshake that asks every node for its partition-id.
+    checkpoint:
+        File to save the server's state to after every round.
+    evaluate:
+        ``params -> metrics``, merged into each round's record (before the
+        checkpoint is written, so a resumed run has every round's metrics).
+    on_round:
+        Called with each round's record, e.g. for a progress display.
     """
 
     def __init__(
@@ -108,6 +124,9 @@ class Clip21Strategy(Strategy):
         node_wait_timeout: float = 600.0,
         client_of_node: dict[int, int] | None = None,
         delta: float = 1e-5,
+        checkpoint: str | Path | None = None,
+        evaluate: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
@@ -120,16 +139,75 @@ class Clip21Strategy(Strategy):
         self.audit = audit and algorithm.memory is not None
         self.delta = delta
         self.node_wait_timeout = node_wait_timeout
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.evaluate = evaluate
+        self.on_round = on_round
         self._scenario_json = json.dumps(scenario, sort_keys=True)
         self.params: dict[str, np.ndarray] | None = None
         self.server_state: dict | None = None
         self.client_of_node: dict[int, int] = dict(client_of_node or {})
+        self.round = 0  # the last round completed
+        self.times_asked = np.zeros(num_clients, dtype=np.int64)  # rounds each client was asked
+        self.last_applied = np.zeros(num_clients, dtype=np.int64)  # round of the last increment applied
+        self.shadow: list[dict[str, np.ndarray]] = []  # per client: the sum of its increments applied
+        self.needs_resync: set[int] = set()
+        self.history: list[dict[str, Any]] = []
         self._asked: dict[int, int] = {}
         self._audit_v: dict[int, dict[str, np.ndarray]] = {}
-        self.times_asked = np.zeros(num_clients, dtype=np.int64)  # rounds each client was asked
-        self.history: list[dict[str, float]] = []
+        self._bound: float | None = None
 
-    # --- set-up -------------------------------------------------------------
+    # --- state ----------------------------------------------------------------
+
+    def _init_state(self, params: dict[str, np.ndarray]) -> None:
+        self.params = params
+        self.server_state = self.algorithm.server_init(params)
+        if self.algorithm.memory is not None:
+            self.shadow = [core.zeros_like(params) for _ in range(self.num_clients)]
+            self._audit_v = {i: core.zeros_like(params) for i in range(self.num_clients)}
+        bound = self.algorithm.message_bound
+        self._bound = bound(model_size(params)) if bound is not None else None
+
+    def save_checkpoint(self) -> None:
+        """Write the server's whole state to :attr:`checkpoint` (atomically)."""
+        assert self.checkpoint is not None and self.params is not None
+        arrays = {"params": self.params, **{f"server.{k}": v for k, v in self.server_state.items()}}
+        arrays.update({f"shadow.{i}": v for i, v in enumerate(self.shadow)})
+        meta = {
+            "algorithm": self.algorithm.name,
+            "hyper": dict(self.algorithm.hyper),
+            "num_clients": self.num_clients,
+            "seed": self.seed,
+            "round": self.round,
+            "times_asked": self.times_asked.tolist(),
+            "last_applied": self.last_applied.tolist(),
+            "history": self.history,
+        }
+        ckpt.save(self.checkpoint, arrays, meta)
+
+    def resume(self, path: str | Path) -> int:
+        """Load a checkpoint; return the number of rounds it had completed.
+
+        Every client the server has applied increments of is resynced on its
+        next round, since it may have lost its state with the old run.
+        """
+        arrays, meta = ckpt.load(Path(path))
+        expected = {"algorithm": self.algorithm.name, "num_clients": self.num_clients, "seed": self.seed}
+        for key, value in expected.items():
+            if meta[key] != value:
+                raise ValueError(f"checkpoint {str(path)!r} has {key}={meta[key]!r}, this run has {value!r}")
+        self._init_state(arrays["params"])
+        self.server_state = {g.removeprefix("server."): v for g, v in arrays.items() if g.startswith("server.")}
+        if self.algorithm.memory is not None:
+            self.shadow = [arrays[f"shadow.{i}"] for i in range(self.num_clients)]
+            self._audit_v = {i: dict(self.shadow[i]) for i in range(self.num_clients)}
+        self.round = int(meta["round"])
+        self.times_asked = np.asarray(meta["times_asked"], dtype=np.int64)
+        self.last_applied = np.asarray(meta["last_applied"], dtype=np.int64)
+        self.history = list(meta["history"])
+        self.needs_resync = {i for i in range(self.num_clients) if self.last_applied[i] > 0}
+        return self.round
+
+    # --- nodes ----------------------------------------------------------------
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         deadline = time.monotonic() + self.node_wait_timeout
@@ -142,9 +220,7 @@ class Clip21Strategy(Strategy):
             time.sleep(0.2)
         return nodes
 
-    def handshake(self, grid: Grid) -> None:
-        """Learn which client index (partition-id) every node holds."""
-        nodes = self._wait_for_nodes(grid)
+    def _query(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
         msgs = [
             Message(RecordDict({R.CONFIG: ConfigRecord({})}), dst_node_id=nid, message_type=MessageType.QUERY)
             for nid in nodes
@@ -153,20 +229,44 @@ class Clip21Strategy(Strategy):
         for reply in grid.send_and_receive(msgs, timeout=self.node_wait_timeout):
             nid = reply.metadata.src_node_id
             if reply.has_error():
-                raise ClientSetupError(f"node {nid} failed the handshake: {reply.error.reason}")
+                log(WARNING, "node %d failed the handshake: %s", nid, reply.error.reason)
+                continue
             cfg = reply.content[R.CONFIG]
-            mapping[nid] = int(cfg[PARTITION_ID])
-            if int(cfg.get(NUM_PARTITIONS, self.num_clients)) not in (-1, self.num_clients):
+            i, n = int(cfg[PARTITION_ID]), int(cfg.get(NUM_PARTITIONS, -1))
+            if n not in (-1, self.num_clients) or not 0 <= i < self.num_clients:
                 raise ClientSetupError(
-                    f"node {nid} says num-partitions={cfg[NUM_PARTITIONS]}, but num-clients={self.num_clients}"
+                    f"node {nid} says partition-id={i} num-partitions={n}, but num-clients={self.num_clients}"
                 )
+            mapping[nid] = i
+        return mapping
+
+    def handshake(self, grid: Grid) -> None:
+        """Learn which client index (partition-id) every node holds."""
+        mapping = self._query(grid, self._wait_for_nodes(grid))
         ids = sorted(mapping.values())
         if ids != list(range(self.num_clients)):
-            raise ClientSetupError(
-                f"nodes must hold partition-id 0..{self.num_clients - 1} once each, got {ids}"
-            )
+            raise ClientSetupError(f"nodes must hold partition-id 0..{self.num_clients - 1} once each, got {ids}")
         self.client_of_node = mapping
         log(INFO, "fl-clip21: %d nodes hold clients 0..%d", len(mapping), self.num_clients - 1)
+
+    def _sync_nodes(self, grid: Grid) -> None:
+        """Follow nodes that left or (re)joined: a client on a new node is resynced."""
+        if not self.client_of_node:
+            self.handshake(grid)
+            return
+        nodes = set(grid.get_node_ids())
+        for nid in set(self.client_of_node) - nodes:
+            log(WARNING, "node %d (client %d) left", nid, self.client_of_node.pop(nid))
+        new = sorted(nodes - set(self.client_of_node))
+        if not new:
+            return
+        for nid, i in self._query(grid, new).items():
+            for old in [o for o, c in self.client_of_node.items() if c == i]:
+                del self.client_of_node[old]
+            self.client_of_node[nid] = i
+            if self.last_applied[i] > 0:
+                self.needs_resync.add(i)
+            log(INFO, "node %d now holds client %d", nid, i)
 
     def sample_clients(self, server_round: int) -> list[int]:
         """The client indices that take part in ``server_round`` (seeded)."""
@@ -178,88 +278,107 @@ class Clip21Strategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.params is None:
-            self.params = R.from_record(arrays)
-            self.server_state = self.algorithm.server_init(self.params)
-            self._audit_v = {i: core.zeros_like(self.params) for i in range(self.num_clients)}
-            bound = self.algorithm.message_bound
-            self._bound = bound(model_size(self.params)) if bound is not None else None
-        if not self.client_of_node:
-            self.handshake(grid)
+            self._init_state(R.from_record(arrays))
+        self._sync_nodes(grid)
+        k = self.round + 1
         node_of_client = {c: nid for nid, c in self.client_of_node.items()}
-        clients = self.sample_clients(server_round)
-        self._asked = {node_of_client[c]: c for c in clients}
-        self.times_asked[clients] += 1
+        clients = self.sample_clients(k)
+        self.times_asked[clients] += 1  # asked, whether or not its node is there: never undercount epsilon
+        self._asked = {node_of_client[c]: c for c in clients if c in node_of_client}
+        self._expected = len(clients)
         self._round_start = time.perf_counter()
-        cfg = ConfigRecord(dict(config))
-        cfg[R.ROUND] = server_round
-        cfg[R.ALGORITHM] = self.algorithm.name
-        cfg[R.SCENARIO] = self._scenario_json
-        cfg[R.DO_AUDIT] = self.audit
+        base = dict(config)
+        base.update({R.ROUND: k, R.ALGORITHM: self.algorithm.name, R.SCENARIO: self._scenario_json, R.DO_AUDIT: self.audit})
         model = R.to_record(self.params)
-        return [
-            Message(
-                RecordDict({R.ARRAYS: model, R.CONFIG: cfg}),
-                dst_node_id=nid,
-                message_type=MessageType.TRAIN,
-            )
-            for nid in self._asked
-        ]
+        messages = []
+        for nid, c in self._asked.items():
+            content = RecordDict({R.ARRAYS: model, R.CONFIG: ConfigRecord({**base, R.ACK: int(self.last_applied[c])})})
+            if c in self.needs_resync:
+                content[R.RESYNC] = R.to_record(self.shadow[c])
+            messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.params is not None and self.server_state is not None
+        k = self.round + 1
         accepted: list[dict[str, np.ndarray]] = []
-        rejected = failed = clipped = bytes_up = 0
+        rejected = failed = clipped = bytes_up = resyncs = 0
         seen: set[int] = set()  # nodes whose message was accepted
         responded: set[int] = set()
         for reply in replies:
             nid = reply.metadata.src_node_id
+            c = self._asked.get(nid)
+            duplicate = nid in responded
             responded.add(nid)
             if reply.has_error():
                 failed += 1
-                log(WARNING, "round %d: node %d replied with an error: %s", server_round, nid, reply.error.reason)
+                log(WARNING, "round %d: node %d replied with an error: %s", k, nid, reply.error.reason)
                 continue
+            metrics = reply.content.metric_records.get(R.METRICS)
             record = reply.content.array_records.get(R.ARRAYS)
             if record is not None:
                 bytes_up += R.payload_bytes(record)
-            if nid not in self._asked or nid in seen:
-                reason = "node was not asked this round" if nid not in self._asked else "duplicate reply"
-                arrays = None
+            if c is not None and metrics is not None and int(metrics.get(R.NEEDS_RESYNC, 0)) and not duplicate:
+                resyncs += 1
+                self.needs_resync.add(c)
+                log(WARNING, "round %d: client %d (node %d) lost its state: resync next time", k, c, nid)
+                continue
+            reply_round = int(metrics.get(R.ROUND, -1)) if metrics is not None else -1
+            if c is None:
+                arrays, reason = None, "node was not asked this round"
+            elif duplicate:
+                arrays, reason = None, "duplicate reply"
+            elif reply_round != k:
+                arrays, reason = None, f"reply is for round {reply_round}, this is round {k}"
             else:
                 arrays, reason = check_message(record, self.params, self._bound, self.algorithm.sparse)
             if arrays is None:
                 rejected += 1
-                log(WARNING, "round %d: rejected the message of node %d: %s", server_round, nid, reason)
+                log(WARNING, "round %d: rejected the message of node %d: %s", k, nid, reason)
+                if self.audit and c is not None and not duplicate and R.AUDIT_DROPPED in reply.content.array_records:
+                    self._audit_v[c] = R.from_record(reply.content[R.AUDIT_DROPPED])
                 continue
             seen.add(nid)
             accepted.append(arrays)
-            metrics = reply.content.metric_records.get(R.METRICS)
-            clipped += int(metrics["clipped"]) if metrics is not None and "clipped" in metrics else 0
-            if self.audit and R.AUDIT in reply.content.array_records:
-                self._audit_v[self._asked[nid]] = R.from_record(reply.content[R.AUDIT])
-        failed += len(set(self._asked) - responded)  # replies that never came
+            clipped += int(metrics.get("clipped", 0)) if metrics is not None else 0
+            if self.algorithm.memory is not None:
+                self.shadow[c] = core.add(self.shadow[c], arrays)
+                self.last_applied[c] = k
+                self.needs_resync.discard(c)
+                if self.audit and R.AUDIT_APPLIED in reply.content.array_records:
+                    self._audit_v[c] = R.from_record(reply.content[R.AUDIT_APPLIED])
+        failed += self._expected - len(responded & set(self._asked))  # replies that never came
         self.params, self.server_state = self.algorithm.server_update(
             self.params, self.server_state, accepted, self.num_clients
         )
-        record = {
-            "round": server_round,
-            "participants": len(self._asked),
+        self.round = k
+        record: dict[str, Any] = {
+            "round": k,
+            "participants": self._expected,
             "accepted": len(accepted),
             "clip_fraction": clipped / len(accepted) if accepted else 0.0,
             "rejected": rejected,
             "failed": failed,
+            "resyncs": resyncs,
             "bytes_up": bytes_up,
             "seconds": time.perf_counter() - self._round_start,
         }
         if self.audit:
             record["invariant_gap"] = self.invariant_gap()
         record.update(round_epsilon(self.algorithm, self.times_asked, self.delta))
+        if self.evaluate is not None:
+            record.update(self.evaluate(self.params))
         self.history.append(record)
-        return R.to_record(self.params), MetricRecord({k: v for k, v in record.items() if k != "round"})
+        if self.on_round is not None:
+            self.on_round(record)
+        if self.checkpoint is not None:
+            self.save_checkpoint()
+        return R.to_record(self.params), MetricRecord({k2: v for k2, v in record.items() if k2 != "round"})
 
     def invariant_gap(self) -> float:
-        """max |g - (1/n) sum_i v_i| over the v_i the clients last reported."""
+        """max |g - (1/n) sum_i v_i| over the memories the clients last reported."""
         assert self.server_state is not None
         mean_v = core.mean(list(self._audit_v.values()))
         g = self.server_state["g"]
