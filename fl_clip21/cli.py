@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,16 +33,36 @@ def _progress(stream=sys.stderr):
     return on_round
 
 
+CHECKPOINTS = "checkpoint"
+
+
+def _load_resume(folder: Path) -> dict:
+    """The resolved scenario an interrupted run saved in ``folder``."""
+    saved = folder / CHECKPOINTS / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"--resume: {str(folder)!r} holds no interrupted run (no {CHECKPOINTS}/config.json)")
+    return json.loads(saved.read_text())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        cfg = load_scenario(args.scenario, parse_sets(args.set or []))
+        if args.resume:
+            if args.engine != "flower":
+                raise ConfigError(f"--resume works with --engine flower, got --engine {args.engine}")
+            if args.scenario or args.set:
+                raise ConfigError("--resume takes the scenario and keys of the interrupted run: give no SCENARIO or --set")
+            cfg = _load_resume(Path(args.resume))
+        elif not args.scenario:
+            raise ConfigError("run needs a SCENARIO file (or --resume DIR)")
+        else:
+            cfg = load_scenario(args.scenario, parse_sets(args.set or []))
         from fl_clip21.problems import build_problem
 
         build_problem(cfg)  # data errors surface here, before anything starts
     except ConfigError as e:
         print(f"fl-clip21: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path("results") / cfg["name"]
+    out = Path(args.resume or args.out or Path("results") / cfg["name"])
     from fl_clip21.report import summary_markdown, write_outputs
 
     try:
@@ -59,7 +81,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         from fl_clip21.flower.simulation import simulate
 
-        results = simulate(runs, on_round=_progress(), verbose=args.verbose)
+        ckpt_root = out / CHECKPOINTS
+        if not args.resume:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            ckpt_root.mkdir(parents=True)
+            (ckpt_root / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
+        dirs = [ckpt_root / f"run-{j}" for j in range(len(runs))]
+        results = simulate(runs, on_round=_progress(), verbose=args.verbose, checkpoint_dirs=dirs)
     rows = write_outputs(out, list(zip(runs, results)))
     print(summary_markdown(rows, cfg["name"], cfg["target"]))
     print(f"wrote {out}/ (metrics.json, config.json, summary.md, summary.csv, plots)")
@@ -102,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="scenario keys (--set KEY=VALUE):\n" + keys_help(),
     )
-    run.add_argument("scenario", help="scenario TOML file (see scenarios/)")
+    run.add_argument("scenario", nargs="?", help="scenario TOML file (see scenarios/)")
+    run.add_argument(
+        "--resume", metavar="DIR",
+        help="continue the interrupted run whose output folder is DIR (flower engine; "
+        "flower-dp-fixed restarts from round 1)",
+    )
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
     run.add_argument("--out", help="output folder (default: results/<scenario name>)")
     run.add_argument("--verbose", action="store_true", help="show Flower's logs")

@@ -67,11 +67,11 @@ def _prefetched(
 ) -> GradFn:
     """``grad_fn`` whose first call, at ``params`` with an unused ``rng``, returns ``grad``.
 
-    ``grad`` was computed (by a batched call) from a copy of ``rng`` that went from
-    state ``fresh`` to ``drawn`` while drawing the minibatch; that call leaves
-    ``rng`` in state ``drawn`` too, as if it had drawn the minibatch itself. Any
-    other call computes the gradient as :func:`client_round` does, so the draws
-    never depend on whether the gradient was prefetched.
+    ``grad`` came from a batched call that drew the minibatch from ``rng``, taking
+    it from state ``fresh`` to ``drawn``, after which ``rng`` was set back to
+    ``fresh``. That first call puts ``rng`` in state ``drawn``, as if it had drawn
+    the minibatch itself. Any other call computes the gradient as
+    :func:`client_round` does, so the draws never depend on the prefetching.
     """
     pending = [True]
 
@@ -98,7 +98,8 @@ def clients_round(
     """
     batch = _batch_size(algorithm, cfg)
     rngs = [client_rng(cfg["seed"], i, server_round) for i in clients]
-    fresh = drawn = [None] * len(clients)
+    fresh: list[dict | None] = [None] * len(clients)
+    drawn: list[dict | None] = [None] * len(clients)
     if batch:
         fresh = [r.bit_generator.state for r in rngs]
         grads = client_grads(problem, params, clients, rngs, batch)

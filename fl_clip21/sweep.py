@@ -29,6 +29,8 @@ from typing import Any, TextIO
 import numpy as np
 
 from fl_clip21.config import ConfigError, expand_runs, load_scenario, parse_sets
+from fl_clip21.engine import OnRound, check_vectorized, run_vectorized
+from fl_clip21.problems import build_problem
 from fl_clip21.report import rounds_to_target
 
 Grid = dict[str, list[str]]  # key -> its values, as typed on the command line
@@ -84,9 +86,6 @@ def resolve_cells(
     data of every problem, and algorithms the engine cannot run, included),
     before anything runs.
     """
-    from fl_clip21.engine import check_vectorized
-    from fl_clip21.problems import build_problem
-
     both = sorted(set(grid) & set(sets))
     if both:
         raise ConfigError(f"{both[0]} is both a --grid key and a --set key; give it once")
@@ -109,9 +108,7 @@ def resolve_cells(
             if engine == "vectorized":
                 check_vectorized(cfg)
             build_problem(cfg)
-        except ConfigError as e:
-            raise ConfigError(f"--grid cell {_cell_text(cell)}: {e}") from None
-        except ValueError as e:  # expand_runs: an epsilon the accountant cannot reach
+        except ValueError as e:  # ConfigError, or an epsilon the accountant cannot reach
             raise ConfigError(f"--grid cell {_cell_text(cell)}: {e}") from None
         out.append((cell, runs))
     return out
@@ -136,10 +133,8 @@ class Progress:
         self.stream.flush()
 
 
-def _run_cell(cfg: dict[str, Any], engine: str, on_round) -> dict[str, dict[str, Any]]:
+def _run_cell(cfg: dict[str, Any], engine: str, on_round: OnRound) -> dict[str, dict[str, Any]]:
     if engine == "vectorized":
-        from fl_clip21.engine import run_vectorized
-
         return run_vectorized(cfg, on_round=on_round)
     from fl_clip21.flower.simulation import simulate
 

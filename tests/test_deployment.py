@@ -36,6 +36,10 @@ import pytest
 from fl_clip21.config import expand_runs, load_scenario, parse_sets
 from fl_clip21.engine import run_local
 
+# Minutes, not seconds: every round of a deployment starts a new ClientApp process on
+# every node and waits on Flower's polling loops (see report_timing below).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, flower-superexec ...
 SCENARIO = "scenarios/mean-estimation.toml"

@@ -105,7 +105,12 @@ def simulate(
             errors.append(e)
             raise
 
-    simulate_app(server_app, client_app or make_client_app(), cfgs[0], verbose)
+    try:
+        simulate_app(server_app, client_app or make_client_app(), cfgs[0], verbose)
+    except Exception as e:
+        if not errors:
+            raise
+        raise SimulationError(f"the simulation stopped: {errors[0]!r}") from e
     if errors:
         raise SimulationError(f"the simulation stopped: {errors[0]!r}") from errors[0]
     if len(results) != len(cfgs) or any(set(r) != set(c["algorithms"]) for r, c in zip(results, cfgs)):

@@ -371,10 +371,10 @@ class Clip21Strategy(Strategy):
         if self.evaluate is not None:
             record.update(self.evaluate(self.params))
         self.history.append(record)
-        if self.on_round is not None:
-            self.on_round(record)
         if self.checkpoint is not None:
             self.save_checkpoint()
+        if self.on_round is not None:
+            self.on_round(record)
         return R.to_record(self.params), MetricRecord({k2: v for k2, v in record.items() if k2 != "round"})
 
     def invariant_gap(self) -> float:
