@@ -95,6 +95,8 @@ def aggregate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"
     if isinstance(value, float):
         if value == 0 or 1e-3 <= abs(value) < 1e5:
             return f"{value:.4g}"

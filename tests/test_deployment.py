@@ -80,6 +80,20 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _pids_in(folder: Path) -> list[int]:
+    """PIDs of live processes whose working directory is inside ``folder`` (ours: a test temp dir)."""
+    folder, pids = folder.resolve(), []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cwd = Path(os.readlink(proc / "cwd"))
+            except OSError:
+                continue
+            if cwd == folder or folder in cwd.parents:
+                pids.append(int(proc.name))
+    return [pid for pid in pids if _alive(pid)]
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -110,8 +124,9 @@ def _stamp_lines(pipe, path: Path) -> None:
 class Processes:
     """The processes this test starts; :meth:`stop_all` stops them by PID."""
 
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, home: Path) -> None:
         self.logs = logs
+        self.home = home  # every process gets its working directory in here
         self.started: list[tuple[str, subprocess.Popen]] = []
         self.spawned: set[int] = set()  # PIDs our processes started (SuperExec, apps)
         self.readers: list[threading.Thread] = []
@@ -130,6 +145,8 @@ class Processes:
         for _, proc in self.started:
             if proc.poll() is None:
                 self.spawned.update(_descendants(proc.pid))
+        # SuperExec, ServerApp and ClientApp processes inherit a working directory in self.home.
+        self.spawned.update(_pids_in(self.home))
 
     def log_tail(self, name: str, chars: int = 3000) -> str:
         path = self.logs / f"{name}.log"
@@ -153,6 +170,7 @@ class Processes:
             left = [pid for pid in self.spawned if _alive(pid)]
             for pid in left:
                 self.spawned.update(_descendants(pid))
+            self.spawned.update(_pids_in(self.home))
             left = [pid for pid in self.spawned if _alive(pid)]
             if not left:
                 break
@@ -397,7 +415,7 @@ def test_deployment_equals_in_process_engine(tmp_path, tls):
 
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs = Processes(logs)
+    procs = Processes(logs, home=tmp_path)
     ca = cert = key = None
     if tls:
         ca, cert, key = make_certificates(tmp_path / "certs")
@@ -465,7 +483,7 @@ def test_deployment_equals_in_process_engine(tmp_path, tls):
 
     # Nothing of ours is left, not even the SuperExec / app processes they spawned.
     left = [p.pid for _, p in procs.started if _alive(p.pid)] + [pid for pid in procs.spawned if _alive(pid)]
-    assert not left, f"processes still running: {left}"
+    assert not left and not _pids_in(tmp_path), f"processes still running: {left} {_pids_in(tmp_path)}"
 
     assert (ROOT / "pyproject.toml").read_text() == pyproject_before
     assert (out_dir / "final_params.npz").exists(), (sorted(p.name for p in link_dir.iterdir()), run.stdout[-3000:])
