@@ -27,6 +27,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from fl_clip21 import checkpoint as ckpt
@@ -86,8 +87,12 @@ class Clip21Strategy(Strategy):
     algorithm:
         Any :class:`~fl_clip21.algorithms.Algorithm` (``clip21-gd``, ``gd``...).
     scenario:
-        The resolved scenario; clients build their problem and hyper-parameters
-        from it, so it travels with every train message.
+        The resolved scenario; fl-clip21's clients build their problem and
+        hyper-parameters from it, so it travels with every train message.
+        ``None`` for any other ClientApp wrapped in
+        :func:`~fl_clip21.flower.mod.clip21_mod`: messages then carry ``tau``
+        and the train config given to :meth:`start`, and nodes are numbered in
+        the order of their ids instead of by a partition-id handshake.
     num_clients:
         n, the number of clients; g divides by n whatever the participation.
     fraction:
@@ -110,13 +115,17 @@ class Clip21Strategy(Strategy):
         checkpoint is written, so a resumed run has every round's metrics).
     on_round:
         Called with each round's record, e.g. for a progress display.
+    fraction_evaluate:
+        Share of nodes sent Flower evaluate messages after each round (their
+        ``MetricRecord`` replies are averaged, weighted by ``num-examples``);
+        0 skips client-side evaluation (``evaluate_fn`` of :meth:`start` still runs).
     """
 
     def __init__(
         self,
         *,
         algorithm: Algorithm,
-        scenario: dict[str, Any],
+        scenario: dict[str, Any] | None,
         num_clients: int,
         fraction: float = 1.0,
         seed: int = 0,
@@ -127,7 +136,10 @@ class Clip21Strategy(Strategy):
         checkpoint: str | Path | None = None,
         evaluate: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        fraction_evaluate: float = 0.0,
     ) -> None:
+        if not 0 <= fraction_evaluate <= 1:
+            raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate!r}")
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
         if num_clients < 1:
@@ -141,8 +153,9 @@ class Clip21Strategy(Strategy):
         self.node_wait_timeout = node_wait_timeout
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.evaluate = evaluate
+        self.fraction_evaluate = fraction_evaluate
         self.on_round = on_round
-        self._scenario_json = json.dumps(scenario, sort_keys=True)
+        self._scenario_json = json.dumps(scenario, sort_keys=True) if scenario is not None else None
         self.params: dict[str, np.ndarray] | None = None
         self.server_state: dict | None = None
         self.client_of_node: dict[int, int] = dict(client_of_node or {})
@@ -242,7 +255,11 @@ class Clip21Strategy(Strategy):
 
     def handshake(self, grid: Grid) -> None:
         """Learn which client index (partition-id) every node holds."""
-        mapping = self._query(grid, self._wait_for_nodes(grid))
+        nodes = self._wait_for_nodes(grid)
+        if self._scenario_json is None:  # a foreign ClientApp: no query handler, number the nodes
+            self.client_of_node = {nid: i for i, nid in enumerate(sorted(nodes)[: self.num_clients])}
+            return
+        mapping = self._query(grid, nodes)
         ids = sorted(mapping.values())
         if ids != list(range(self.num_clients)):
             raise ClientSetupError(f"nodes must hold partition-id 0..{self.num_clients - 1} once each, got {ids}")
@@ -260,7 +277,12 @@ class Clip21Strategy(Strategy):
         new = sorted(nodes - set(self.client_of_node))
         if not new:
             return
-        for nid, i in self._query(grid, new).items():
+        if self._scenario_json is None:  # numbered nodes: a new node takes a free index
+            free = sorted(set(range(self.num_clients)) - set(self.client_of_node.values()))
+            found = dict(zip(new, free))
+        else:
+            found = self._query(grid, new)
+        for nid, i in found.items():
             for old in [o for o, c in self.client_of_node.items() if c == i]:
                 del self.client_of_node[old]
             self.client_of_node[nid] = i
@@ -288,7 +310,11 @@ class Clip21Strategy(Strategy):
         self._expected = len(clients)
         self._round_start = time.perf_counter()
         base = dict(config)
-        base.update({R.ROUND: k, R.ALGORITHM: self.algorithm.name, R.SCENARIO: self._scenario_json, R.DO_AUDIT: self.audit})
+        base.update({R.ROUND: k, R.DO_AUDIT: self.audit})
+        if self._scenario_json is not None:
+            base.update({R.ALGORITHM: self.algorithm.name, R.SCENARIO: self._scenario_json})
+        elif "tau" in self.algorithm.hyper:
+            base[R.TAU] = float(self.algorithm.hyper["tau"])
         model = R.to_record(self.params)
         messages = []
         for nid, c in self._asked.items():
@@ -387,10 +413,23 @@ class Clip21Strategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return []
+        if self.fraction_evaluate == 0 or not self.client_of_node:
+            return []
+        nodes = sorted(self.client_of_node)
+        m = max(1, int(round(self.fraction_evaluate * len(nodes))))
+        rng = np.random.default_rng([self.seed, 0xE7A1, self.round])
+        chosen = sorted(int(nodes[j]) for j in rng.choice(len(nodes), size=m, replace=False))
+        cfg = ConfigRecord({**dict(config), R.ROUND: self.round})
+        return [
+            Message(RecordDict({R.ARRAYS: arrays, R.CONFIG: cfg}), dst_node_id=nid, message_type=MessageType.EVALUATE)
+            for nid in chosen
+        ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        records = [r.content for r in replies if not r.has_error() and r.content.metric_records]
+        if not records:
+            return None
+        return aggregate_metricrecords(records, "num-examples")
 
     def summary(self) -> None:
         log(

@@ -1,0 +1,103 @@
+"""``clip21_mod``: turn any Flower ClientApp into a Clip21 client.
+
+Add it to the train handler of an existing ClientApp and use
+:class:`~fl_clip21.flower.strategy.Clip21Strategy` on the server (with no
+scenario: ``Clip21Strategy(algorithm=make_algorithm("clip21-gd", lr=1.0, tau=...),
+scenario=None, num_clients=...)``).
+
+Sign convention. The wrapped handler returns either
+
+- updated model arrays y (``fl_clip21.update = "arrays"``, the default, as any
+  Flower training app does): the pseudo-gradient is ``x - y``, the received model
+  minus the returned one, so a server step ``x <- x - lr * g`` with ``lr = 1`` and
+  no clipping is FedAvg's model average;
+- gradients (``fl_clip21.update = "gradients"`` in the train config): used as they are.
+
+The mod keeps the client's memory v_i in ``context.state`` (pending until the
+server acknowledges it, as in :mod:`fl_clip21.flower.client`), and replies with
+only ``c_i = clip_tau(pseudo_gradient - v_i)`` under the same array keys. A
+message without the keys it needs gets Flower's ``MOD_FAILED_PRECONDITION``
+error reply.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+
+from fl_clip21 import core
+from fl_clip21.flower import records as R
+from fl_clip21.flower.client import PENDING, PENDING_ROUND, resolve_pending, state_key
+
+MODE = "fl_clip21.update"
+STATE = "clip21_mod"
+MEMORY = "v"
+
+
+def _error(msg: Message, reason: str) -> Message:
+    return Message(error=Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+
+
+def _config(msg: Message) -> ConfigRecord | None:
+    for record in msg.content.config_records.values():
+        if R.TAU in record:
+            return record
+    return None
+
+
+def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip21 on the client: send ``clip_tau(pseudo_gradient - v_i)`` and keep v_i."""
+    if not msg.metadata.message_type.startswith(MessageType.TRAIN):
+        return call_next(msg, context)
+    config = _config(msg)
+    if config is None or R.ROUND not in config or len(msg.content.array_records) != 1:
+        return _error(
+            msg,
+            f"clip21_mod needs one ArrayRecord and a ConfigRecord with {R.TAU!r}, {R.ROUND!r} and {R.ACK!r}: "
+            "use fl_clip21.flower.strategy.Clip21Strategy (algorithm clip21-gd) in the ServerApp",
+        )
+    tau, server_round, ack = float(config[R.TAU]), int(config[R.ROUND]), int(config.get(R.ACK, 0))
+    mode = str(config.get(MODE, "arrays"))
+    if mode not in ("arrays", "gradients"):
+        return _error(msg, f"{MODE} must be 'arrays' or 'gradients', got {mode!r}")
+    x = R.from_record(next(iter(msg.content.array_records.values())))
+
+    resync = msg.content.array_records.get(R.RESYNC)
+    if resync is not None:
+        resolve_pending(context, STATE, MEMORY, -1)
+        context.state[state_key(STATE, MEMORY)] = resync
+        del msg.content.array_records[R.RESYNC]
+    elif not resolve_pending(context, STATE, MEMORY, ack) and ack > 0:
+        metrics = MetricRecord({R.NEEDS_RESYNC: 1, R.ROUND: server_round})
+        return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
+
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    if len(reply.content.array_records) != 1:
+        return _error(msg, f"clip21_mod needs the train handler to reply with one ArrayRecord, got {len(reply.content.array_records)}")
+    out_name, out = next(iter(reply.content.array_records.items()))
+    y = R.from_record(out)
+    if set(y) != set(x) or any(y[k].shape != x[k].shape for k in x):
+        return _error(msg, "clip21_mod needs the reply's arrays to have the keys and shapes of the received ones")
+    direction = y if mode == "gradients" else {k: x[k] - y[k] for k in x}
+    key = state_key(STATE, MEMORY)
+    v = R.from_record(context.state[key]) if key in context.state else core.zeros_like(direction)
+    step = core.error_feedback_step(direction, v, core.clip_operator(tau))
+    context.state[state_key(STATE, PENDING + MEMORY)] = R.to_record(step.memory)
+    context.state[state_key(STATE, PENDING_ROUND)] = ConfigRecord({"round": server_round})
+
+    del reply.content.array_records[out_name]
+    reply.content[R.ARRAYS] = R.to_record(step.increment)
+    metrics = reply.content.metric_records.get(R.METRICS)
+    if metrics is None:
+        metrics = MetricRecord({})
+        reply.content[R.METRICS] = metrics
+    metrics["clipped"] = int(step.active)
+    metrics[R.ROUND] = server_round
+    if bool(config.get(R.DO_AUDIT, False)):
+        reply.content[R.AUDIT_APPLIED] = R.to_record(step.memory)
+        reply.content[R.AUDIT_DROPPED] = R.to_record(v)
+    return reply
+

@@ -1,0 +1,78 @@
+"""clip21_mod and Clip21Strategy in a plain Flower PyTorch app (the README's worked example)."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import ServerApp
+
+from clients.digits_example import clip21_app, plain_app, train
+from fl_clip21.flower.mod import clip21_mod
+from fl_clip21.flower.simulation import simulate_app
+from server import digits_example
+
+SIM = {"num-clients": 5, "num-cpus": 1.0}
+
+
+def _run(server_main, client_app, **kw):
+    out = {}
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid, context):
+        out["result"] = server_main(grid, context, **kw)
+
+    simulate_app(app, client_app, SIM)
+    return out["result"]
+
+
+def test_plain_app_becomes_clip21_with_the_mod_and_the_strategy():
+    plain = _run(digits_example.plain_main, plain_app)
+    result, strategy = _run(digits_example.clip21_main, clip21_app, audit=True)
+    plain_acc = plain.evaluate_metrics_clientapp[digits_example.ROUNDS]["accuracy"]
+    clip21_acc = result.evaluate_metrics_clientapp[digits_example.ROUNDS]["accuracy"]
+    assert plain_acc > 0.75 and clip21_acc > 0.7, (plain_acc, clip21_acc)  # from 0.1 at round 0
+    recs = strategy.history
+    assert recs[0]["clip_fraction"] == 1.0 and all(r["rejected"] == 0 for r in recs)
+    # float32 model: g and the clients' v_i agree up to float32 rounding
+    assert max(r["invariant_gap"] for r in recs) < 1e-5
+    # a torch state_dict of several arrays of mixed shapes went through unchanged in layout
+    assert {k: v.shape for k, v in strategy.params.items()} == {
+        "0.weight": (32, 64), "0.bias": (32,), "2.weight": (10, 32), "2.bias": (10,)
+    }
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 5}, state=RecordDict(), run_config={})
+
+
+def test_mod_without_its_keys_replies_mod_failed_precondition():
+    from clients.digits_example import make_model
+
+    arrays = ArrayRecord(make_model().state_dict())
+    msg = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"lr": 0.1, "local-epochs": 1, "server-round": 1})}),
+        dst_node_id=7, message_type=MessageType.TRAIN,
+    )
+    reply = clip21_mod(msg, _context(), train)
+    assert reply.has_error()
+    assert reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION
+    assert "Clip21Strategy" in reply.error.reason
+
+
+def test_mod_sends_only_the_clipped_increment_and_holds_v_pending():
+    from clients.digits_example import make_model
+
+    arrays = ArrayRecord(make_model().state_dict())
+    cfg = ConfigRecord({"lr": 0.5, "local-epochs": 1, "server-round": 1, "fl_clip21.tau": 0.01, "fl_clip21.ack": 0})
+    msg = Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=7, message_type=MessageType.TRAIN)
+    ctx = _context()
+    reply = clip21_mod(msg, ctx, train)
+    assert not reply.has_error()
+    c = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert set(c) == set(arrays.keys())
+    norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in c.values()))
+    assert abs(norm - 0.01) < 1e-6  # clipped to tau
+    assert reply.content["metrics"]["clipped"] == 1
+    assert not any(k.endswith(".v") and "pending" not in k for k in ctx.state)  # nothing committed yet
