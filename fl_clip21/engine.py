@@ -162,7 +162,7 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
         params, server_state = algorithm.server_update(params, server_state, messages, n)
         rec = {
             "round": k, "participants": len(clients), "accepted": len(messages),
-            "clip_fraction": clipped / len(messages), "rejected": 0, "failed": 0,
+            "clip_fraction": clipped / len(messages), "rejected": 0, "failed": 0, "resyncs": 0,
             "bytes_up": sum(message_bytes(algorithm, m) for m in messages),
             "seconds": time.perf_counter() - t0,
             **round_epsilon(algorithm, times_asked, cfg["delta"]),

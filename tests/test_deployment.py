@@ -1,14 +1,21 @@
 """Deployment: the same apps on ``flower-superlink`` + three ``flower-supernode`` processes.
 
-Everything runs on loopback: one SuperLink (one HTTP port in Flower 1.41 serves the
-Fleet, Control and Runtime APIs), three SuperNodes with their own Runtime API port
-and ``partition-id`` node config, then ``flwr run ROOT NAME --stream`` through a
-``[superlink.NAME]`` entry in ``$FLWR_HOME/config.toml``. The final model of every
-algorithm must equal the in-process reference engine (and the Flower simulation
-engine). Once without TLS, once with a CA and a server certificate made here.
+Everything runs on loopback: one SuperLink (in Flower 1.41 one HTTP port serves its
+Fleet, Control and Runtime APIs), three SuperNodes, each with its own Runtime API
+port, FLWR_HOME and ``partition-id`` node config, then ``flwr run ROOT NAME --stream``
+through a ``[superlink.NAME]`` entry in ``$FLWR_HOME/config.toml``. The final model of
+every algorithm must equal the in-process reference engine, which
+``test_reference_engine_equals_flower_simulation`` shows equal to Flower's simulation
+engine. Once without TLS (15 rounds, absolute ``out``), once with a CA and a server
+certificate made here (5 rounds, relative ``out``: it must land in the SuperLink's
+working directory, where the ServerApp process runs).
 
-Every process the test starts is stopped by its PID (with the Flower processes it
-spawned: SuperExec, ServerApp and ClientApp processes), in a ``finally`` block.
+Slow: a deployment round takes seconds (a new ClientApp process per node and round,
+3 s polling loops; the test prints where the time goes with ``-s``), and 10-30 s on a
+busy 2-core machine. Run with ``pytest -m slow -s tests/test_deployment.py``.
+
+Every process the test starts is stopped by its PID in a ``finally`` block, together
+with the Flower processes they spawned (SuperExec, ServerApp, ClientApp processes).
 """
 
 from __future__ import annotations
@@ -44,69 +51,80 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, flower-superexec ...
 SCENARIO = "scenarios/mean-estimation.toml"
 OVERRIDES = ("rounds=15", "num-clients=3")
-# The TLS run checks the transport only: the same scenario, fewer rounds (a round
-# costs several seconds in deployment, see the module docstring).
+# The TLS run checks the transport: the same scenario, fewer rounds (a round costs
+# seconds in deployment, see the module docstring).
 TLS_OVERRIDES = ("rounds=5", "num-clients=3")
 NUM_NODES = 3
 START_TIMEOUT = 120.0  # s for a SuperLink / SuperNode to accept connections
-RUN_TIMEOUT = 2400.0  # s for `flwr run --stream` (48 message rounds; 5-25 s each on a busy 2-core box)
+RUN_TIMEOUT = 2400.0  # s for one `flwr run --stream`: 45 rounds took 28 min on an overloaded 2-core box
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 # --- processes ------------------------------------------------------------------
 
 
+# A process is identified by (PID, start time) so that a PID the kernel hands out
+# again after one of ours exited is never signalled.
+Proc = tuple[int, int]
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _ident(pid: int) -> Proc | None:
+    fields = _stat(pid)
+    return (pid, int(fields[19])) if fields else None  # field 22 of stat: start time
+
+
+def _alive(proc: Proc) -> bool:
+    fields = _stat(proc[0])
+    return fields is not None and int(fields[19]) == proc[1] and fields[0] != "Z"
+
+
 def _children() -> dict[int, list[int]]:
     """Parent PID -> child PIDs, from /proc."""
     tree: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(proc.name))
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))):
+            tree.setdefault(int(fields[1]), []).append(int(entry.name))
     return tree
 
 
-def _descendants(pid: int) -> list[int]:
-    tree, out, todo = _children(), [], [pid]
+def _descendants(pid: int) -> set[Proc]:
+    tree, out, todo = _children(), set(), [pid]
     while todo:
         for child in tree.get(todo.pop(), []):
-            out.append(child)
+            if ident := _ident(child):
+                out.add(ident)
             todo.append(child)
     return out
 
 
-def _pids_in(folder: Path) -> list[int]:
-    """PIDs of live processes whose working directory is inside ``folder`` (ours: a test temp dir)."""
-    folder, pids = folder.resolve(), []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
+def _procs_in(folder: Path) -> set[Proc]:
+    """Live processes whose working directory is inside ``folder`` (a test temp dir: ours)."""
+    folder, found = folder.resolve(), set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                cwd = Path(os.readlink(proc / "cwd"))
+                cwd = Path(os.readlink(entry / "cwd"))
             except OSError:
                 continue
-            if cwd == folder or folder in cwd.parents:
-                pids.append(int(proc.name))
-    return [pid for pid in pids if _alive(pid)]
+            if (cwd == folder or folder in cwd.parents) and (ident := _ident(int(entry.name))):
+                found.add(ident)
+    return {p for p in found if _alive(p)}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+def _signal(proc: Proc, sig: int) -> None:
+    if _alive(proc):
+        try:
+            os.kill(proc[0], sig)
+        except ProcessLookupError:
+            pass
 
 
 T0 = time.monotonic()
@@ -128,7 +146,7 @@ class Processes:
         self.logs = logs
         self.home = home  # every process gets its working directory in here
         self.started: list[tuple[str, subprocess.Popen]] = []
-        self.spawned: set[int] = set()  # PIDs our processes started (SuperExec, apps)
+        self.spawned: set[Proc] = set()  # what our processes started (SuperExec, apps)
         self.readers: list[threading.Thread] = []
 
     def start(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
@@ -141,18 +159,24 @@ class Processes:
         return proc
 
     def note_spawned(self) -> None:
-        """Remember the PIDs our processes spawned (before a parent dies and they move to init)."""
+        """Remember the processes ours spawned (before a parent dies and they move to init)."""
         for _, proc in self.started:
             if proc.poll() is None:
-                self.spawned.update(_descendants(proc.pid))
+                self.spawned |= _descendants(proc.pid)
         # SuperExec, ServerApp and ClientApp processes inherit a working directory in self.home.
-        self.spawned.update(_pids_in(self.home))
+        self.spawned |= _procs_in(self.home)
+
+    def left(self) -> set[Proc]:
+        """Those of our processes that still run."""
+        mine = {(p.pid, 0) for _, p in self.started if p.poll() is None}
+        return mine | {p for p in self.spawned if _alive(p)} | _procs_in(self.home)
 
     def log_tail(self, name: str, chars: int = 3000) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def stop_all(self, timeout: float = 15.0) -> None:
+        """Terminate (then kill) what we started, then whatever it spawned that is still there."""
         self.note_spawned()
         for _, proc in reversed(self.started):
             if proc.poll() is None:
@@ -166,20 +190,18 @@ class Processes:
         # SuperExec and app processes watch their parent's PID and exit with it;
         # whatever is left of them (and what they spawned) is stopped here.
         deadline = time.monotonic() + timeout
+        sig = signal.SIGTERM
         while True:
-            left = [pid for pid in self.spawned if _alive(pid)]
-            for pid in left:
-                self.spawned.update(_descendants(pid))
-            self.spawned.update(_pids_in(self.home))
-            left = [pid for pid in self.spawned if _alive(pid)]
-            if not left:
+            for p in [p for p in self.spawned if _alive(p)]:
+                self.spawned |= _descendants(p[0])
+            self.spawned |= _procs_in(self.home)
+            left = [p for p in self.spawned if _alive(p)]
+            if not left or time.monotonic() > deadline + timeout:
                 break
             if time.monotonic() > deadline:
-                for pid in left:
-                    _signal(pid, signal.SIGKILL)
-                break
-            for pid in left:
-                _signal(pid, signal.SIGTERM)
+                sig = signal.SIGKILL
+            for p in left:
+                _signal(p, sig)
             time.sleep(0.5)
         for thread in self.readers:  # the pipes close once every writer is gone
             thread.join(timeout=5.0)
@@ -482,8 +504,7 @@ def test_deployment_equals_in_process_engine(tmp_path, tls):
         procs.stop_all()
 
     # Nothing of ours is left, not even the SuperExec / app processes they spawned.
-    left = [p.pid for _, p in procs.started if _alive(p.pid)] + [pid for pid in procs.spawned if _alive(pid)]
-    assert not left and not _pids_in(tmp_path), f"processes still running: {left} {_pids_in(tmp_path)}"
+    assert not procs.left(), f"processes still running: {sorted(procs.left())}"
 
     assert (ROOT / "pyproject.toml").read_text() == pyproject_before
     assert (out_dir / "final_params.npz").exists(), (sorted(p.name for p in link_dir.iterdir()), run.stdout[-3000:])
