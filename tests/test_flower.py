@@ -109,3 +109,17 @@ def test_shipped_scenarios_resolve():
     for path in SCENARIOS.glob("*.toml"):
         cfg = load_scenario(path, parse_sets([]))
         assert cfg["algorithms"], path
+
+
+def test_runs_in_one_simulation_do_not_share_client_state():
+    # Two runs of the same config on the same nodes: each starts from v_i = 0.
+    cfg = resolve(
+        {
+            "algorithms": ["clip21-gd"], "rounds": 10, "lr": 0.5, "tau": 0.3, "num-clients": 3,
+            "problem": {"name": "mean-estimation", "dim": 2, "spread": 2.0},
+        }
+    )
+    first, second = simulate([cfg, cfg])
+    reference = run_local(cfg, "clip21-gd")["params"]
+    assert _max_diff(first["clip21-gd"]["params"], reference) < 1e-12
+    assert _max_diff(second["clip21-gd"]["params"], reference) < 1e-12

@@ -42,6 +42,20 @@ def partition_of(context: Context) -> int:
         ) from None
 
 
+def enter_session(context: Context, config, name: str) -> str:
+    """The state scope of run ``config[SESSION]`` and ``name``; drops other runs' state.
+
+    Every strategy instance (one algorithm of one run) has its own session id,
+    kept in its checkpoint, so a node serving several runs one after the other
+    never starts one from another's memory.
+    """
+    session = str(config.get(R.SESSION, ""))
+    keep = f"{R.STATE_PREFIX}{session}."
+    for key in [k for k in context.state if k.startswith(R.STATE_PREFIX) and not k.startswith(keep)]:
+        del context.state[key]
+    return f"{session}.{name}"
+
+
 def state_key(algorithm: str, name: str) -> str:
     """Record name of state ``name`` (e.g. ``v``) of ``algorithm`` in ``context.state``."""
     return f"{R.STATE_PREFIX}{algorithm}.{name}"
@@ -93,24 +107,25 @@ def train(msg: Message, context: Context) -> Message:
     i = partition_of(context)
     params = R.from_record(msg.content[R.ARRAYS])
     mem = algorithm.memory
+    scope = enter_session(context, config, algorithm.name)
     if mem is not None:
         resync = msg.content.array_records.get(R.RESYNC)
         if resync is not None:
-            resolve_pending(context, algorithm.name, mem, -1)  # drop any pending
-            context.state[state_key(algorithm.name, mem)] = resync
-        elif not resolve_pending(context, algorithm.name, mem, int(config.get(R.ACK, 0))) and int(
+            resolve_pending(context, scope, mem, -1)  # drop any pending
+            context.state[state_key(scope, mem)] = resync
+        elif not resolve_pending(context, scope, mem, int(config.get(R.ACK, 0))) and int(
             config.get(R.ACK, 0)
         ) > 0:
             # The server applied increments of ours that this node no longer knows.
             metrics = MetricRecord({R.NEEDS_RESYNC: 1, PARTITION_ID: i, R.ROUND: server_round})
             return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
-    state = load_state(context, algorithm.name, algorithm.client_init(params))
+    state = load_state(context, scope, algorithm.client_init(params))
     result = client_round(algorithm, problem, cfg, i, server_round, params, state)
     committed = {k: v for k, v in result.state.items() if k != mem}
-    save_state(context, algorithm.name, committed)
+    save_state(context, scope, committed)
     if mem is not None:
-        context.state[state_key(algorithm.name, PENDING + mem)] = R.to_record(result.state[mem])
-        context.state[state_key(algorithm.name, PENDING_ROUND)] = ConfigRecord({"round": server_round})
+        context.state[state_key(scope, PENDING + mem)] = R.to_record(result.state[mem])
+        context.state[state_key(scope, PENDING_ROUND)] = ConfigRecord({"round": server_round})
     content = RecordDict(
         {
             R.ARRAYS: (R.encode_sparse if algorithm.sparse else R.to_record)(result.message),

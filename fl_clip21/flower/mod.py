@@ -28,7 +28,7 @@ from flwr.common.constant import ErrorCode
 
 from fl_clip21 import core
 from fl_clip21.flower import records as R
-from fl_clip21.flower.client import PENDING, PENDING_ROUND, resolve_pending, state_key
+from fl_clip21.flower.client import PENDING, PENDING_ROUND, enter_session, resolve_pending, state_key
 
 MODE = "fl_clip21.update"
 STATE = "clip21_mod"
@@ -62,13 +62,14 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if mode not in ("arrays", "gradients"):
         return _error(msg, f"{MODE} must be 'arrays' or 'gradients', got {mode!r}")
     x = R.from_record(next(iter(msg.content.array_records.values())))
+    scope = enter_session(context, config, STATE)
 
     resync = msg.content.array_records.get(R.RESYNC)
     if resync is not None:
-        resolve_pending(context, STATE, MEMORY, -1)
-        context.state[state_key(STATE, MEMORY)] = resync
+        resolve_pending(context, scope, MEMORY, -1)
+        context.state[state_key(scope, MEMORY)] = resync
         del msg.content.array_records[R.RESYNC]
-    elif not resolve_pending(context, STATE, MEMORY, ack) and ack > 0:
+    elif not resolve_pending(context, scope, MEMORY, ack) and ack > 0:
         metrics = MetricRecord({R.NEEDS_RESYNC: 1, R.ROUND: server_round})
         return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
 
@@ -82,11 +83,11 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if set(y) != set(x) or any(y[k].shape != x[k].shape for k in x):
         return _error(msg, "clip21_mod needs the reply's arrays to have the keys and shapes of the received ones")
     direction = y if mode == "gradients" else {k: x[k] - y[k] for k in x}
-    key = state_key(STATE, MEMORY)
+    key = state_key(scope, MEMORY)
     v = R.from_record(context.state[key]) if key in context.state else core.zeros_like(direction)
     step = core.error_feedback_step(direction, v, core.clip_operator(tau))
-    context.state[state_key(STATE, PENDING + MEMORY)] = R.to_record(step.memory)
-    context.state[state_key(STATE, PENDING_ROUND)] = ConfigRecord({"round": server_round})
+    context.state[state_key(scope, PENDING + MEMORY)] = R.to_record(step.memory)
+    context.state[state_key(scope, PENDING_ROUND)] = ConfigRecord({"round": server_round})
 
     del reply.content.array_records[out_name]
     reply.content[R.ARRAYS] = R.to_record(step.increment)

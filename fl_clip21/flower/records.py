@@ -24,6 +24,7 @@ ROUND = "server-round"
 ALGORITHM = "fl_clip21.algorithm"
 SCENARIO = "fl_clip21.scenario"
 DO_AUDIT = "fl_clip21.audit"
+SESSION = "fl_clip21.session"  # id of the strategy instance (run x algorithm); scopes client state
 TAU = "fl_clip21.tau"  # for clip21_mod: the clipping threshold
 ACK = "fl_clip21.ack"  # the last round whose increment of this client the server applied
 NEEDS_RESYNC = "needs-resync"  # reply metric: this client lost the memory the server mirrors

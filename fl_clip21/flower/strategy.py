@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -159,6 +160,7 @@ class Clip21Strategy(Strategy):
         self.params: dict[str, np.ndarray] | None = None
         self.server_state: dict | None = None
         self.client_of_node: dict[int, int] = dict(client_of_node or {})
+        self.session = uuid.uuid4().hex[:16]  # scopes the clients' state to this run of this algorithm
         self.round = 0  # the last round completed
         self.times_asked = np.zeros(num_clients, dtype=np.int64)  # rounds each client was asked
         self.last_applied = np.zeros(num_clients, dtype=np.int64)  # round of the last increment applied
@@ -190,6 +192,7 @@ class Clip21Strategy(Strategy):
             "hyper": dict(self.algorithm.hyper),
             "num_clients": self.num_clients,
             "seed": self.seed,
+            "session": self.session,
             "round": self.round,
             "times_asked": self.times_asked.tolist(),
             "last_applied": self.last_applied.tolist(),
@@ -214,6 +217,7 @@ class Clip21Strategy(Strategy):
             self.shadow = [arrays[f"shadow.{i}"] for i in range(self.num_clients)]
             self._audit_v = {i: dict(self.shadow[i]) for i in range(self.num_clients)}
         self.round = int(meta["round"])
+        self.session = str(meta["session"])
         self.times_asked = np.asarray(meta["times_asked"], dtype=np.int64)
         self.last_applied = np.asarray(meta["last_applied"], dtype=np.int64)
         self.history = list(meta["history"])
@@ -310,7 +314,7 @@ class Clip21Strategy(Strategy):
         self._expected = len(clients)
         self._round_start = time.perf_counter()
         base = dict(config)
-        base.update({R.ROUND: k, R.DO_AUDIT: self.audit})
+        base.update({R.ROUND: k, R.DO_AUDIT: self.audit, R.SESSION: self.session})
         if self._scenario_json is not None:
             base.update({R.ALGORITHM: self.algorithm.name, R.SCENARIO: self._scenario_json})
         elif "tau" in self.algorithm.hyper:
