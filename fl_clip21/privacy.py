@@ -21,8 +21,6 @@ from __future__ import annotations
 import functools
 import math
 
-from dp_accounting import gaussian_mechanism
-
 _TOL = 1e-10
 
 
@@ -41,6 +39,8 @@ def epsilon(z: float, rounds: int, delta: float) -> float:
     _check(z, rounds, delta)
     if rounds == 0:
         return 0.0
+    from dp_accounting import gaussian_mechanism  # 1.8 s to import: only where epsilon is needed
+
     eps = gaussian_mechanism.get_epsilon_gaussian(z / math.sqrt(rounds), delta, tol=_TOL)
     return float(eps) + 2 * _TOL if eps > 0 else 0.0
 
@@ -52,6 +52,8 @@ def calibrate_noise_multiplier(target_epsilon: float, rounds: int, delta: float)
     _check(1.0, rounds, delta)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+    from dp_accounting import gaussian_mechanism
+
     z = float(gaussian_mechanism.get_sigma_gaussian(target_epsilon, delta, tol=_TOL)) * math.sqrt(rounds)
     while epsilon(z, rounds, delta) > target_epsilon:
         z *= 1 + 1e-9
