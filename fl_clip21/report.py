@@ -135,6 +135,16 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, path: Path, title: str) -> None:
+    """Title, grid, legend; save to ``path`` and free the figure."""
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_lines(series: dict[str, Records], x: str, y: str, path: Path, title: str, log_y: bool) -> None:
     """One line per algorithm of ``y`` against ``x`` (``bytes`` = cumulative bytes up)."""
     plt = _pyplot()
@@ -155,12 +165,7 @@ def plot_lines(series: dict[str, Records], x: str, y: str, path: Path, title: st
         ax.set_yscale("log")
     ax.set_xlabel("bytes sent up (all clients)" if x == "bytes" else x)
     ax.set_ylabel({"grad_norm_sq": r"$\|\nabla f(x)\|^2$"}.get(y, y))
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title)
 
 
 def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -176,12 +181,7 @@ def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], path: Path, title: str)
     ax.set_xscale("log")
     ax.set_xlabel(r"$\varepsilon$")
     ax.set_ylabel("test accuracy (final round)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title)
 
 
 # --- writing ------------------------------------------------------------------
