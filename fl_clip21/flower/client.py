@@ -89,6 +89,22 @@ def resolve_pending(context: Context, algorithm: str, memory: str, ack: int) -> 
     return state_key(algorithm, memory) in context.state
 
 
+def sync_memory(context: Context, scope: str, memory: str, msg: Message, ack: int) -> bool:
+    """Bring the client's memory in line with the server's; True if a resync is needed.
+
+    A resync record in ``msg`` replaces the memory (and is taken out of the
+    message); otherwise the pending memory is committed or dropped by ``ack``.
+    """
+    resync = msg.content.array_records.get(R.RESYNC)
+    if resync is not None:
+        resolve_pending(context, scope, memory, -1)  # drop any pending
+        context.state[state_key(scope, memory)] = resync
+        del msg.content.array_records[R.RESYNC]
+        return False
+    # Not holding the memory while the server has applied increments of ours: ask for it.
+    return not resolve_pending(context, scope, memory, ack) and ack > 0
+
+
 def train(msg: Message, context: Context) -> Message:
     """One client round of the algorithm named in the message's config.
 
@@ -108,17 +124,9 @@ def train(msg: Message, context: Context) -> Message:
     params = R.from_record(msg.content[R.ARRAYS])
     mem = algorithm.memory
     scope = enter_session(context, config, algorithm.name)
-    if mem is not None:
-        resync = msg.content.array_records.get(R.RESYNC)
-        if resync is not None:
-            resolve_pending(context, scope, mem, -1)  # drop any pending
-            context.state[state_key(scope, mem)] = resync
-        elif not resolve_pending(context, scope, mem, int(config.get(R.ACK, 0))) and int(
-            config.get(R.ACK, 0)
-        ) > 0:
-            # The server applied increments of ours that this node no longer knows.
-            metrics = MetricRecord({R.NEEDS_RESYNC: 1, PARTITION_ID: i, R.ROUND: server_round})
-            return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
+    if mem is not None and sync_memory(context, scope, mem, msg, int(config.get(R.ACK, 0))):
+        metrics = MetricRecord({R.NEEDS_RESYNC: 1, PARTITION_ID: i, R.ROUND: server_round})
+        return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
     state = load_state(context, scope, algorithm.client_init(params))
     result = client_round(algorithm, problem, cfg, i, server_round, params, state)
     committed = {k: v for k, v in result.state.items() if k != mem}

@@ -28,7 +28,7 @@ from flwr.common.constant import ErrorCode
 
 from fl_clip21 import core
 from fl_clip21.flower import records as R
-from fl_clip21.flower.client import PENDING, PENDING_ROUND, enter_session, resolve_pending, state_key
+from fl_clip21.flower.client import PENDING, PENDING_ROUND, enter_session, state_key, sync_memory
 
 MODE = "fl_clip21.update"
 STATE = "clip21_mod"
@@ -64,12 +64,7 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     x = R.from_record(next(iter(msg.content.array_records.values())))
     scope = enter_session(context, config, STATE)
 
-    resync = msg.content.array_records.get(R.RESYNC)
-    if resync is not None:
-        resolve_pending(context, scope, MEMORY, -1)
-        context.state[state_key(scope, MEMORY)] = resync
-        del msg.content.array_records[R.RESYNC]
-    elif not resolve_pending(context, scope, MEMORY, ack) and ack > 0:
+    if sync_memory(context, scope, MEMORY, msg, ack):
         metrics = MetricRecord({R.NEEDS_RESYNC: 1, R.ROUND: server_round})
         return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
 

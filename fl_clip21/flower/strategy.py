@@ -58,21 +58,21 @@ def check_message(
     if message is None:
         return None, f"no {R.ARRAYS!r} ArrayRecord in the reply"
     if sparse:
-        dense, reason = R.decode_sparse(message, reference)
-        if dense is None:
+        arrays, reason = R.decode_sparse(message, reference)  # decodes to the model's layout
+        if arrays is None:
             return None, reason
-        message = R.to_record(dense)
-    if set(message.keys()) != set(reference):
-        return None, f"array keys {sorted(message.keys())} differ from the model's {sorted(reference)}"
-    arrays = {}
-    for k, ref in reference.items():
-        arr = message[k]
-        if tuple(arr.shape) != ref.shape or np.dtype(arr.dtype) != ref.dtype:
-            return None, f"array {k!r} has shape {tuple(arr.shape)} {arr.dtype}, expected {ref.shape} {ref.dtype}"
-        a = arr.numpy()
+    else:
+        if set(message.keys()) != set(reference):
+            return None, f"array keys {sorted(message.keys())} differ from the model's {sorted(reference)}"
+        arrays = {}
+        for k, ref in reference.items():
+            arr = message[k]
+            if tuple(arr.shape) != ref.shape or np.dtype(arr.dtype) != ref.dtype:
+                return None, f"array {k!r} has shape {tuple(arr.shape)} {arr.dtype}, expected {ref.shape} {ref.dtype}"
+            arrays[k] = arr.numpy()
+    for k, a in arrays.items():
         if not np.all(np.isfinite(a)):
             return None, f"array {k!r} has non-finite values"
-        arrays[k] = a
     if bound is not None:
         norm = core.global_norm(arrays)
         if norm > bound * (1 + NORM_SLACK):
