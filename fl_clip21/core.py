@@ -45,6 +45,11 @@ def add(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], scale: float =
     return {k: np.asarray(a[k] + scale * b[k], dtype=a[k].dtype) for k in a}
 
 
+def max_abs_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """``max |a - b|`` over every entry of every array (0 for empty arrays)."""
+    return max((float(np.max(np.abs(a[k] - b[k]))) for k in a if np.size(a[k])), default=0.0)
+
+
 def scale(a: Mapping[str, np.ndarray], factor: float) -> Params:
     """``factor * a`` as new arrays."""
     return {k: np.asarray(factor * v, dtype=v.dtype) for k, v in a.items()}

@@ -16,6 +16,25 @@ from fl_clip21.flower.faults import drop_reply_mod, scale_reply_mod, stale_reply
 from fl_clip21.flower.simulation import SimulationError, simulate
 
 GAP = 1e-12  # float rounding only
+_SEEN: dict[str, float] = {"invariant_gap": 0.0, "memory_gap": 0.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_largest_gaps():
+    """``pytest tests/test_faults.py -s`` prints the figure the closing notes quote."""
+    yield
+    print(
+        f"\nfault runs: largest |g - mean v_i| = {_SEEN['invariant_gap']:.3g}, "
+        f"largest |v_i - server's copy| at a round's start = {_SEEN['memory_gap']:.3g}"
+    )
+
+
+def _assert_invariant(recs):
+    """g == mean(v_i), and every client started each round from the server's copy of its memory."""
+    for key in _SEEN:
+        worst = max(r[key] for r in recs)
+        _SEEN[key] = max(_SEEN[key], worst)
+        assert worst < GAP, (key, worst)
 
 
 def _cfg(**over):
@@ -37,7 +56,7 @@ def test_lost_replies_keep_the_invariant_and_the_run_converges():
     recs = res["records"]
     lost = sum(r["failed"] for r in recs)
     assert 0.1 * 800 < lost < 0.3 * 800  # about 20% of 80 rounds x 10 clients
-    assert max(r["invariant_gap"] for r in recs) < GAP
+    _assert_invariant(recs)
     assert _final_gns(res) <= cfg["target"]  # the fault-free run reaches it by round 30
 
 
@@ -48,7 +67,7 @@ def test_late_replies_and_wiped_client_state_keep_the_invariant():
     recs = res["records"]
     assert sum(r["rejected"] for r in recs) == 7  # the late replies
     assert sum(r["resyncs"] for r in recs) == 4  # two clients asked twice to be resynced
-    assert max(r["invariant_gap"] for r in recs) < GAP
+    _assert_invariant(recs)
     assert _final_gns(res) <= cfg["target"]
 
 
@@ -58,7 +77,7 @@ def test_oversized_increments_are_rejected_and_the_run_recovers():
     res = simulate(cfg, client_app=make_client_app(train_mods=mods))["clip21-gd"]
     recs = res["records"]
     assert sum(r["rejected"] for r in recs) > 0
-    assert max(r["invariant_gap"] for r in recs) < GAP
+    _assert_invariant(recs)
     assert _final_gns(res) <= cfg["target"]
 
 
@@ -87,4 +106,4 @@ def test_server_stopped_and_resumed_from_its_checkpoint_gives_the_same_trajector
         assert a["grad_norm_sq"] == pytest.approx(b["grad_norm_sq"], rel=1e-9, abs=1e-30)
     for k in fresh["params"]:
         np.testing.assert_allclose(resumed["clip21-gd"]["params"][k], fresh["params"][k], rtol=1e-12, atol=1e-15)
-    assert max(r["invariant_gap"] for r in recs[15:]) < GAP
+    _assert_invariant(recs[15:])

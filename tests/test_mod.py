@@ -61,7 +61,7 @@ def test_mod_without_its_keys_replies_mod_failed_precondition():
     assert "Clip21Strategy" in reply.error.reason
 
 
-def test_mod_sends_only_the_clipped_increment_and_holds_v_pending():
+def test_mod_sends_only_the_clipped_increment_and_commits_v_with_its_round():
     from clients.digits_example import make_model
 
     arrays = ArrayRecord(make_model().state_dict())
@@ -75,4 +75,11 @@ def test_mod_sends_only_the_clipped_increment_and_holds_v_pending():
     norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in c.values()))
     assert abs(norm - 0.01) < 1e-6  # clipped to tau
     assert reply.content["metrics"]["clipped"] == 1
-    assert not any(k.endswith(".v") and "pending" not in k for k in ctx.state)  # nothing committed yet
+    v = [k for k in ctx.state if k.endswith(".v")]
+    assert len(v) == 1  # the client keeps one copy of its memory
+    np.testing.assert_array_equal(
+        np.concatenate([a.numpy().ravel() for a in ctx.state[v[0]].values()]),
+        np.concatenate([c[k].ravel() for k in ctx.state[v[0]].keys()]),
+    )  # v = 0 + c
+    tags = [k for k in ctx.state if k.endswith(".memory-round")]
+    assert len(tags) == 1 and int(ctx.state[tags[0]]["round"]) == 1

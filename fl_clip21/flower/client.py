@@ -4,20 +4,21 @@ The client's private state (Clip21's v_i) lives in ``context.state`` and only
 the algorithm's message (the clipped increment c_i) goes back to the server.
 
 Consistency protocol (README, "Keeping g = mean(v_i) through faults"): the
-memory the server mirrors (``algorithm.memory``) is not committed when the
-client replies. The new value is kept as *pending*, tagged with its round; the
-server's next message to this client says the last round whose increment it
-applied (``ack``). Pending equal to ``ack`` is committed, any other is
-dropped. A client whose state is gone while the server has applied its
-increments asks for a resync; a resync message carries the server's copy of
-this client's memory, which replaces the client's.
+client commits its new memory (``algorithm.memory``) when it replies and tags
+it with the round. The server's next message to this client says the last
+round whose increment it applied (``ack``); when the server did not apply one
+(a lost, late, rejected or duplicated reply) it sends its own copy of this
+client's memory with that message (``resync``), which replaces the client's.
+A client whose tag differs from ``ack`` with no resync in the message (its
+state was lost, or it is stale) holds a memory the server does not: it asks
+for a resync instead of working. The client keeps one copy of its memory.
 """
 
 from __future__ import annotations
 
 import json
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_clip21.algorithms import algorithm_from_config
@@ -27,8 +28,7 @@ from fl_clip21.problems import build_problem
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
-PENDING = "pending."
-PENDING_ROUND = "pending-round"
+MEMORY_ROUND = "memory-round"  # state record: the round of the last increment in the memory
 
 
 def partition_of(context: Context) -> int:
@@ -75,34 +75,33 @@ def save_state(context: Context, algorithm: str, state: dict) -> None:
         context.state[state_key(algorithm, name)] = R.to_record(params)
 
 
-def resolve_pending(context: Context, algorithm: str, memory: str, ack: int) -> bool:
-    """Commit the pending memory if the server applied it (round == ack), else drop it.
+def memory_round(context: Context, scope: str, memory: str) -> int:
+    """The round of the last increment in the client's memory (0: none; -1: memory without a tag)."""
+    if state_key(scope, memory) not in context.state:
+        return 0
+    tag = context.state.config_records.get(state_key(scope, MEMORY_ROUND))
+    return int(tag["round"]) if tag is not None else -1
 
-    Returns whether this client holds its memory (committed or just resolved).
-    """
-    pending_key, round_key = state_key(algorithm, PENDING + memory), state_key(algorithm, PENDING_ROUND)
-    if round_key in context.state:
-        if int(context.state[round_key]["round"]) == ack:
-            context.state[state_key(algorithm, memory)] = context.state[pending_key]
-        del context.state[pending_key]
-        del context.state[round_key]
-    return state_key(algorithm, memory) in context.state
+
+def commit_memory(context: Context, scope: str, memory: str, value: ArrayRecord, server_round: int) -> None:
+    """Keep ``value`` as the client's memory, holding the increments up to ``server_round``."""
+    context.state[state_key(scope, memory)] = value
+    context.state[state_key(scope, MEMORY_ROUND)] = ConfigRecord({"round": server_round})
 
 
 def sync_memory(context: Context, scope: str, memory: str, msg: Message, ack: int) -> bool:
     """Bring the client's memory in line with the server's; True if a resync is needed.
 
     A resync record in ``msg`` replaces the memory (and is taken out of the
-    message); otherwise the pending memory is committed or dropped by ``ack``.
+    message). Otherwise the memory must hold exactly the increments up to
+    ``ack``, the last round the server applied one of this client's.
     """
     resync = msg.content.array_records.get(R.RESYNC)
     if resync is not None:
-        resolve_pending(context, scope, memory, -1)  # drop any pending
-        context.state[state_key(scope, memory)] = resync
+        commit_memory(context, scope, memory, resync, ack)
         del msg.content.array_records[R.RESYNC]
         return False
-    # Not holding the memory while the server has applied increments of ours: ask for it.
-    return not resolve_pending(context, scope, memory, ack) and ack > 0
+    return memory_round(context, scope, memory) != ack
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -129,11 +128,9 @@ def train(msg: Message, context: Context) -> Message:
         return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
     state = load_state(context, scope, algorithm.client_init(params))
     result = client_round(algorithm, problem, cfg, i, server_round, params, state)
-    committed = {k: v for k, v in result.state.items() if k != mem}
-    save_state(context, scope, committed)
+    save_state(context, scope, {k: v for k, v in result.state.items() if k != mem})
     if mem is not None:
-        context.state[state_key(scope, PENDING + mem)] = R.to_record(result.state[mem])
-        context.state[state_key(scope, PENDING_ROUND)] = ConfigRecord({"round": server_round})
+        commit_memory(context, scope, mem, R.to_record(result.state[mem]), server_round)
     content = RecordDict(
         {
             R.ARRAYS: (R.encode_sparse if algorithm.sparse else R.to_record)(result.message),
@@ -141,9 +138,9 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     if bool(config.get(R.DO_AUDIT, False)) and mem is not None:
-        # The memory as it stands if the server applies this reply, and if it does not.
-        content[R.AUDIT_APPLIED] = R.to_record(result.state[mem])
-        content[R.AUDIT_DROPPED] = R.to_record(state[mem])
+        # The memory this round started from and the one it ends with.
+        content[R.AUDIT_START] = R.to_record(state[mem])
+        content[R.AUDIT_END] = R.to_record(result.state[mem])
     return Message(content, reply_to=msg)
 
 

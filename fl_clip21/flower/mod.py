@@ -13,8 +13,8 @@ Sign convention. The wrapped handler returns either
   no clipping is FedAvg's model average;
 - gradients (``fl_clip21.update = "gradients"`` in the train config): used as they are.
 
-The mod keeps the client's memory v_i in ``context.state`` (pending until the
-server acknowledges it, as in :mod:`fl_clip21.flower.client`), and replies with
+The mod keeps the client's memory v_i in ``context.state`` (with the round tag of
+the consistency protocol, as in :mod:`fl_clip21.flower.client`), and replies with
 only ``c_i = clip_tau(pseudo_gradient - v_i)`` under the same array keys. A
 message without the keys it needs gets Flower's ``MOD_FAILED_PRECONDITION``
 error reply.
@@ -28,7 +28,7 @@ from flwr.common.constant import ErrorCode
 
 from fl_clip21 import core
 from fl_clip21.flower import records as R
-from fl_clip21.flower.client import PENDING, PENDING_ROUND, enter_session, state_key, sync_memory
+from fl_clip21.flower.client import commit_memory, enter_session, state_key, sync_memory
 
 MODE = "fl_clip21.update"
 STATE = "clip21_mod"
@@ -81,8 +81,7 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     key = state_key(scope, MEMORY)
     v = R.from_record(context.state[key]) if key in context.state else core.zeros_like(direction)
     step = core.error_feedback_step(direction, v, core.clip_operator(tau))
-    context.state[state_key(scope, PENDING + MEMORY)] = R.to_record(step.memory)
-    context.state[state_key(scope, PENDING_ROUND)] = ConfigRecord({"round": server_round})
+    commit_memory(context, scope, MEMORY, R.to_record(step.memory), server_round)
 
     del reply.content.array_records[out_name]
     reply.content[R.ARRAYS] = R.to_record(step.increment)
@@ -93,7 +92,7 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     metrics["clipped"] = int(step.active)
     metrics[R.ROUND] = server_round
     if bool(config.get(R.DO_AUDIT, False)):
-        reply.content[R.AUDIT_APPLIED] = R.to_record(step.memory)
-        reply.content[R.AUDIT_DROPPED] = R.to_record(v)
+        reply.content[R.AUDIT_START] = R.to_record(v)
+        reply.content[R.AUDIT_END] = R.to_record(step.memory)
     return reply
 

@@ -15,9 +15,9 @@ from fl_clip21.core import Params
 ARRAYS = "arrays"  # server -> client: the model x; client -> server: the message c_i
 CONFIG = "config"
 METRICS = "metrics"
-# client -> server, only when auditing: the client's memory if this reply is applied / dropped
-AUDIT_APPLIED = "fl_clip21.audit.applied"
-AUDIT_DROPPED = "fl_clip21.audit.dropped"
+# client -> server, only when auditing: the memory the client started the round from / ends it with
+AUDIT_START = "fl_clip21.audit.start"
+AUDIT_END = "fl_clip21.audit.end"
 RESYNC = "fl_clip21.resync"  # server -> client: the server's copy of the client's memory
 # Keys inside the ConfigRecord sent with each train message.
 ROUND = "server-round"
@@ -27,7 +27,7 @@ DO_AUDIT = "fl_clip21.audit"
 SESSION = "fl_clip21.session"  # id of the strategy instance (run x algorithm); scopes client state
 TAU = "fl_clip21.tau"  # for clip21_mod: the clipping threshold
 ACK = "fl_clip21.ack"  # the last round whose increment of this client the server applied
-NEEDS_RESYNC = "needs-resync"  # reply metric: this client lost the memory the server mirrors
+NEEDS_RESYNC = "needs-resync"  # reply metric: this client's memory is not the one the server mirrors
 # Client state (context.state) record names.
 STATE_PREFIX = "fl_clip21.state."
 

@@ -10,7 +10,7 @@ For error-feedback algorithms it also runs the server side of the consistency
 protocol (see :mod:`fl_clip21.flower.client`): it keeps, per client, the sum
 of the increments it applied (its copy of v_i) and the last round it applied
 one; it tells each client that round (``ack``) and sends its copy back to a
-client that lost its state (``resync``). With ``checkpoint`` it saves all of
+client whose increment it did not apply or that lost its state (``resync``). With ``checkpoint`` it saves all of
 this after every round, atomically, and :meth:`resume` continues from it.
 """
 
@@ -203,8 +203,8 @@ class Clip21Strategy(Strategy):
     def resume(self, path: str | Path) -> int:
         """Load a checkpoint; return the number of rounds it had completed.
 
-        Every client the server has applied increments of is resynced on its
-        next round, since it may have lost its state with the old run.
+        Every client is resynced on its next round: it may have lost its state
+        with the old run, or hold increments of rounds after the checkpoint.
         """
         arrays, meta = ckpt.load(Path(path))
         expected = {"algorithm": self.algorithm.name, "num_clients": self.num_clients, "seed": self.seed}
@@ -221,7 +221,8 @@ class Clip21Strategy(Strategy):
         self.times_asked = np.asarray(meta["times_asked"], dtype=np.int64)
         self.last_applied = np.asarray(meta["last_applied"], dtype=np.int64)
         self.history = list(meta["history"])
-        self.needs_resync = {i for i in range(self.num_clients) if self.last_applied[i] > 0}
+        # A client may hold increments of rounds this checkpoint never saw.
+        self.needs_resync = set(range(self.num_clients)) if self.algorithm.memory is not None else set()
         return self.round
 
     # --- nodes ----------------------------------------------------------------
@@ -335,8 +336,9 @@ class Clip21Strategy(Strategy):
         k = self.round + 1
         accepted: list[dict[str, np.ndarray]] = []
         rejected = failed = clipped = bytes_up = resyncs = 0
-        seen: set[int] = set()  # nodes whose message was accepted
+        applied: set[int] = set()  # clients whose increment was applied
         responded: set[int] = set()
+        memory_gap = 0.0  # audit: largest |v_i - server's copy| of the memories clients started from
         for reply in replies:
             nid = reply.metadata.src_node_id
             c = self._asked.get(nid)
@@ -352,8 +354,7 @@ class Clip21Strategy(Strategy):
                 bytes_up += R.payload_bytes(record)
             if c is not None and metrics is not None and int(metrics.get(R.NEEDS_RESYNC, 0)) and not duplicate:
                 resyncs += 1
-                self.needs_resync.add(c)
-                log(WARNING, "round %d: client %d (node %d) lost its state: resync next time", k, c, nid)
+                log(WARNING, "round %d: client %d (node %d) lost its memory: resync next time", k, c, nid)
                 continue
             reply_round = int(metrics.get(R.ROUND, -1)) if metrics is not None else -1
             if c is None:
@@ -364,22 +365,29 @@ class Clip21Strategy(Strategy):
                 arrays, reason = None, f"reply is for round {reply_round}, this is round {k}"
             else:
                 arrays, reason = check_message(record, self.params, self._bound, self.algorithm.sparse)
+            audit = self.audit and c is not None and not duplicate and R.AUDIT_START in reply.content.array_records
+            if audit:
+                start = R.from_record(reply.content[R.AUDIT_START])
+                memory_gap = max(memory_gap, core.max_abs_diff(start, self.shadow[c]))
+                self._audit_v[c] = start  # what it holds until it is resynced, if this reply is not applied
             if arrays is None:
                 rejected += 1
                 log(WARNING, "round %d: rejected the message of node %d: %s", k, nid, reason)
-                if self.audit and c is not None and not duplicate and R.AUDIT_DROPPED in reply.content.array_records:
-                    self._audit_v[c] = R.from_record(reply.content[R.AUDIT_DROPPED])
                 continue
-            seen.add(nid)
             accepted.append(arrays)
             clipped += int(metrics.get("clipped", 0)) if metrics is not None else 0
             if self.algorithm.memory is not None:
                 self.shadow[c] = core.add(self.shadow[c], arrays)
                 self.last_applied[c] = k
-                self.needs_resync.discard(c)
-                if self.audit and R.AUDIT_APPLIED in reply.content.array_records:
-                    self._audit_v[c] = R.from_record(reply.content[R.AUDIT_APPLIED])
+                applied.add(c)
+                if audit and R.AUDIT_END in reply.content.array_records:
+                    self._audit_v[c] = R.from_record(reply.content[R.AUDIT_END])
         failed += self._expected - len(responded & set(self._asked))  # replies that never came
+        if self.algorithm.memory is not None:
+            # A client asked this round whose increment was not applied may hold it in
+            # its memory: its next message carries the server's copy.
+            self.needs_resync -= applied
+            self.needs_resync |= set(self._asked.values()) - applied
         self.params, self.server_state = self.algorithm.server_update(
             self.params, self.server_state, accepted, self.num_clients
         )
@@ -397,6 +405,7 @@ class Clip21Strategy(Strategy):
         }
         if self.audit:
             record["invariant_gap"] = self.invariant_gap()
+            record["memory_gap"] = memory_gap
         record.update(round_epsilon(self.algorithm, self.times_asked, self.delta))
         if self.evaluate is not None:
             record.update(self.evaluate(self.params))
@@ -410,9 +419,7 @@ class Clip21Strategy(Strategy):
     def invariant_gap(self) -> float:
         """max |g - (1/n) sum_i v_i| over the memories the clients last reported."""
         assert self.server_state is not None
-        mean_v = core.mean(list(self._audit_v.values()))
-        g = self.server_state["g"]
-        return max(float(np.max(np.abs(g[k] - mean_v[k]))) if g[k].size else 0.0 for k in g)
+        return core.max_abs_diff(self.server_state["g"], core.mean(list(self._audit_v.values())))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
