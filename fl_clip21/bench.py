@@ -1,27 +1,37 @@
-"""``fl-clip21 bench``: seconds per round of the Flower engine, ours vs Flower's FedAvg.
+"""``fl-clip21 bench``: the Flower engine's cost, ours vs Flower's FedAvg, and the vectorized engine.
 
-Both strategies run in the same simulation (the same Ray actors, the same
-nodes), on the same problem, alternately, so the machine's noise hits both
-alike. FedAvg's clients take one local gradient step (x - lr * grad f_i),
-which is exactly one gradient per client per round, as Clip21-GD does.
+For every client count, in one Flower simulation, both strategies run on the
+same problem (the same Ray actors, the same nodes), alternately, so the
+machine's noise hits both alike. FedAvg's clients take one local gradient step
+(x - lr * grad f_i), which is exactly one gradient per client per round, as
+Clip21-GD does. The same run measures the bytes of one message each way, the
+driver's memory, and the vectorized engine on the same rounds. At the largest
+client count it also runs a long clip21-gd run recording the driver's memory
+after every round (is it flat?), and measures the memory clip21-gd adds per
+client on a problem whose model is large enough to see it
+(``scenarios/bench/memory.toml``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fl_clip21 import core
-from fl_clip21.algorithms import algorithm_from_config
+from fl_clip21.algorithms import algorithm_from_config, model_size
 from fl_clip21.config import load_scenario, parse_sets
 from fl_clip21.flower import records as R
 from fl_clip21.flower.client import partition_of, query
@@ -30,7 +40,10 @@ from fl_clip21.flower.client import train as clip21_train
 from fl_clip21.flower.strategy import Clip21Strategy
 from fl_clip21.problems import build_problem
 
-DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "logreg-nonconvex.toml"
+BENCH_DIR = Path(__file__).resolve().parent.parent / "scenarios" / "bench"
+DEFAULT_SCENARIO = BENCH_DIR / "logreg-nonconvex.toml"
+MEMORY_SCENARIO = BENCH_DIR / "memory.toml"
+MB = 2**20
 
 
 def fedavg_train(msg: Message, context: Context) -> Message:
@@ -60,6 +73,72 @@ def bench_client_app() -> ClientApp:
     return app
 
 
+# --- memory -----------------------------------------------------------------
+
+
+def driver_rss() -> float:
+    """Resident memory of this process (the driver: server and, in simulation, every node's state), bytes.
+
+    Freed heap memory is handed back to the system first (glibc's malloc_trim),
+    so that what is counted is what is live.
+    """
+    import psutil
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return float(psutil.Process().memory_info().rss)
+
+
+def driver_peak() -> float:
+    """Peak resident memory of this process so far, bytes."""
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def ray_workers_rss() -> float:
+    """Resident memory of the Ray worker processes this driver started (the ClientApp actors), bytes."""
+    import psutil
+
+    total = 0.0
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "default_worker.py" in " ".join(p.cmdline()) or p.name().startswith("ray::"):
+                total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+# --- one client count ---------------------------------------------------------
+
+
+def _wire_bytes(msg: Message) -> int:
+    """Bytes of ``msg`` as Flower serialises it (protobuf)."""
+    from flwr.common.serde import message_to_proto
+
+    return int(message_to_proto(msg).ByteSize())
+
+
+def _measure_messages(strategy: Clip21Strategy, sizes: dict[str, list[int]]) -> Clip21Strategy:
+    """Record the wire size of every message ``strategy`` sends and receives."""
+    configure, aggregate = strategy.configure_train, strategy.aggregate_train
+
+    def configure_train(*args, **kwargs):
+        messages = list(configure(*args, **kwargs))
+        sizes["down"].extend(_wire_bytes(m) for m in messages)
+        return messages
+
+    def aggregate_train(server_round, replies):
+        replies = list(replies)
+        sizes["up"].extend(_wire_bytes(m) for m in replies)
+        return aggregate(server_round, replies)
+
+    strategy.configure_train, strategy.aggregate_train = configure_train, aggregate_train
+    return strategy
+
+
 def _time_rounds(strategy, grid: Grid, cfg: dict, rounds: int, train_config: ConfigRecord | None) -> float:
     problem = build_problem(cfg)
     t0 = time.perf_counter()
@@ -70,13 +149,26 @@ def _time_rounds(strategy, grid: Grid, cfg: dict, rounds: int, train_config: Con
     return (time.perf_counter() - t0) / rounds
 
 
-def bench_clients(cfg: dict[str, Any], rounds: int, repeats: int) -> dict[str, Any]:
-    """Seconds per round of clip21-gd and FedAvg at ``cfg['num-clients']`` clients."""
+def _vectorized_seconds_per_round(cfg: dict[str, Any], rounds: int) -> tuple[float, dict[str, np.ndarray]]:
+    """Seconds per round of clip21-gd on the vectorized engine (after one warm-up round), final model."""
+    from fl_clip21.engine import run_local
+
+    stamps: list[float] = []
+    res = run_local({**cfg, "rounds": rounds + 1}, "clip21-gd", lambda *_: stamps.append(time.perf_counter()))
+    ref = run_local({**cfg, "rounds": rounds}, "clip21-gd")
+    return (stamps[-1] - stamps[0]) / rounds, ref["params"]
+
+
+def bench_clients(cfg: dict[str, Any], rounds: int, repeats: int, soak_rounds: int = 0) -> dict[str, Any]:
+    """clip21-gd vs FedAvg at ``cfg['num-clients']`` clients (see the module's docstring)."""
     from fl_clip21.flower.simulation import fast_polling, simulate_app
 
     n = cfg["num-clients"]
+    build_problem(cfg)  # in this thread, before Ray starts: data errors surface here
     times: dict[str, list[float]] = {"fedavg": [], "clip21-gd": []}
-    handshake: list[float] = []
+    sizes: dict[str, list[int]] = {"down": [], "up": []}
+    fedavg_sizes: dict[str, list[int]] = {"down": [], "up": []}
+    out: dict[str, Any] = {}
     server_app = ServerApp()
 
     @server_app.main()
@@ -90,10 +182,10 @@ def bench_clients(cfg: dict[str, Any], rounds: int, repeats: int) -> dict[str, A
 
         mapping: dict[int, int] = {}
 
-        def clip21():
+        def clip21(**kwargs):
             return Clip21Strategy(
                 algorithm=algorithm_from_config("clip21-gd", cfg), scenario=cfg, num_clients=n,
-                client_of_node=mapping,
+                client_of_node=mapping, **kwargs,
             )
 
         # Warm-up: Ray actors, imports, the problem cache on every actor; the
@@ -102,50 +194,180 @@ def bench_clients(cfg: dict[str, Any], rounds: int, repeats: int) -> dict[str, A
         first = clip21()
         t0 = time.perf_counter()
         first.handshake(grid)
-        handshake.append(time.perf_counter() - t0)
+        out["handshake_seconds"] = time.perf_counter() - t0
         mapping.update(first.client_of_node)
         _time_rounds(first, grid, cfg, 2, None)
+        last = None
         for _ in range(repeats):
             times["fedavg"].append(_time_rounds(fedavg(), grid, cfg, rounds, scenario))
-            times["clip21-gd"].append(_time_rounds(clip21(), grid, cfg, rounds, None))
+            last = _measure_messages(clip21(), sizes)
+            times["clip21-gd"].append(_time_rounds(last, grid, cfg, rounds, None))
+        out["params"] = last.params
+        out["bytes_up_payload"] = [r["bytes_up"] / max(1, r["accepted"]) for r in last.history]
+        del first, last
+        # FedAvg's message sizes, from one more round whose messages are recorded.
+        avg = fedavg()
+        configure, aggregate = avg.configure_train, avg.aggregate_train
+        avg.configure_train = lambda *a, **k: [
+            fedavg_sizes["down"].append(_wire_bytes(m)) or m for m in configure(*a, **k)
+        ]
+        avg.aggregate_train = lambda r, replies: aggregate(
+            r, [fedavg_sizes["up"].append(_wire_bytes(m)) or m for m in replies]
+        )
+        _time_rounds(avg, grid, cfg, 1, scenario)
+        if soak_rounds:
+            rss: list[float] = []
+            soak = clip21(on_round=lambda rec: rss.append(driver_rss()))
+            t0 = time.perf_counter()
+            _time_rounds(soak, grid, cfg, soak_rounds, None)
+            out["soak"] = {
+                "rounds": soak_rounds, "wall_seconds": time.perf_counter() - t0,
+                "driver_rss_mb": [x / MB for x in rss],
+            }
+        out["driver_rss_mb"] = driver_rss() / MB
+        out["ray_workers_rss_mb"] = ray_workers_rss() / MB
 
     simulate_app(server_app, bench_client_app(), cfg)
     fedavg_s = statistics.median(times["fedavg"])
     clip21_s = statistics.median(times["clip21-gd"])
-    return {
+    vec_s, vec_params = _vectorized_seconds_per_round(cfg, rounds)
+    gap = core.max_abs_diff(out["params"], vec_params)
+    d = model_size(build_problem(cfg).init_params())
+    row = {
         "clients": n,
         "rounds": rounds,
         "repeats": repeats,
+        "model_entries": d,
         "fedavg_seconds_per_round": fedavg_s,
         "clip21_seconds_per_round": clip21_s,
         "ratio": clip21_s / fedavg_s,
         "clip21_client_rounds_per_second": n / clip21_s,
         "fedavg_client_rounds_per_second": n / fedavg_s,
-        "handshake_seconds": handshake[0],
+        "overhead_ms_per_client_round": (clip21_s - fedavg_s) / n * 1e3,
+        "handshake_seconds": out["handshake_seconds"],
+        "clip21_bytes_down_per_client_round": statistics.mean(sizes["down"]),
+        "clip21_bytes_up_per_client_round": statistics.mean(sizes["up"]),
+        "clip21_payload_bytes_up_per_client_round": statistics.mean(out["bytes_up_payload"]),
+        "fedavg_bytes_down_per_client_round": statistics.mean(fedavg_sizes["down"]),
+        "fedavg_bytes_up_per_client_round": statistics.mean(fedavg_sizes["up"]),
+        "vectorized_seconds_per_round": vec_s,
+        "vectorized_speedup": clip21_s / vec_s,
+        "vectorized_max_param_difference": gap,
+        "driver_rss_mb": out["driver_rss_mb"],
+        "driver_peak_mb": driver_peak() / MB,
+        "ray_workers_rss_mb": out["ray_workers_rss_mb"],
         "all_seconds_per_round": times,
     }
+    if "soak" in out:
+        rss = out["soak"]["driver_rss_mb"]
+        base = rss[min(4, len(rss) - 1)]  # after round 5
+        row["soak"] = {**out["soak"], "growth_after_round_5": max(rss[4:] or rss) / base - 1}
+    return row
+
+
+def bench_memory(cfg: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
+    """Driver memory clip21-gd adds per client, against FedAvg's, on ``cfg``'s problem.
+
+    The driver holds the server and, in a simulation, every node's context.
+    Measured: its resident memory after FedAvg's rounds, then after
+    clip21-gd's (the strategy still alive), then after the strategy is gone
+    (what is left is the clients' v_i in their node state).
+    """
+    from fl_clip21.flower.simulation import fast_polling, simulate_app
+
+    n = cfg["num-clients"]
+    build_problem(cfg)
+    rss: dict[str, float] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        fast_polling(grid)
+        with quiet_flower():
+            avg = FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
+        _time_rounds(avg, grid, cfg, rounds, ConfigRecord({R.SCENARIO: json.dumps(cfg, sort_keys=True)}))
+        del avg
+        rss["fedavg"] = driver_rss()
+        strategy = Clip21Strategy(algorithm=algorithm_from_config("clip21-gd", cfg), scenario=cfg, num_clients=n)
+        _time_rounds(strategy, grid, cfg, rounds, None)
+        rss["clip21"] = driver_rss()
+        del strategy
+        rss["clients_only"] = driver_rss()
+
+    simulate_app(server_app, bench_client_app(), cfg)
+    model_bytes = sum(v.nbytes for v in build_problem(cfg).init_params().values())
+    added = (rss["clip21"] - rss["fedavg"]) / n
+    clients = (rss["clients_only"] - rss["fedavg"]) / n
+    return {
+        "clients": n,
+        "model_bytes": model_bytes,
+        "added_bytes_per_client": added,
+        "added_per_client_over_model": added / model_bytes,
+        "client_state_bytes_per_client": clients,
+        "client_state_over_model": clients / model_bytes,
+        "server_bytes_per_client": added - clients,
+        "driver_rss_mb": {k: v / MB for k, v in rss.items()},
+    }
+
+
+# --- the command ----------------------------------------------------------------
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['clients']:>6} clients: clip21-gd {row['clip21_seconds_per_round']:.3f} s/round "
+        f"({row['clip21_client_rounds_per_second']:.0f} client-rounds/s), FedAvg "
+        f"{row['fedavg_seconds_per_round']:.3f} s/round, ratio {row['ratio']:.3f}; "
+        f"overhead {row['overhead_ms_per_client_round']:+.3f} ms/client-round; bytes/client/round "
+        f"down {row['clip21_bytes_down_per_client_round']:.0f} (FedAvg {row['fedavg_bytes_down_per_client_round']:.0f}), "
+        f"up {row['clip21_bytes_up_per_client_round']:.0f} (FedAvg {row['fedavg_bytes_up_per_client_round']:.0f}); "
+        f"vectorized {row['vectorized_speedup']:.0f}x faster (models differ by {row['vectorized_max_param_difference']:.1e}); "
+        f"driver {row['driver_rss_mb']:.0f} MB (peak {row['driver_peak_mb']:.0f}), Ray workers {row['ray_workers_rss_mb']:.0f} MB"
+    )
 
 
 def run_bench(
     clients: list[int], rounds: int, repeats: int, scenario: Path = DEFAULT_SCENARIO,
-    out: Path | None = None,
+    out: Path | None = None, soak_rounds: int = 0, memory_scenario: Path | None = None,
 ) -> dict[str, Any]:
-    """Benchmark every client count; print a table; write JSON to ``out``."""
+    """Benchmark every client count; print a line each; write JSON to ``out``.
+
+    ``soak_rounds`` > 0 adds a run of that many rounds at the largest count,
+    with the driver's memory after every round; ``memory_scenario`` adds
+    :func:`bench_memory` at the largest count.
+    """
     rows = []
     for n in clients:
         cfg = load_scenario(scenario, parse_sets([f"num-clients={n}"]))
-        row = bench_clients(cfg, rounds, repeats)
+        row = bench_clients(cfg, rounds, repeats, soak_rounds if n == max(clients) else 0)
         rows.append(row)
-        print(
-            f"{n:>6} clients: clip21-gd {row['clip21_seconds_per_round']:.3f} s/round, "
-            f"FedAvg {row['fedavg_seconds_per_round']:.3f} s/round, ratio {row['ratio']:.3f}",
-            flush=True,
-        )
-    result = {
+        print(_line(row), flush=True)
+        if "soak" in row:
+            s = row["soak"]
+            print(
+                f"{n:>6} clients, {s['rounds']} rounds of clip21-gd in {s['wall_seconds']:.0f} s: driver memory "
+                f"{s['driver_rss_mb'][4]:.0f} MB after round 5, {max(s['driver_rss_mb'][4:]):.0f} MB at most after, "
+                f"growth {100 * s['growth_after_round_5']:+.1f}%",
+                flush=True,
+            )
+    result: dict[str, Any] = {
         "scenario": str(scenario),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+        },
         "results": rows,
     }
+    if memory_scenario is not None:
+        mem_cfg = load_scenario(memory_scenario, parse_sets([f"num-clients={max(clients)}"]))
+        mem = bench_memory(mem_cfg)
+        result["memory"] = {"scenario": str(memory_scenario), **mem}
+        print(
+            f"{mem['clients']:>6} clients, model of {mem['model_bytes']} bytes: clip21-gd adds "
+            f"{mem['added_bytes_per_client']:.0f} bytes per client ({mem['added_per_client_over_model']:.2f}x the model): "
+            f"{mem['client_state_over_model']:.2f}x in the clients' state, the rest the server's copies",
+            flush=True,
+        )
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=1))
     return result

@@ -95,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fl_clip21.bench import DEFAULT_SCENARIO, run_bench
+    from fl_clip21.bench import DEFAULT_SCENARIO, MEMORY_SCENARIO, run_bench
 
     try:
         clients = [int(c) for c in args.clients.split(",") if c.strip()]
@@ -109,14 +109,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.soak_rounds != 0 and args.soak_rounds < 5:
+        print(f"fl-clip21: error: --soak-rounds must be 0 or >= 5, got {args.soak_rounds!r}", file=sys.stderr)
+        return 2
     scenario = Path(args.scenario) if args.scenario else DEFAULT_SCENARIO
-    if args.engines:
-        from fl_clip21.bench_engines import bench_engines, engines_line
-
-        for n in clients:
-            print(engines_line(bench_engines(n, args.rounds, scenario)), flush=True)
-        return 0
-    run_bench(clients, args.rounds, args.repeats, scenario, Path(args.out))
+    memory = None if args.no_memory else Path(args.memory_scenario or MEMORY_SCENARIO)
+    for path in (scenario, memory):
+        if path is not None and not path.is_file():
+            print(f"fl-clip21: error: scenario file not found: {str(path)!r}", file=sys.stderr)
+            return 2
+    try:
+        run_bench(clients, args.rounds, args.repeats, scenario, Path(args.out), args.soak_rounds, memory)
+    except ConfigError as e:
+        print(f"fl-clip21: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 
@@ -145,17 +151,23 @@ def main(argv: list[str] | None = None) -> int:
         "same results (not for flower-dp-fixed)",
     )
     bench = sub.add_parser(
-        "bench", help="seconds per round of clip21-gd vs Flower's FedAvg in one Flower simulation"
+        "bench",
+        help="the Flower engine's cost: clip21-gd vs Flower's FedAvg in one simulation, bytes, memory, "
+        "and the vectorized engine's speed-up (about 25 minutes with the defaults)",
     )
-    bench.add_argument("--clients", default="10,100", help="client counts, comma-separated")
-    bench.add_argument("--rounds", type=int, default=10, help="timed rounds per repeat")
-    bench.add_argument("--repeats", type=int, default=3, help="alternating repeats (median is reported)")
-    bench.add_argument("--scenario", help="scenario file (default: scenarios/logreg-nonconvex.toml)")
-    bench.add_argument("--out", default="bench.json", help="JSON output file")
+    bench.add_argument("--clients", default="10,100,1000", help="client counts, comma-separated")
+    bench.add_argument("--rounds", type=int, default=5, help="timed rounds per repeat")
+    bench.add_argument("--repeats", type=int, default=2, help="alternating repeats (median is reported)")
+    bench.add_argument("--scenario", help="scenario file (default: scenarios/bench/logreg-nonconvex.toml)")
     bench.add_argument(
-        "--engines", action="store_true",
-        help="instead: seconds per round of clip21-gd on the vectorized vs the Flower engine, and the speed-up",
+        "--soak-rounds", type=int, default=50,
+        help="a run of this many clip21-gd rounds at the largest count, with the driver's memory after each (0: none)",
     )
+    bench.add_argument(
+        "--memory-scenario", help="scenario of the memory-per-client figure (default: scenarios/bench/memory.toml)"
+    )
+    bench.add_argument("--no-memory", action="store_true", help="skip the memory-per-client figure")
+    bench.add_argument("--out", default="bench.json", help="JSON output file")
     sweep = sub.add_parser(
         "sweep", help="every algorithm of a scenario over a grid of scenario values (CSV, Markdown, heat maps)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="scenario keys:\n" + keys_help(),

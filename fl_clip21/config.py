@@ -94,7 +94,9 @@ SCHEMA: dict[str, Key] = {
     "problem.centers": Key("path-or-list", None, "mean-estimation: .npy file (n x d) or inline list; unset: drawn from seed."),
     "problem.dim": Key("int", 10, "mean-estimation: dimension when centres are drawn.", _at_least(1)),
     "problem.spread": Key("float", 1.0, "mean-estimation: std of drawn centres.", _positive),
-    "problem.dataset": Key("str", "breast_cancer", "logreg: breast_cancer or a LibSVM file path; mlp: digits."),
+    "problem.dataset": Key("str", "breast_cancer", "logreg: breast_cancer, synthetic or a LibSVM file path; mlp: digits."),
+    "problem.rows": Key("int", 20000, "logreg on synthetic data: rows (scikit-learn's make_classification, seeded by seed).", _at_least(1)),
+    "problem.features": Key("int", 30, "logreg on synthetic data: features (the model has one more, the bias).", _at_least(1)),
     "problem.reg": Key("float", 0.1, "logreg: lambda of the non-convex regulariser.", lambda v: None if v >= 0 else "must be >= 0"),
     "problem.hidden": Key("int", 32, "mlp: hidden units.", _at_least(1)),
     "problem.test-fraction": Key("float", 0.2, "mlp: share of rows held out for test accuracy.", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
@@ -104,6 +106,7 @@ SCHEMA: dict[str, Key] = {
 }
 
 _BUILTIN_PROBLEMS = ("mean-estimation", "logreg", "mlp")
+BUILTIN_DATASETS = ("breast_cancer", "digits", "synthetic")  # problem.dataset values that are not files
 
 
 def _coerce(key: str, spec: Key, value: Any, from_text: bool) -> Any:
@@ -236,7 +239,7 @@ def resolve(
     if base_dir is not None:
         for key in ("problem.centers", "problem.dataset"):
             v = cfg.get(key)
-            if isinstance(v, str) and v and v != "breast_cancer" and v != "digits":
+            if isinstance(v, str) and v and v not in BUILTIN_DATASETS:
                 p = Path(v).expanduser()
                 cfg[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
     return cfg

@@ -1,7 +1,7 @@
 """Federated problems: client objectives f_i, the global f = (1/n) sum_i f_i.
 
-Built in: ``mean-estimation``, ``logreg`` (non-convex regulariser, breast_cancer
-or a LibSVM file) and ``mlp`` (a small torch classifier on digits). A plug-in
+Built in: ``mean-estimation``, ``logreg`` (non-convex regulariser, breast_cancer,
+scikit-learn's synthetic ``make_classification`` data or a LibSVM file) and ``mlp`` (a small torch classifier on digits). A plug-in
 problem is named ``module:factory``; ``factory(cfg)`` gets the resolved
 scenario dict and returns an object with the :class:`Problem` methods.
 
@@ -244,6 +244,14 @@ class LogReg(_ClientData):
             from sklearn.datasets import load_breast_cancer
 
             X, y = load_breast_cancer(return_X_y=True)
+        elif src == "synthetic":
+            from sklearn.datasets import make_classification
+
+            f = cfg["problem.features"]
+            X, y = make_classification(
+                n_samples=cfg["problem.rows"], n_features=f, n_informative=max(1, f // 2),
+                n_redundant=0, n_clusters_per_class=1, random_state=cfg["seed"],
+            )
         else:
             X, y = load_libsvm(src)
         classes = np.unique(y)

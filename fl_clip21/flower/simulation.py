@@ -52,6 +52,7 @@ def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def simulate_app(server_app: ServerApp, client_app: ClientApp, cfg: dict[str, Any], verbose: bool = False) -> None:
     """Run ``server_app`` with ``cfg['num-clients']`` simulated nodes of ``client_app`` (Ray)."""
     from flwr.simulation import run_simulation
+    from threadpoolctl import threadpool_limits
 
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
@@ -60,7 +61,10 @@ def simulate_app(server_app: ServerApp, client_app: ClientApp, cfg: dict[str, An
     drop = _DropDeprecation()
     flwr_logger.addFilter(drop)
     try:
-        with warnings.catch_warnings():
+        # One BLAS thread in the driver: the cores belong to the Ray workers, and
+        # OpenBLAS's spinning threads, called from the ServerApp's thread while the
+        # workers run, were seen to take minutes over a 20000 x 15 matrix product.
+        with warnings.catch_warnings(), threadpool_limits(limits=1):
             warnings.simplefilter("ignore")
             run_simulation(
                 server_app=server_app,
