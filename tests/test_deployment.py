@@ -427,6 +427,54 @@ def report_timing(label: str, elapsed: float, metrics: dict, logs: Path) -> floa
 # --- the deployment ------------------------------------------------------------------
 
 
+def start_supernode(
+    procs: Processes, tmp_path: Path, i: int, link_port: int, ca: Path | None, name: str | None = None
+) -> tuple[int, subprocess.Popen]:
+    """Start a SuperNode holding partition ``i``; returns (its Runtime API port, its process)."""
+    name = name or f"supernode-{i}"
+    node_dir = tmp_path / name
+    (node_dir / "home").mkdir(parents=True)
+    port = free_port()
+    cmd = [
+        str(BIN / "flower-supernode"), *([] if ca else ["--insecure"]),
+        "--superlink", f"127.0.0.1:{link_port}",
+        "--host", "127.0.0.1", "--port", str(port),  # this node's Runtime API (its ClientApps)
+        "--node-config", f"partition-id={i} num-partitions={NUM_NODES}",
+    ]
+    if ca:
+        cmd += ["--root-certificates", str(ca)]
+    return port, procs.start(name, cmd, base_env(node_dir / "home"), cwd=node_dir)
+
+
+def start_superlink(procs: Processes, tmp_path: Path, tls_files: tuple[Path, Path, Path] | None) -> tuple[Path, int]:
+    """Start a SuperLink in ``tmp_path/superlink`` (its working directory); returns (that folder, its port)."""
+    link_dir = tmp_path / "superlink"
+    (link_dir / "home").mkdir(parents=True)
+    link_port = free_port()
+    cmd = [
+        str(BIN / "flower-superlink"), *([] if tls_files else ["--insecure"]),
+        "--database", str(link_dir / "state.db"),
+        # One HTTP port serves the Fleet, Control and Runtime (ServerApp) APIs in 1.41.
+        "--host", "127.0.0.1", "--port", str(link_port),
+    ]
+    if tls_files:
+        ca, cert, key = tls_files
+        cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    superlink = procs.start("superlink", cmd, base_env(link_dir / "home"), cwd=link_dir)
+    wait_for_health(link_port, tls_files[0] if tls_files else None, superlink, procs, "superlink")
+    return link_dir, link_port
+
+
+def cli_home_for(tmp_path: Path, link_port: int, ca: Path | None) -> Path:
+    """A FLWR_HOME for the `flwr` CLI with a ``[superlink.deploy-test]`` entry (the default)."""
+    cli_home = tmp_path / "cli-home"
+    cli_home.mkdir()
+    entry = ["[superlink.deploy-test]", f'address = "127.0.0.1:{link_port}"']
+    entry.append(f'root-certificates = "{ca}"' if ca else "insecure = true")
+    (cli_home / "config.toml").write_text('[superlink]\ndefault = "deploy-test"\n\n' + "\n".join(entry) + "\n")
+    return cli_home
+
+
 @pytest.mark.timeout(RUN_TIMEOUT + 600)
 @pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
 def test_deployment_equals_in_process_engine(tmp_path, tls):
@@ -438,53 +486,19 @@ def test_deployment_equals_in_process_engine(tmp_path, tls):
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = Processes(logs, home=tmp_path)
-    ca = cert = key = None
-    if tls:
-        ca, cert, key = make_certificates(tmp_path / "certs")
-    tls_args = ["--insecure"] if not tls else []
-
-    # The SuperLink's working directory: the ServerApp process (SuperLink ->
-    # flower-superexec -> flwr-serverapp) inherits it and resolves a relative `out` in it.
-    link_dir = tmp_path / "superlink"
-    (link_dir / "home").mkdir(parents=True)
-    link_port = free_port()
-    superlink_cmd = [
-        str(BIN / "flower-superlink"), *tls_args,
-        "--database", str(link_dir / "state.db"),
-        # One HTTP port serves the Fleet, Control and Runtime (ServerApp) APIs in 1.41.
-        "--host", "127.0.0.1", "--port", str(link_port),
-    ]
-    if tls:
-        superlink_cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    tls_files = make_certificates(tmp_path / "certs") if tls else None
+    ca = tls_files[0] if tls_files else None
 
     # The insecure run writes to an absolute `out`; the TLS run to a relative one, to
-    # show where a relative `out` lands: in the SuperLink's working directory.
+    # show where a relative `out` lands: in the SuperLink's working directory (the
+    # ServerApp process, SuperLink -> flower-superexec -> flwr-serverapp, inherits it).
     out_arg = "out" if tls else str(tmp_path / "out")
-    out_dir = link_dir / "out" if tls else tmp_path / "out"
-    cli_home = tmp_path / "cli-home"
-    cli_home.mkdir()
-    entry = ["[superlink.deploy-test]", f'address = "127.0.0.1:{link_port}"']
-    entry.append(f'root-certificates = "{ca}"' if tls else "insecure = true")
-    (cli_home / "config.toml").write_text('[superlink]\ndefault = "deploy-test"\n\n' + "\n".join(entry) + "\n")
+    out_dir = tmp_path / "superlink" / "out" if tls else tmp_path / "out"
 
     try:
-        superlink = procs.start("superlink", superlink_cmd, base_env(link_dir / "home"), cwd=link_dir)
-        wait_for_health(link_port, ca, superlink, procs, "superlink")
-
-        nodes = []
-        for i in range(NUM_NODES):
-            node_dir = tmp_path / f"supernode-{i}"
-            (node_dir / "home").mkdir(parents=True)
-            port = free_port()
-            cmd = [
-                str(BIN / "flower-supernode"), *tls_args,
-                "--superlink", f"127.0.0.1:{link_port}",
-                "--host", "127.0.0.1", "--port", str(port),  # this node's Runtime API (its ClientApps)
-                "--node-config", f"partition-id={i} num-partitions={NUM_NODES}",
-            ]
-            if tls:
-                cmd += ["--root-certificates", str(ca)]
-            nodes.append((port, procs.start(f"supernode-{i}", cmd, base_env(node_dir / "home"), cwd=node_dir)))
+        link_dir, link_port = start_superlink(procs, tmp_path, tls_files)
+        cli_home = cli_home_for(tmp_path, link_port, ca)
+        nodes = [start_supernode(procs, tmp_path, i, link_port, ca) for i in range(NUM_NODES)]
         for i, (port, node) in enumerate(nodes):
             wait_for_port(port, node, f"flower-supernode {i}", procs, f"supernode-{i}")
 
@@ -520,3 +534,85 @@ def test_deployment_equals_in_process_engine(tmp_path, tls):
     if not tls:  # 15 rounds: Clip21-GD is past Clip-GD's fixed point
         assert metrics["clip21-gd"][-1]["grad_norm_sq"] < metrics["clip-gd"][-1]["grad_norm_sq"]
     report_timing("tls" if tls else "insecure", elapsed, metrics, logs)
+
+
+# --- a SuperNode killed and restarted mid-run ---------------------------------------
+
+KILL_OVERRIDES = ("rounds=30", "num-clients=3", "algorithms=clip21-gd", "audit=true")
+KILL_AFTER = 3  # train messages the victim answers before it is killed
+
+
+def _trains_done(log: Path) -> int:
+    return len(node_phases(log)["push"]) if log.exists() else 0
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 600)
+def test_supernode_killed_and_restarted_mid_run_keeps_the_invariant(tmp_path):
+    """SIGKILL a SuperNode (and its ClientApp processes) mid-run, start a new one for the same partition.
+
+    The new node has empty state. The server sees a new node holding a known
+    partition and sends it its copy of v_i; the audit (clients report the memory
+    each round starts from and ends with) shows g == mean(v_i) and every client
+    starting from the server's copy in every round, and the run reaches the
+    fault-free run's tolerance.
+    """
+    cfg, _ = reference(KILL_OVERRIDES)
+    fault_free = run_local(cfg, "clip21-gd")["records"]
+    assert fault_free[-1]["grad_norm_sq"] <= cfg["target"]
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = Processes(logs, home=tmp_path)
+    out_dir = tmp_path / "out"
+    killed_at = None
+    try:
+        _, link_port = start_superlink(procs, tmp_path, None)
+        cli_home = cli_home_for(tmp_path, link_port, None)
+        nodes = [start_supernode(procs, tmp_path, i, link_port, None) for i in range(NUM_NODES)]
+        for i, (port, node) in enumerate(nodes):
+            wait_for_port(port, node, f"flower-supernode {i}", procs, f"supernode-{i}")
+        run_config = f"scenario='{SCENARIO}' out='{out_dir}' overrides='{' '.join(KILL_OVERRIDES)}'"
+        run = procs.start(
+            "flwr-run",
+            [str(BIN / "flwr"), "run", str(ROOT), "deploy-test", "--stream", "--run-config", run_config],
+            base_env(cli_home), cwd=tmp_path,
+        )
+        victim = nodes[1][1]
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while _trains_done(logs / "supernode-1.log") < KILL_AFTER:
+            assert run.poll() is None and time.monotonic() < deadline, procs.log_tail("flwr-run")
+            time.sleep(0.2)
+        procs.note_spawned()
+        tree = _descendants(victim.pid)
+        victim.kill()
+        for p in tree:
+            _signal(p, signal.SIGKILL)
+        victim.wait(timeout=30)
+        killed_at = time.monotonic()
+        port, node = start_supernode(procs, tmp_path, 1, link_port, None, name="supernode-1-restarted")
+        wait_for_port(port, node, "restarted flower-supernode 1", procs, "supernode-1-restarted")
+        try:
+            run.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            procs.note_spawned()
+        assert run.returncode == 0, procs.log_tail("flwr-run")
+    finally:
+        procs.stop_all()
+    assert not procs.left(), f"processes still running: {sorted(procs.left())}"
+    assert killed_at is not None
+
+    recs = json.loads((out_dir / "metrics.json").read_text())["algorithms"]["clip21-gd"]
+    assert [r["round"] for r in recs] == list(range(1, cfg["rounds"] + 1))
+    lost = [r["round"] for r in recs if r["failed"]]
+    assert lost, "no round lost the killed node's reply"
+    # The restarted node took part again: full rounds after the loss.
+    assert any(r["accepted"] == NUM_NODES for r in recs if r["round"] > lost[-1])
+    assert _trains_done(logs / "supernode-1-restarted.log") >= 1
+    assert max(r["invariant_gap"] for r in recs) < 1e-12
+    assert max(r["memory_gap"] for r in recs) < 1e-12  # the new node started from the server's copy
+    assert recs[-1]["grad_norm_sq"] <= cfg["target"]
+    print(
+        f"\n[deployment kill] rounds that lost a reply: {lost}; largest |g - mean v_i| "
+        f"{max(r['invariant_gap'] for r in recs):.3g}; final grad_norm_sq {recs[-1]['grad_norm_sq']:.3g} "
+        f"(fault-free {fault_free[-1]['grad_norm_sq']:.3g}, target {cfg['target']:g})"
+    )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_clip21.algorithms import algorithm_from_config
@@ -28,7 +28,7 @@ from fl_clip21.problems import build_problem
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
-MEMORY_ROUND = "memory-round"  # state record: the round of the last increment in the memory
+MEMORY_ROUND = "fl_clip21.memory-round"  # in the memory's state record: the round of its last increment
 
 
 def partition_of(context: Context) -> int:
@@ -61,32 +61,30 @@ def state_key(algorithm: str, name: str) -> str:
     return f"{R.STATE_PREFIX}{algorithm}.{name}"
 
 
-def load_state(context: Context, algorithm: str, init: dict) -> dict:
+def load_state(context: Context, scope: str, init: dict) -> dict:
     """The client state saved by :func:`save_state`, or ``init`` on a first round."""
     out = {}
     for name, value in init.items():
-        key = state_key(algorithm, name)
-        out[name] = R.from_record(context.state[key]) if key in context.state else value
+        record = context.state.config_records.get(state_key(scope, name))
+        out[name] = R.unpack(record, value) if record is not None else value
     return out
 
 
-def save_state(context: Context, algorithm: str, state: dict) -> None:
+def save_state(context: Context, scope: str, state: dict, **extra: int) -> None:
+    """Keep ``state`` (name -> array dict) in ``context.state``, each as its arrays' raw bytes."""
     for name, params in state.items():
-        context.state[state_key(algorithm, name)] = R.to_record(params)
+        context.state[state_key(scope, name)] = R.pack(params, **extra)
 
 
 def memory_round(context: Context, scope: str, memory: str) -> int:
-    """The round of the last increment in the client's memory (0: none; -1: memory without a tag)."""
-    if state_key(scope, memory) not in context.state:
-        return 0
-    tag = context.state.config_records.get(state_key(scope, MEMORY_ROUND))
-    return int(tag["round"]) if tag is not None else -1
+    """The round of the last increment in the client's memory (0: no memory)."""
+    record = context.state.config_records.get(state_key(scope, memory))
+    return int(record[MEMORY_ROUND]) if record is not None else 0
 
 
-def commit_memory(context: Context, scope: str, memory: str, value: ArrayRecord, server_round: int) -> None:
+def commit_memory(context: Context, scope: str, memory: str, value, server_round: int) -> None:
     """Keep ``value`` as the client's memory, holding the increments up to ``server_round``."""
-    context.state[state_key(scope, memory)] = value
-    context.state[state_key(scope, MEMORY_ROUND)] = ConfigRecord({"round": server_round})
+    save_state(context, scope, {memory: value}, **{MEMORY_ROUND: server_round})
 
 
 def sync_memory(context: Context, scope: str, memory: str, msg: Message, ack: int) -> bool:
@@ -98,7 +96,7 @@ def sync_memory(context: Context, scope: str, memory: str, msg: Message, ack: in
     """
     resync = msg.content.array_records.get(R.RESYNC)
     if resync is not None:
-        commit_memory(context, scope, memory, resync, ack)
+        commit_memory(context, scope, memory, R.from_record(resync), ack)
         del msg.content.array_records[R.RESYNC]
         return False
     return memory_round(context, scope, memory) != ack
@@ -130,7 +128,7 @@ def train(msg: Message, context: Context) -> Message:
     result = client_round(algorithm, problem, cfg, i, server_round, params, state)
     save_state(context, scope, {k: v for k, v in result.state.items() if k != mem})
     if mem is not None:
-        commit_memory(context, scope, mem, R.to_record(result.state[mem]), server_round)
+        commit_memory(context, scope, mem, result.state[mem], server_round)
     content = RecordDict(
         {
             R.ARRAYS: (R.encode_sparse if algorithm.sparse else R.to_record)(result.message),

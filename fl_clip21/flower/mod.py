@@ -28,7 +28,7 @@ from flwr.common.constant import ErrorCode
 
 from fl_clip21 import core
 from fl_clip21.flower import records as R
-from fl_clip21.flower.client import commit_memory, enter_session, state_key, sync_memory
+from fl_clip21.flower.client import commit_memory, enter_session, load_state, sync_memory
 
 MODE = "fl_clip21.update"
 STATE = "clip21_mod"
@@ -78,10 +78,9 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if set(y) != set(x) or any(y[k].shape != x[k].shape for k in x):
         return _error(msg, "clip21_mod needs the reply's arrays to have the keys and shapes of the received ones")
     direction = y if mode == "gradients" else {k: x[k] - y[k] for k in x}
-    key = state_key(scope, MEMORY)
-    v = R.from_record(context.state[key]) if key in context.state else core.zeros_like(direction)
+    v = load_state(context, scope, {MEMORY: core.zeros_like(direction)})[MEMORY]
     step = core.error_feedback_step(direction, v, core.clip_operator(tau))
-    commit_memory(context, scope, MEMORY, R.to_record(step.memory), server_round)
+    commit_memory(context, scope, MEMORY, step.memory, server_round)
 
     del reply.content.array_records[out_name]
     reply.content[R.ARRAYS] = R.to_record(step.increment)

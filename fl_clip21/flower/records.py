@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fl_clip21.core import Params
 
@@ -52,6 +52,30 @@ def to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> Params:
     """ArrayRecord -> array dict."""
     return {k: v.numpy() for k, v in record.items()}
+
+
+def pack(params: Mapping[str, np.ndarray], **extra: int) -> ConfigRecord:
+    """Array dict -> ConfigRecord of each array's raw bytes (and ``extra`` ints).
+
+    The compact form of client state: no per-array header to write or parse;
+    :func:`unpack` takes the names, shapes and dtypes from the model.
+    """
+    record = ConfigRecord({k: np.ascontiguousarray(v).tobytes() for k, v in params.items()})
+    for k, v in extra.items():
+        record[k] = v
+    return record
+
+
+def unpack(record: ConfigRecord, layout: Mapping[str, np.ndarray]) -> Params:
+    """Inverse of :func:`pack`, with the names, shapes and dtypes of ``layout`` (read-only views, no copy)."""
+    out = {}
+    for k, ref in layout.items():
+        raw = record[k]
+        if not isinstance(raw, bytes) or len(raw) != ref.nbytes:
+            raise ValueError(f"client state {k!r} holds {len(raw) if isinstance(raw, bytes) else type(raw).__name__} "
+                             f"bytes, the model's {k!r} needs {ref.nbytes}")
+        out[k] = np.frombuffer(raw, dtype=ref.dtype).reshape(ref.shape)
+    return out
 
 
 def payload_bytes(record: ArrayRecord) -> int:
