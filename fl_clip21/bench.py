@@ -34,7 +34,7 @@ from fl_clip21 import core
 from fl_clip21.algorithms import algorithm_from_config, model_size
 from fl_clip21.config import load_scenario, parse_sets
 from fl_clip21.flower import records as R
-from fl_clip21.flower.client import partition_of, query
+from fl_clip21.flower.client import partition_of, query, run_setup
 from fl_clip21.flower.records import quiet_flower
 from fl_clip21.flower.client import train as clip21_train
 from fl_clip21.flower.strategy import Clip21Strategy
@@ -47,10 +47,11 @@ MB = 2**20
 
 
 def fedavg_train(msg: Message, context: Context) -> Message:
-    """FedAvg's client: one local gradient step from the received model."""
-    config = msg.content[R.CONFIG]
-    cfg = json.loads(str(config[R.SCENARIO]))
-    problem = build_problem(cfg)
+    """FedAvg's client: one local gradient step from the received model.
+
+    It reads the scenario as fl-clip21's client does (parsed once per process).
+    """
+    cfg, _, problem = run_setup(str(msg.content[R.CONFIG][R.SCENARIO]), "gd")
     i = partition_of(context)
     params = R.from_record(msg.content[R.ARRAYS])
     new = core.add(params, problem.client_grad(i, params), -cfg["lr"])

@@ -16,15 +16,16 @@ for a resync instead of working. The client keeps one copy of its memory.
 
 from __future__ import annotations
 
+import functools
 import json
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_clip21.algorithms import algorithm_from_config
+from fl_clip21.algorithms import Algorithm, algorithm_from_config
 from fl_clip21.engine import client_round
 from fl_clip21.flower import records as R
-from fl_clip21.problems import build_problem
+from fl_clip21.problems import Problem, build_problem
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -102,6 +103,18 @@ def sync_memory(context: Context, scope: str, memory: str, msg: Message, ack: in
     return memory_round(context, scope, memory) != ack
 
 
+@functools.lru_cache(maxsize=4)
+def run_setup(scenario: str, name: str) -> tuple[dict, Algorithm, Problem]:
+    """(scenario, algorithm, problem) of a train message's scenario JSON and algorithm name.
+
+    Every message of a run carries the same scenario: a process serving many
+    clients (a Ray actor) parses it and builds the algorithm once. The
+    scenario dict is shared: read it, never change it.
+    """
+    cfg = json.loads(scenario)
+    return cfg, algorithm_from_config(name, cfg), build_problem(cfg)
+
+
 def train(msg: Message, context: Context) -> Message:
     """One client round of the algorithm named in the message's config.
 
@@ -113,10 +126,8 @@ def train(msg: Message, context: Context) -> Message:
     if dp_baseline.is_flower_message(msg):
         return dp_baseline.local_training(msg, context)
     config = msg.content[R.CONFIG]
-    cfg = json.loads(str(config[R.SCENARIO]))
+    cfg, algorithm, problem = run_setup(str(config[R.SCENARIO]), str(config[R.ALGORITHM]))
     server_round = int(config[R.ROUND])
-    algorithm = algorithm_from_config(str(config[R.ALGORITHM]), cfg)
-    problem = build_problem(cfg)
     i = partition_of(context)
     params = R.from_record(msg.content[R.ARRAYS])
     mem = algorithm.memory
