@@ -24,6 +24,8 @@ def _progress(stream=sys.stderr):
         )
         if rec.get("rejected"):
             line += f"  rejected={rec['rejected']}"
+        if rec.get("failed"):
+            line += f"  failed={rec['failed']}"
         if tty:
             stream.write("\r\033[K" + line + ("\n" if k == rounds else ""))
         elif k == rounds or k % max(1, rounds // 10) == 0:

@@ -69,6 +69,18 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
 
 
+def _unit_interval(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+# Relative client data sizes (flwr-datasets' size partitioners; "equal": the partition kind's own).
+PARTITION_SIZES = ("equal", "linear", "square", "exponential")
+
+
 SCHEMA: dict[str, Key] = {
     "name": Key("str", "scenario", "Scenario name, used in titles."),
     "algorithms": Key("list", ["gd", "clip-gd", "clip21-gd"], "Algorithms to run, comma-separated.", _algorithms),
@@ -90,6 +102,10 @@ SCHEMA: dict[str, Key] = {
     "target-epsilon": Key("floats", None, "Calibrate sigma to these epsilons over all rounds (comma-separated: a grid).", lambda v: None if v and all(e > 0 for e in v) else "must be numbers > 0"),
     "topk": Key("float", 0.1, "ef21-topk / clip21-topk: k as a count (>= 1) or a fraction of the model (< 1).", _topk),
     "local-steps": Key("int", 1, "celgc, flower-dp-fixed: local steps per round.", _at_least(1)),
+    "availability": Key("float", 1.0, "Probability that a client is online in a round (seeded); rounds sample among online clients.", _fraction),
+    "straggler-fraction": Key("float", 0.0, "Probability that a sampled client is slow in a round (seeded).", _unit_interval),
+    "straggler-delay": Key("float", 0.0, "Seconds a slow client's reply comes late.", _non_negative),
+    "round-timeout": Key("float", 0.0, "Seconds the server waits for replies; later ones are dropped (0: up to an hour).", _non_negative),
     "problem.name": Key("str", "mean-estimation", "mean-estimation | logreg | mlp | module:factory."),
     "problem.centers": Key("path-or-list", None, "mean-estimation: .npy file (n x d) or inline list; unset: drawn from seed."),
     "problem.dim": Key("int", 10, "mean-estimation: dimension when centres are drawn.", _at_least(1)),
@@ -103,6 +119,7 @@ SCHEMA: dict[str, Key] = {
     "partition.kind": Key("str", "iid", "iid | dirichlet | label-sorted | pathological.", _one_of("iid", "dirichlet", "label-sorted", "pathological")),
     "partition.alpha": Key("float", 0.5, "dirichlet: concentration alpha.", _positive),
     "partition.classes-per-client": Key("int", 2, "pathological: classes per client.", _at_least(1)),
+    "partition.sizes": Key("str", "equal", "Client data sizes: equal, or client i gets a share ~ i+1 (linear), (i+1)^2 (square), e^(i+1) (exponential).", _one_of(*PARTITION_SIZES)),
 }
 
 _BUILTIN_PROBLEMS = ("mean-estimation", "logreg", "mlp")
@@ -236,6 +253,7 @@ def resolve(
         raise ConfigError(
             f"problem.name must be one of {', '.join(_BUILTIN_PROBLEMS)} or 'module:factory', got {name!r}"
         )
+    _check_heterogeneity(cfg)
     if base_dir is not None:
         for key in ("problem.centers", "problem.dataset"):
             v = cfg.get(key)
@@ -243,6 +261,34 @@ def resolve(
                 p = Path(v).expanduser()
                 cfg[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
     return cfg
+
+
+def _check_heterogeneity(cfg: dict[str, Any]) -> None:
+    """Rules that tie the system-heterogeneity keys to other keys."""
+    if cfg["straggler-fraction"] > 0 and cfg["straggler-delay"] == 0:
+        raise ConfigError(
+            f"straggler-delay must be > 0 when straggler-fraction > 0, got {cfg['straggler-delay']!r} "
+            f"(straggler-fraction={cfg['straggler-fraction']!r})"
+        )
+    if "flower-dp-fixed" in cfg["algorithms"]:
+        for key, neutral in (("availability", 1.0), ("straggler-fraction", 0.0)):
+            if cfg[key] != neutral:
+                raise ConfigError(
+                    f"{key}={cfg[key]!r} is not supported by flower-dp-fixed (Flower's own sampling); "
+                    f"set {key}={neutral:g} or drop flower-dp-fixed from algorithms"
+                )
+    sizes = cfg["partition.sizes"]
+    if sizes != "equal":
+        if cfg["partition.kind"] == "pathological":
+            raise ConfigError(
+                f"partition.sizes={sizes!r} works with partition.kind iid, dirichlet or label-sorted, "
+                "got 'pathological'"
+            )
+        if cfg["problem.name"] == "mean-estimation":
+            raise ConfigError(
+                f"partition.sizes={sizes!r} needs a problem with data rows (logreg, mlp), "
+                "got problem.name 'mean-estimation' (one centre per client)"
+            )
 
 
 def with_epsilon(cfg: dict[str, Any], target: float) -> dict[str, Any]:

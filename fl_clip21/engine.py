@@ -1,5 +1,11 @@
 """What every engine shares: client sampling, per-client RNGs, one round.
 
+System heterogeneity is drawn here too, from seeded streams of (seed, client,
+round): which clients are online (:func:`sample_clients` picks among them) and
+which sampled clients are slow (:func:`straggler_delay`). The Flower client
+really sleeps that long and the Flower server drops replies later than the
+round timeout; ``run_local`` drops the same replies (:func:`late_clients`).
+
 ``run_local`` runs a scenario's algorithm in this process with the same
 algorithm values, sampling and generators as the Flower engine: it is the
 reference the Flower runs are checked against. Each round it computes every
@@ -27,13 +33,85 @@ from fl_clip21.problems import Problem, build_problem, client_grads
 OnRound = Callable[[str, dict[str, Any], int], None]
 
 
-def sample_clients(seed: int, server_round: int, num_clients: int, fraction: float) -> list[int]:
-    """The client indices that take part in ``server_round`` (seeded, sorted)."""
-    if fraction >= 1:
+# Seeded streams of system heterogeneity, apart from the clients' training generators:
+# who is online, who is slow. Client i's draw in a round is entry i of the round's
+# stream, whatever the number of clients.
+ONLINE_STREAM = 0xA7A1
+STRAGGLER_STREAM = 0x51A6
+# Seconds the server waits for replies when round-timeout is 0 (Flower's Strategy.start default).
+REPLY_WAIT = 3600.0
+
+
+def _round_uniforms(seed: int, server_round: int, stream: int, size: int) -> np.ndarray:
+    """Draws in [0, 1) of clients 0..size-1 in ``server_round`` from ``stream``."""
+    # Four words, the last non-zero: never the key of client_rng or of the sampling generator.
+    return np.random.default_rng([seed, server_round, stream, 1]).random(size)
+
+
+def online_clients(seed: int, server_round: int, num_clients: int, availability: float) -> list[int]:
+    """The clients online in ``server_round``: each with probability ``availability`` (seeded)."""
+    if availability >= 1:
         return list(range(num_clients))
-    m = max(1, int(round(fraction * num_clients)))
+    draws = _round_uniforms(seed, server_round, ONLINE_STREAM, num_clients)
+    return [int(i) for i in np.flatnonzero(draws < availability)]
+
+
+def sample_clients(
+    seed: int, server_round: int, num_clients: int, fraction: float, availability: float = 1.0
+) -> list[int]:
+    """The client indices that take part in ``server_round`` (seeded, sorted).
+
+    round(``fraction`` x ``num_clients``) of them (at least one), drawn among the
+    clients online in that round (:func:`online_clients`); all online clients
+    when there are fewer, none when nobody is online.
+    """
+    online = online_clients(seed, server_round, num_clients, availability)
+    if fraction >= 1 or not online:
+        return online
+    m = min(max(1, int(round(fraction * num_clients))), len(online))
     rng = np.random.default_rng([seed, 0x5A3D1E, server_round])
-    return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
+    return sorted(online[int(j)] for j in rng.choice(len(online), size=m, replace=False))
+
+
+def straggler_delay(cfg: dict[str, Any], client: int, server_round: int) -> float:
+    """Seconds late client ``client`` replies in ``server_round``: ``straggler-delay`` if it is slow, else 0."""
+    p = cfg.get("straggler-fraction", 0.0)
+    if p <= 0:
+        return 0.0
+    slow = _round_uniforms(cfg["seed"], server_round, STRAGGLER_STREAM, client + 1)[client] < p
+    return float(cfg["straggler-delay"]) if slow else 0.0
+
+
+def reply_timeout(cfg: dict[str, Any]) -> float:
+    """Seconds the server waits for a round's replies."""
+    return cfg.get("round-timeout", 0.0) or REPLY_WAIT
+
+
+def _drops_possible(cfg: dict[str, Any]) -> bool:
+    """Whether some stragglers' replies miss the round timeout."""
+    return cfg.get("straggler-fraction", 0.0) > 0 and cfg["straggler-delay"] > reply_timeout(cfg)
+
+
+def late_clients(cfg: dict[str, Any], server_round: int, clients: Sequence[int]) -> set[int]:
+    """The clients of ``clients`` whose reply in ``server_round`` misses the round timeout."""
+    if not _drops_possible(cfg):
+        return set()
+    draws = _round_uniforms(cfg["seed"], server_round, STRAGGLER_STREAM, cfg["num-clients"])
+    return {i for i in clients if draws[i] < cfg["straggler-fraction"]}
+
+
+def dropped_reply_state(algorithm: Algorithm, server_copy: dict | None, after: dict) -> dict:
+    """A client's state after a round whose reply the server did not apply.
+
+    The memory the server mirrors (``algorithm.memory``, Clip21's v_i) is the
+    server's copy, the sum of the client's messages it applied: the Flower
+    client's consistency protocol resyncs the client to it. With sigma = 0 that
+    is the memory the client had before the round. The rest of the state is
+    what the client computed.
+    """
+    if algorithm.memory is None:
+        return after
+    return {**after, algorithm.memory: server_copy}
 
 
 def client_rng(seed: int, client: int, server_round: int) -> np.random.Generator:
@@ -147,22 +225,36 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
     params = problem.init_params()
     server_state = algorithm.server_init(params)
     states = [algorithm.client_init(params) for _ in range(n)]
+    # The server's copies of the clients' memories, kept when a reply can be dropped.
+    copies = (
+        [core.zeros_like(params) for _ in range(n)]
+        if algorithm.memory is not None and _drops_possible(cfg) else None
+    )
     records = []
     times_asked = np.zeros(n, dtype=np.int64)
     start = time.perf_counter()
     for k in range(1, cfg["rounds"] + 1):
         t0 = time.perf_counter()
-        clients = sample_clients(cfg["seed"], k, n, cfg["fraction"])
+        clients = sample_clients(cfg["seed"], k, n, cfg["fraction"], cfg.get("availability", 1.0))
         times_asked[clients] += 1
         results = clients_round(algorithm, problem, cfg, clients, k, params, [states[i] for i in clients])
+        late = late_clients(cfg, k, clients)
+        arrived = []
         for i, res in zip(clients, results):
-            states[i] = res.state
-        messages = [res.message for res in results]
-        clipped = sum(res.clipped for res in results)
+            if i in late:
+                states[i] = dropped_reply_state(algorithm, copies[i] if copies else None, res.state)
+            else:
+                states[i] = res.state
+                arrived.append(res)
+                if copies is not None:
+                    copies[i] = core.add(copies[i], res.message)
+        messages = [res.message for res in arrived]
+        clipped = sum(res.clipped for res in arrived)
         params, server_state = algorithm.server_update(params, server_state, messages, n)
         rec = {
             "round": k, "participants": len(clients), "accepted": len(messages),
-            "clip_fraction": clipped / len(messages), "rejected": 0, "failed": 0, "resyncs": 0,
+            "clip_fraction": clipped / len(messages) if messages else 0.0, "rejected": 0,
+            "failed": len(late), "resyncs": 0,
             "bytes_up": sum(message_bytes(algorithm, m) for m in messages),
             "seconds": time.perf_counter() - t0,
             **round_epsilon(algorithm, times_asked, cfg["delta"]),

@@ -87,32 +87,70 @@ def partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarra
         return _partition_indices(labels, cfg)
 
 
-def _partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarray]:
+def client_sizes(cfg: dict[str, Any], num_rows: int) -> list[int] | None:
+    """Rows per client that ``partition.sizes`` asks for (None: "equal", the partition's own).
+
+    flwr-datasets' Linear/Square/ExponentialPartitioner rule: client i gets a share
+    of ``num_rows`` proportional to i+1, (i+1)^2 or e^(i+1), the remainder to the last.
+    """
+    from flwr_datasets.partitioner import ExponentialPartitioner, LinearPartitioner, SquarePartitioner
+
+    n, sizes = cfg["num-clients"], cfg.get("partition.sizes", "equal")
+    if sizes == "equal":
+        return None
+    cls = {"linear": LinearPartitioner, "square": SquarePartitioner, "exponential": ExponentialPartitioner}[sizes]
+    part = cls(num_partitions=n)
+    part.dataset = _datasets_rows(np.zeros(num_rows, dtype=np.int64))
+    try:
+        part.num_partitions  # noqa: B018 - computes the sizes; raises if one is 0
+    except ValueError:
+        pass
+    counts = [int(part.partition_id_to_size[i]) for i in range(n)]
+    if min(counts) < 1:
+        raise ConfigError(
+            f"partition.sizes={sizes!r} leaves client 0 with {min(counts)} of the {num_rows} data rows "
+            f"for num-clients={n}; every client needs at least one row: use fewer clients or slower-growing sizes"
+        )
+    return counts
+
+
+def _datasets_rows(labels: np.ndarray):
     import datasets
+
+    datasets.disable_progress_bars()
+    return datasets.Dataset.from_dict({"label": labels.tolist(), "row": np.arange(len(labels)).tolist()})
+
+
+def _partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarray]:
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
+        InnerDirichletPartitioner,
         PathologicalPartitioner,
+        SizePartitioner,
     )
 
     n, seed, kind = cfg["num-clients"], cfg["seed"], cfg["partition.kind"]
     if n > len(labels):
         raise ConfigError(f"num-clients must be <= the {len(labels)} data rows, got {n}")
-    datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_dict({"label": labels.tolist(), "row": np.arange(len(labels)).tolist()})
-    ds = ds.shuffle(seed=seed)
-    if kind == "iid":
-        part = IidPartitioner(num_partitions=n)
-    elif kind == "dirichlet":
+    counts = client_sizes(cfg, len(labels))
+    ds = _datasets_rows(labels).shuffle(seed=seed)
+    if kind in ("iid", "label-sorted"):
+        if kind == "label-sorted":
+            # Contiguous blocks of the label-sorted rows: every row goes to a client
+            # (ShardPartitioner's equal shards would drop the remainder).
+            ds = ds.sort(["label", "row"])
+        part = IidPartitioner(num_partitions=n) if counts is None else SizePartitioner(counts)
+    elif kind == "dirichlet" and counts is None:
         part = DirichletPartitioner(
             num_partitions=n, partition_by="label", alpha=cfg["partition.alpha"],
             min_partition_size=1, seed=seed,
         )
-    elif kind == "label-sorted":
-        # Contiguous blocks of the label-sorted rows: every row goes to a client
-        # (ShardPartitioner's equal shards would drop the remainder).
-        ds = ds.sort(["label", "row"])
-        part = IidPartitioner(num_partitions=n)
+    elif kind == "dirichlet":
+        # Each client's class mix from Dirichlet(alpha), its size from partition.sizes.
+        part = InnerDirichletPartitioner(
+            partition_sizes=counts, partition_by="label", alpha=cfg["partition.alpha"], seed=seed
+        )
     else:
         k = cfg["partition.classes-per-client"]
         num_classes = len(np.unique(labels))

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_clip21.algorithms import Algorithm, algorithm_from_config
-from fl_clip21.engine import client_round
+from fl_clip21.engine import client_round, straggler_delay
 from fl_clip21.flower import records as R
 from fl_clip21.problems import Problem, build_problem
 
@@ -129,6 +130,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg, algorithm, problem = run_setup(str(config[R.SCENARIO]), str(config[R.ALGORITHM]))
     server_round = int(config[R.ROUND])
     i = partition_of(context)
+    delay = straggler_delay(cfg, i, server_round)
+    if delay:
+        time.sleep(delay)  # a slow device: the server may drop the reply (round-timeout)
     params = R.from_record(msg.content[R.ARRAYS])
     mem = algorithm.memory
     scope = enter_session(context, config, algorithm.name)
@@ -154,7 +158,10 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def query(msg: Message, context: Context) -> Message:
-    """Handshake: tell the server which client index this node holds."""
+    """Handshake: tell the server which client index this node holds (and build the scenario's problem)."""
+    config = msg.content.config_records.get(R.CONFIG)
+    if config is not None and R.SCENARIO in config:
+        build_problem(json.loads(str(config[R.SCENARIO])))
     i = partition_of(context)
     n = int(context.node_config.get(NUM_PARTITIONS, -1))
     return Message(

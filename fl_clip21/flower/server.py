@@ -10,7 +10,7 @@ from typing import Any
 from flwr.serverapp import Grid
 
 from fl_clip21.algorithms import algorithm_from_config
-from fl_clip21.engine import evaluate
+from fl_clip21.engine import evaluate, reply_timeout
 from fl_clip21.flower import records as R
 from fl_clip21.flower.strategy import Clip21Strategy
 from fl_clip21.problems import build_problem
@@ -24,10 +24,13 @@ def run_algorithm(
     cfg: dict[str, Any],
     name: str,
     on_round: OnRound | None = None,
-    timeout: float = 3600.0,
+    timeout: float | None = None,
     checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Run one algorithm for ``cfg['rounds']`` rounds; returns its records and final model.
+
+    Replies later than ``timeout`` seconds (default: the scenario's
+    ``round-timeout``, see :func:`~fl_clip21.engine.reply_timeout`) are dropped.
 
     With ``checkpoint``, the server's state is saved there after every round,
     and a run whose checkpoint already exists continues from it.
@@ -38,6 +41,8 @@ def run_algorithm(
         scenario=cfg,
         num_clients=cfg["num-clients"],
         fraction=cfg["fraction"],
+        availability=cfg.get("availability", 1.0),
+        late_reply_wait=cfg.get("straggler-delay", 0.0) + 600.0,
         seed=cfg["seed"],
         audit=cfg["audit"],
         delta=cfg["delta"],
@@ -52,7 +57,7 @@ def run_algorithm(
             grid=grid,
             initial_arrays=R.to_record(strategy.params if done else problem.init_params()),
             num_rounds=cfg["rounds"] - done,
-            timeout=timeout,
+            timeout=timeout if timeout is not None else reply_timeout(cfg),
         )
     return {
         "records": strategy.history,

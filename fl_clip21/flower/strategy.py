@@ -12,6 +12,13 @@ of the increments it applied (its copy of v_i) and the last round it applied
 one; it tells each client that round (``ack``) and sends its copy back to a
 client whose increment it did not apply or that lost its state (``resync``). With ``checkpoint`` it saves all of
 this after every round, atomically, and :meth:`resume` continues from it.
+
+A reply later than the round's timeout is dropped like a lost one. The node
+may still be working on it, and Flower's simulation engine would then run the
+node's next message at the same time, from the same ``context.state``, and
+keep whichever state is written back last (``vce_api.worker``: no per-node
+lock). So the strategy sends a node its next message only once the late reply
+has come in (or ``late_reply_wait`` seconds have passed), and throws it away.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
@@ -120,6 +127,12 @@ class Clip21Strategy(Strategy):
         Share of nodes sent Flower evaluate messages after each round (their
         ``MetricRecord`` replies are averaged, weighted by ``num-examples``);
         0 skips client-side evaluation (``evaluate_fn`` of :meth:`start` still runs).
+    availability:
+        Probability that a client is online in a round; each round samples
+        among the online clients (:func:`~fl_clip21.engine.sample_clients`).
+    late_reply_wait:
+        Longest wait, in seconds, for the late reply of a node before sending
+        that node another message (see above).
     """
 
     def __init__(
@@ -138,16 +151,22 @@ class Clip21Strategy(Strategy):
         evaluate: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         fraction_evaluate: float = 0.0,
+        availability: float = 1.0,
+        late_reply_wait: float = 600.0,
     ) -> None:
         if not 0 <= fraction_evaluate <= 1:
             raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate!r}")
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        if not 0 < availability <= 1:
+            raise ValueError(f"availability must be in (0, 1], got {availability!r}")
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients!r}")
         self.algorithm = algorithm
         self.num_clients = num_clients
         self.fraction = fraction
+        self.availability = availability
+        self.late_reply_wait = late_reply_wait
         self.seed = seed
         self.audit = audit and algorithm.memory is not None
         self.delta = delta
@@ -168,6 +187,8 @@ class Clip21Strategy(Strategy):
         self.needs_resync: set[int] = set()
         self.history: list[dict[str, Any]] = []
         self._asked: dict[int, int] = {}
+        self._sent: list[Message] = []  # this round's messages (their ids are set when pushed)
+        self._late: dict[int, str] = {}  # node -> id of a message whose reply missed its round
         self._audit_v: dict[int, dict[str, np.ndarray]] = {}
         self._bound: float | None = None
 
@@ -239,8 +260,11 @@ class Clip21Strategy(Strategy):
         return nodes
 
     def _query(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
+        # With the scenario, the nodes also build their problem now: a node's first
+        # training round is then not slower than the others (round-timeout).
+        query = {R.SCENARIO: self._scenario_json} if self._scenario_json is not None else {}
         msgs = [
-            Message(RecordDict({R.CONFIG: ConfigRecord({})}), dst_node_id=nid, message_type=MessageType.QUERY)
+            Message(RecordDict({R.CONFIG: ConfigRecord(query)}), dst_node_id=nid, message_type=MessageType.QUERY)
             for nid in nodes
         ]
         mapping: dict[int, int] = {}
@@ -297,7 +321,56 @@ class Clip21Strategy(Strategy):
 
     def sample_clients(self, server_round: int) -> list[int]:
         """The client indices that take part in ``server_round`` (seeded)."""
-        return sample_clients(self.seed, server_round, self.num_clients, self.fraction)
+        return sample_clients(self.seed, server_round, self.num_clients, self.fraction, self.availability)
+
+    # --- late replies -----------------------------------------------------------
+
+    def _sent_messages(self, messages: list[Message]) -> list[Message]:
+        self._sent = messages
+        return messages
+
+    def _note_late(self, answered: set[str]) -> None:
+        """Remember this round's messages whose reply did not come (``answered``: ids replied to)."""
+        for msg in self._sent:
+            if msg.metadata.message_id and msg.metadata.message_id not in answered:
+                self._late[msg.metadata.dst_node_id] = msg.metadata.message_id
+        self._sent = []
+
+    def await_late_replies(self, grid: Grid, nodes: Iterable[int] | None = None) -> None:
+        """Wait until the late replies of ``nodes`` (default: all) came in, and drop them."""
+        wanted = set(self._late) if nodes is None else set(nodes)
+        waiting = {nid: mid for nid, mid in self._late.items() if nid in wanted}
+        if not waiting:
+            return
+        deadline = time.monotonic() + self.late_reply_wait
+        ids = set(waiting.values())
+        while ids and time.monotonic() < deadline:
+            for reply in grid.pull_messages(ids):
+                ids.discard(reply.metadata.reply_to_message_id)
+            if ids:
+                time.sleep(0.02)
+        for nid, mid in waiting.items():
+            del self._late[nid]
+            if mid in ids:
+                log(WARNING, "node %d: no reply to message %s within %.0f s; messaging it again", nid, mid,
+                    self.late_reply_wait)
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's :meth:`Strategy.start`, then a wait for late replies (the nodes may serve another run next)."""
+        result = super().start(
+            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
+        )
+        self.await_late_replies(grid)
+        return result
 
     # --- Strategy interface ---------------------------------------------------
 
@@ -312,6 +385,7 @@ class Clip21Strategy(Strategy):
         clients = self.sample_clients(k)
         self.times_asked[clients] += 1  # asked, whether or not its node is there: never undercount epsilon
         self._asked = {node_of_client[c]: c for c in clients if c in node_of_client}
+        self.await_late_replies(grid, self._asked)
         self._expected = len(clients)
         self._round_start = time.perf_counter()
         base = dict(config)
@@ -327,7 +401,7 @@ class Clip21Strategy(Strategy):
             if c in self.needs_resync:
                 content[R.RESYNC] = R.to_record(self.shadow[c])
             messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
-        return messages
+        return self._sent_messages(messages)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -339,8 +413,10 @@ class Clip21Strategy(Strategy):
         applied: set[int] = set()  # clients whose increment was applied
         responded: set[int] = set()
         memory_gap = 0.0  # audit: largest |v_i - server's copy| of the memories clients started from
+        answered: set[str] = set()
         for reply in replies:
             nid = reply.metadata.src_node_id
+            answered.add(reply.metadata.reply_to_message_id)
             c = self._asked.get(nid)
             duplicate = nid in responded
             responded.add(nid)
@@ -388,6 +464,7 @@ class Clip21Strategy(Strategy):
             # its memory: its next message carries the server's copy.
             self.needs_resync -= applied
             self.needs_resync |= set(self._asked.values()) - applied
+        self._note_late(answered)
         self.params, self.server_state = self.algorithm.server_update(
             self.params, self.server_state, accepted, self.num_clients
         )
@@ -431,12 +508,15 @@ class Clip21Strategy(Strategy):
         rng = np.random.default_rng([self.seed, 0xE7A1, self.round])
         chosen = sorted(int(nodes[j]) for j in rng.choice(len(nodes), size=m, replace=False))
         cfg = ConfigRecord({**dict(config), R.ROUND: self.round})
-        return [
+        self.await_late_replies(grid, chosen)
+        return self._sent_messages([
             Message(RecordDict({R.ARRAYS: arrays, R.CONFIG: cfg}), dst_node_id=nid, message_type=MessageType.EVALUATE)
             for nid in chosen
-        ]
+        ])
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._note_late({r.metadata.reply_to_message_id for r in replies})
         records = [r.content for r in replies if not r.has_error() and r.content.metric_records]
         if not records:
             return None
