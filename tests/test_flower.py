@@ -41,6 +41,7 @@ def test_g_equals_mean_of_client_v_every_round(fraction):
     assert len(recs) == 25
     assert all(r["participants"] == (6 if fraction == 1 else 3) for r in recs)
     assert max(r["invariant_gap"] for r in recs) < 1e-12
+    assert max(r["memory_gap"] for r in recs) < 1e-12  # every client started from the server's copy
     assert recs[0]["clip_fraction"] > 0  # the clipping really was active
     # The same iterates as the in-process reference engine (same sampling and seeds).
     assert _max_diff(res["params"], run_local(cfg, "clip21-gd")["params"]) < 1e-12

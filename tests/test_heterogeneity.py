@@ -95,7 +95,7 @@ def _assert_same_trajectory(flower: dict, vectorized: dict) -> None:
         np.testing.assert_allclose(vectorized["params"][key], arr, rtol=0, atol=1e-10)
     assert len(flower["records"]) == len(vectorized["records"])
     for fr, vr in zip(flower["records"], vectorized["records"]):
-        assert set(fr) - {"invariant_gap"} == set(vr), (fr, vr)
+        assert set(fr) - {"invariant_gap", "memory_gap"} == set(vr), (fr, vr)
         for key in COMPARED:
             if key in fr:
                 assert vr[key] == pytest.approx(fr[key], rel=1e-9, abs=1e-14), (key, vr["round"], fr, vr)
@@ -178,7 +178,8 @@ def test_late_replies_are_dropped_and_counted_as_failed_on_both_engines(runs):
             assert [r["failed"] for r in recs] == [len(s) for s in late]
             assert [r["accepted"] for r in recs] == [N - len(s) for s in late]
             assert all(r["rejected"] == 0 and r["resyncs"] == 0 for r in recs)
-    assert max(r["invariant_gap"] for r in flower["clip21-gd"]["records"]) < GAP
+    for key in ("invariant_gap", "memory_gap"):
+        assert max(r[key] for r in flower["clip21-gd"]["records"]) < GAP, key
 
 
 def test_straggler_delay_and_late_clients_agree():
