@@ -59,6 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fl_clip21.problems import build_problem
 
         build_problem(cfg)  # data errors surface here, before anything starts
+        if args.engine == "flower":
+            from fl_clip21.flower.simulation import backend_config
+
+            backend_config(cfg)  # and resources this machine cannot give, before Ray starts
     except ConfigError as e:
         print(f"fl-clip21: error: {e}", file=sys.stderr)
         return 2

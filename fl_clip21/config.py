@@ -83,6 +83,7 @@ SCHEMA: dict[str, Key] = {
     "seeds": Key("ints", None, "Run once per seed (comma-separated); the summary averages over them.", lambda v: None if v and all(x >= 0 for x in v) else "must be integers >= 0"),
     "audit": Key("bool", False, "Clients also report v_i so the server checks g == mean(v_i) each round."),
     "num-cpus": Key("float", 1.0, "CPUs reserved per simulated client (Ray).", _positive),
+    "num-gpus": Key("float", 0.0, "GPUs reserved per simulated client (Ray; a fraction shares a GPU).", lambda v: None if v >= 0 else "must be >= 0"),
     "beta1": Key("float", 1.0, "clip21-sgd2m: client momentum beta1.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
     "beta2": Key("float", 1.0, "clip21-sgd2m: error-feedback step beta2.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
     "sigma": Key("float", 0.0, "Std of the Gaussian noise clients add after clipping (clip-*, clip21-sgd2m, flower-dp-fixed).", lambda v: None if v >= 0 else "must be >= 0"),

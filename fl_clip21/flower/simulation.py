@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fl_clip21.config import ConfigError
 from fl_clip21.flower.client import make_client_app
 from fl_clip21.flower.server import OnRound, run_scenario
 
@@ -38,13 +39,32 @@ class SimulationError(RuntimeError):
     """The ServerApp of a simulation did not finish."""
 
 
+def check_gpus(num_gpus: float) -> None:
+    """Fail if clients ask for GPUs this machine does not have.
+
+    Ray would accept the request and wait for a GPU that never comes.
+    """
+    if num_gpus > 0:
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise ConfigError(
+                f"num-gpus must be 0 on this machine (no GPU: torch.cuda.device_count() == 0), got {num_gpus!r}"
+            )
+
+
 def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Ray settings from the scenario: client resources, the local CPUs."""
+    """Ray settings from the scenario: client resources, the local CPUs.
+
+    Raises :class:`ConfigError` when ``num-gpus`` > 0 on a machine without a GPU.
+    """
+    num_gpus = cfg.get("num-gpus", 0.0)
     init_args: dict[str, Any] = {"include_dashboard": False}
     if "RAY_ADDRESS" not in os.environ:
+        check_gpus(num_gpus)
         init_args["num_cpus"] = os.cpu_count() or 1
     return {
-        "client_resources": {"num_cpus": cfg["num-cpus"], "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cfg["num-cpus"], "num_gpus": num_gpus},
         "init_args": init_args,
     }
 
