@@ -46,6 +46,8 @@ def _load_resume(folder: Path) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
+        if args.ray_address and args.engine != "flower":
+            raise ConfigError(f"--ray-address works with --engine flower, got --engine {args.engine}")
         if args.resume:
             if args.engine != "flower":
                 raise ConfigError(f"--resume works with --engine flower, got --engine {args.engine}")
@@ -60,9 +62,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         build_problem(cfg)  # data errors surface here, before anything starts
         if args.engine == "flower":
-            from fl_clip21.flower.simulation import backend_config
+            from fl_clip21.flower.simulation import backend_config, check_cluster_fits
 
-            backend_config(cfg)  # and resources this machine cannot give, before Ray starts
+            # and resources the machine or cluster cannot give, before the simulation starts
+            check_cluster_fits(backend_config(cfg, args.ray_address))
     except ConfigError as e:
         print(f"fl-clip21: error: {e}", file=sys.stderr)
         return 2
@@ -91,7 +94,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             ckpt_root.mkdir(parents=True)
             (ckpt_root / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
         dirs = [ckpt_root / f"run-{j}" for j in range(len(runs))]
-        results = simulate(runs, on_round=_progress(), verbose=args.verbose, checkpoint_dirs=dirs)
+        results = simulate(
+            runs, on_round=_progress(), verbose=args.verbose, checkpoint_dirs=dirs, ray_address=args.ray_address
+        )
     rows = write_outputs(out, list(zip(runs, results)))
     print(summary_markdown(rows, cfg["name"], cfg["target"]))
     print(f"wrote {out}/ (metrics.json, config.json, summary.md, summary.csv, plots)")
@@ -147,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         "--engine", choices=("flower", "vectorized"), default="flower",
         help="flower: Flower's simulation engine (default); vectorized: in-process, batched gradients, "
         "same results (not for flower-dp-fixed)",
+    )
+    run.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="run the simulated clients on the existing Ray cluster at ADDR (host:port of its head, "
+        "e.g. 10.0.0.5:6379; default: $RAY_ADDRESS if set, else a new local Ray instance; "
+        "'local' forces a new local instance)",
     )
     bench = sub.add_parser(
         "bench", help="seconds per round of clip21-gd vs Flower's FedAvg in one Flower simulation"

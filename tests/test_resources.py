@@ -70,3 +70,14 @@ def test_cli_num_gpus_without_gpu_exits_2_before_ray_starts(tmp_path):
     assert not out.exists()
     assert "round" not in proc.stdout + proc.stderr  # nothing was simulated
     assert time.monotonic() - start < 60
+
+
+def test_more_cpus_per_client_than_the_machine_has_is_a_config_error(no_ray_address):
+    # Flower's actor pool would be empty: the run would crash or hang.
+    import os
+
+    too_many = float((os.cpu_count() or 1) + 1)
+    cfg = config.resolve({}, config.parse_sets([f"num-cpus={too_many}"]))
+    with pytest.raises(ConfigError) as ei:
+        backend_config(cfg)
+    assert "num-cpus" in str(ei.value) and repr(too_many) in str(ei.value)
