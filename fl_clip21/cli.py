@@ -38,10 +38,30 @@ CHECKPOINTS = "checkpoint"
 
 def _load_resume(folder: Path) -> dict:
     """The resolved scenario an interrupted run saved in ``folder``."""
+    if not folder.is_dir():
+        raise ConfigError(f"--resume: folder {str(folder)!r} does not exist")
     saved = folder / CHECKPOINTS / "config.json"
     if not saved.is_file():
         raise ConfigError(f"--resume: {str(folder)!r} holds no interrupted run (no {CHECKPOINTS}/config.json)")
-    return json.loads(saved.read_text())
+    try:
+        cfg = json.loads(saved.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: {str(saved)!r} cannot be read ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--resume: {str(saved)!r} holds no scenario, got {type(cfg).__name__}")
+    return cfg
+
+
+def _resume_line(runs: list[dict], results: list[dict]) -> str:
+    """``resumed: gd after round 60 of 60, clip21-gd after round 17 of 60`` (one entry per run and algorithm)."""
+    parts = []
+    for cfg, res in zip(runs, results):
+        eps = cfg.get("target-epsilon")
+        grid = f" (epsilon {eps[0]:g}, seed {cfg['seed']})" if eps else f" (seed {cfg['seed']})"
+        grid = grid if len(runs) > 1 else ""
+        for name, r in res.items():
+            parts.append(f"{name}{grid} after round {r.get('resumed_from_round', 0)} of {cfg['rounds']}")
+    return "resumed: " + ", ".join(parts)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -97,6 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         results = simulate(
             runs, on_round=_progress(), verbose=args.verbose, checkpoint_dirs=dirs, ray_address=args.ray_address
         )
+    if args.resume:
+        print(_resume_line(runs, results), file=sys.stderr)
     rows = write_outputs(out, list(zip(runs, results)))
     print(summary_markdown(rows, cfg["name"], cfg["target"]))
     print(f"wrote {out}/ (metrics.json, config.json, summary.md, summary.csv, plots)")
