@@ -235,12 +235,53 @@ def resolve(
             f"problem.name must be one of {', '.join(_BUILTIN_PROBLEMS)} or 'module:factory', got {name!r}"
         )
     if base_dir is not None:
-        for key in ("problem.centers", "problem.dataset"):
-            v = cfg.get(key)
-            if isinstance(v, str) and v and v != "breast_cancer" and v != "digits":
-                p = Path(v).expanduser()
-                cfg[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
+        for key, v in data_files(cfg).items():
+            p = Path(v).expanduser()
+            cfg[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
     return cfg
+
+
+# Scenario keys that may name a data file, and the values that name built-in data instead.
+DATA_FILE_KEYS = ("problem.centers", "problem.dataset")
+BUILTIN_DATASETS = ("breast_cancer", "digits")
+# SuperNode node-config key: the folder where this node keeps the scenario's data files.
+DATA_DIR = "data-dir"
+
+
+def data_files(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The data files a scenario names: ``{key: path}`` for ``problem.centers`` / ``problem.dataset``."""
+    out = {}
+    for key in DATA_FILE_KEYS:
+        v = cfg.get(key)
+        if isinstance(v, str) and v and v not in BUILTIN_DATASETS:
+            out[key] = v
+    return out
+
+
+def with_data_dir(cfg: dict[str, Any], data_dir: Any) -> dict[str, Any]:
+    """``cfg`` with its data files looked up in a node's ``data-dir``, by file name.
+
+    The rule: a node whose ``data-dir`` is D opens ``D/<file name>`` for every data
+    file of the scenario (``problem.centers = "/srv/a/centers.npy"`` ->
+    ``D/centers.npy``), and nothing else; a node without ``data-dir`` (None or "")
+    opens the path the scenario gives. A file missing from D is a
+    :class:`ConfigError` naming the key, the path tried and D.
+    """
+    if data_dir is None or data_dir == "":
+        return cfg
+    folder = Path(str(data_dir)).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"node config {DATA_DIR} must be an existing folder, got {str(data_dir)!r}")
+    out = dict(cfg)
+    for key, path in data_files(cfg).items():
+        local = folder / Path(path).name
+        if not local.is_file():
+            raise ConfigError(
+                f"{key}: {str(local)!r} not found (the scenario names {path!r}; this node's "
+                f"{DATA_DIR} is {str(data_dir)!r} and data files are looked up there by file name)"
+            )
+        out[key] = str(local)
+    return out
 
 
 def with_epsilon(cfg: dict[str, Any], target: float) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_clip21.algorithms import algorithm_from_config
+from fl_clip21.config import DATA_DIR, with_data_dir
 from fl_clip21.engine import client_round
 from fl_clip21.flower import records as R
 from fl_clip21.problems import build_problem
@@ -116,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
     if dp_baseline.is_flower_message(msg):
         return dp_baseline.local_training(msg, context)
     config = msg.content[R.CONFIG]
-    cfg = json.loads(str(config[R.SCENARIO]))
+    cfg = with_data_dir(json.loads(str(config[R.SCENARIO])), context.node_config.get(DATA_DIR))
     server_round = int(config[R.ROUND])
     algorithm = algorithm_from_config(str(config[R.ALGORITHM]), cfg)
     problem = build_problem(cfg)
