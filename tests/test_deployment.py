@@ -520,3 +520,74 @@ def test_deployment_equals_in_process_engine(tmp_path, tls):
     if not tls:  # 15 rounds: Clip21-GD is past Clip-GD's fixed point
         assert metrics["clip21-gd"][-1]["grad_norm_sq"] < metrics["clip-gd"][-1]["grad_norm_sq"]
     report_timing("tls" if tls else "insecure", elapsed, metrics, logs)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 600)
+def test_supernodes_read_data_files_from_their_data_dir(tmp_path):
+    """Each SuperNode has the scenario's data file in its own ``data-dir`` node config.
+
+    The file at the scenario's path (machine A's, read by the ServerApp) holds other
+    centres than the nodes' copies, so the model shows which file the clients read:
+    GD with lr = 1 lands on the mean of the clients' centres.
+    """
+    server_data = tmp_path / "server-data"
+    server_data.mkdir()
+    np.save(server_data / "centers.npy", np.zeros((NUM_NODES, 1)))
+    node_centers = np.array([[1.0], [2.0], [6.0]])
+    scenario = tmp_path / "data-dir.toml"
+    scenario.write_text(
+        f'name = "data-dir"\nalgorithms = ["gd"]\nrounds = 2\nlr = 1.0\nnum-clients = {NUM_NODES}\n'
+        f'[problem]\nname = "mean-estimation"\ncenters = "{server_data / "centers.npy"}"\n'
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = Processes(logs, home=tmp_path)
+    link_dir = tmp_path / "superlink"
+    (link_dir / "home").mkdir(parents=True)
+    link_port = free_port()
+    cli_home = tmp_path / "cli-home"
+    cli_home.mkdir()
+    (cli_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy-test"\n\n[superlink.deploy-test]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    out = tmp_path / "out"
+    try:
+        superlink = procs.start(
+            "superlink",
+            [str(BIN / "flower-superlink"), "--insecure", "--database", str(link_dir / "state.db"),
+             "--host", "127.0.0.1", "--port", str(link_port)],
+            base_env(link_dir / "home"), cwd=link_dir,
+        )
+        wait_for_health(link_port, None, superlink, procs, "superlink")
+        nodes = []
+        for i in range(NUM_NODES):
+            node_dir = tmp_path / f"supernode-{i}"
+            (node_dir / "home").mkdir(parents=True)
+            (node_dir / "data").mkdir()
+            np.save(node_dir / "data" / "centers.npy", node_centers)
+            port = free_port()
+            cmd = [
+                str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                "--host", "127.0.0.1", "--port", str(port),
+                "--node-config", f'partition-id={i} num-partitions={NUM_NODES} data-dir="{node_dir / "data"}"',
+            ]
+            nodes.append((port, procs.start(f"supernode-{i}", cmd, base_env(node_dir / "home"), cwd=node_dir)))
+        for i, (port, node) in enumerate(nodes):
+            wait_for_port(port, node, f"flower-supernode {i}", procs, f"supernode-{i}")
+        try:
+            run = subprocess.run(
+                [str(BIN / "flwr"), "run", str(ROOT), "deploy-test", "--stream",
+                 "--run-config", f"scenario='{scenario}' out='{out}'"],
+                env=base_env(cli_home), cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+            )
+        finally:
+            procs.note_spawned()
+        assert run.returncode == 0, (run.stdout[-4000:], run.stderr[-4000:], procs.log_tail("superlink"))
+    finally:
+        procs.stop_all()
+    assert not procs.left(), f"processes still running: {sorted(procs.left())}"
+
+    recs = json.loads((out / "metrics.json").read_text())["algorithms"]["gd"]
+    assert [(r["accepted"], r["failed"]) for r in recs] == [(NUM_NODES, 0)] * 2, recs
+    with np.load(out / "final_params.npz") as npz:
+        np.testing.assert_allclose(npz["gd/x"], [3.0], rtol=1e-12)  # mean of 1, 2, 6: the nodes' files
