@@ -40,14 +40,36 @@ CHECKPOINTS = "checkpoint"
 
 def _load_resume(folder: Path) -> dict:
     """The resolved scenario an interrupted run saved in ``folder``."""
+    if not folder.is_dir():
+        raise ConfigError(f"--resume: folder {str(folder)!r} does not exist")
     saved = folder / CHECKPOINTS / "config.json"
     if not saved.is_file():
         raise ConfigError(f"--resume: {str(folder)!r} holds no interrupted run (no {CHECKPOINTS}/config.json)")
-    return json.loads(saved.read_text())
+    try:
+        cfg = json.loads(saved.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: {str(saved)!r} cannot be read ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--resume: {str(saved)!r} holds no scenario, got {type(cfg).__name__}")
+    return cfg
+
+
+def _resume_line(runs: list[dict], results: list[dict]) -> str:
+    """``resumed: gd after round 60 of 60, clip21-gd after round 17 of 60`` (one entry per run and algorithm)."""
+    parts = []
+    for cfg, res in zip(runs, results):
+        eps = cfg.get("target-epsilon")
+        grid = f" (epsilon {eps[0]:g}, seed {cfg['seed']})" if eps else f" (seed {cfg['seed']})"
+        grid = grid if len(runs) > 1 else ""
+        for name, r in res.items():
+            parts.append(f"{name}{grid} after round {r.get('resumed_from_round', 0)} of {cfg['rounds']}")
+    return "resumed: " + ", ".join(parts)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
+        if args.ray_address and args.engine != "flower":
+            raise ConfigError(f"--ray-address works with --engine flower, got --engine {args.engine}")
         if args.resume:
             if args.engine != "flower":
                 raise ConfigError(f"--resume works with --engine flower, got --engine {args.engine}")
@@ -61,6 +83,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fl_clip21.problems import build_problem
 
         build_problem(cfg)  # data errors surface here, before anything starts
+        if args.engine == "flower":
+            from fl_clip21.flower.simulation import backend_config, check_cluster_fits
+
+            # and resources the machine or cluster cannot give, before the simulation starts
+            check_cluster_fits(backend_config(cfg, args.ray_address))
     except ConfigError as e:
         print(f"fl-clip21: error: {e}", file=sys.stderr)
         return 2
@@ -89,7 +116,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             ckpt_root.mkdir(parents=True)
             (ckpt_root / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
         dirs = [ckpt_root / f"run-{j}" for j in range(len(runs))]
-        results = simulate(runs, on_round=_progress(), verbose=args.verbose, checkpoint_dirs=dirs)
+        results = simulate(
+            runs, on_round=_progress(), verbose=args.verbose, checkpoint_dirs=dirs, ray_address=args.ray_address
+        )
+    if args.resume:
+        print(_resume_line(runs, results), file=sys.stderr)
     rows = write_outputs(out, list(zip(runs, results)))
     print(summary_markdown(rows, cfg["name"], cfg["target"]))
     print(f"wrote {out}/ (metrics.json, config.json, summary.md, summary.csv, plots)")
@@ -151,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         "--engine", choices=("flower", "vectorized"), default="flower",
         help="flower: Flower's simulation engine (default); vectorized: in-process, batched gradients, "
         "same results (not for flower-dp-fixed)",
+    )
+    run.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="run the simulated clients on the existing Ray cluster at ADDR (host:port of its head, "
+        "e.g. 10.0.0.5:6379; default: $RAY_ADDRESS if set, else a new local Ray instance; "
+        "'local' forces a new local instance)",
     )
     bench = sub.add_parser(
         "bench",

@@ -95,6 +95,7 @@ SCHEMA: dict[str, Key] = {
     "seeds": Key("ints", None, "Run once per seed (comma-separated); the summary averages over them.", lambda v: None if v and all(x >= 0 for x in v) else "must be integers >= 0"),
     "audit": Key("bool", False, "Clients also report v_i so the server checks g == mean(v_i) each round."),
     "num-cpus": Key("float", 1.0, "CPUs reserved per simulated client (Ray).", _positive),
+    "num-gpus": Key("float", 0.0, "GPUs reserved per simulated client (Ray; a fraction shares a GPU).", lambda v: None if v >= 0 else "must be >= 0"),
     "beta1": Key("float", 1.0, "clip21-sgd2m: client momentum beta1.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
     "beta2": Key("float", 1.0, "clip21-sgd2m: error-feedback step beta2.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
     "sigma": Key("float", 0.0, "Std of the Gaussian noise clients add after clipping (clip-*, clip21-sgd2m, flower-dp-fixed).", lambda v: None if v >= 0 else "must be >= 0"),
@@ -255,12 +256,52 @@ def resolve(
         )
     _check_heterogeneity(cfg)
     if base_dir is not None:
-        for key in ("problem.centers", "problem.dataset"):
-            v = cfg.get(key)
-            if isinstance(v, str) and v and v not in BUILTIN_DATASETS:
-                p = Path(v).expanduser()
-                cfg[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
+        for key, v in data_files(cfg).items():
+            p = Path(v).expanduser()
+            cfg[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
     return cfg
+
+
+# Scenario keys that may name a data file, and the values that name built-in data instead.
+DATA_FILE_KEYS = ("problem.centers", "problem.dataset")
+# SuperNode node-config key: the folder where this node keeps the scenario's data files.
+DATA_DIR = "data-dir"
+
+
+def data_files(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The data files a scenario names: ``{key: path}`` for ``problem.centers`` / ``problem.dataset``."""
+    out = {}
+    for key in DATA_FILE_KEYS:
+        v = cfg.get(key)
+        if isinstance(v, str) and v and v not in BUILTIN_DATASETS:
+            out[key] = v
+    return out
+
+
+def with_data_dir(cfg: dict[str, Any], data_dir: Any) -> dict[str, Any]:
+    """``cfg`` with its data files looked up in a node's ``data-dir``, by file name.
+
+    The rule: a node whose ``data-dir`` is D opens ``D/<file name>`` for every data
+    file of the scenario (``problem.centers = "/srv/a/centers.npy"`` ->
+    ``D/centers.npy``), and nothing else; a node without ``data-dir`` (None or "")
+    opens the path the scenario gives. A file missing from D is a
+    :class:`ConfigError` naming the key, the path tried and D.
+    """
+    if data_dir is None or data_dir == "":
+        return cfg
+    folder = Path(str(data_dir)).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"node config {DATA_DIR} must be an existing folder, got {str(data_dir)!r}")
+    out = dict(cfg)
+    for key, path in data_files(cfg).items():
+        local = folder / Path(path).name
+        if not local.is_file():
+            raise ConfigError(
+                f"{key}: {str(local)!r} not found (the scenario names {path!r}; this node's "
+                f"{DATA_DIR} is {str(data_dir)!r} and data files are looked up there by file name)"
+            )
+        out[key] = str(local)
+    return out
 
 
 def _check_heterogeneity(cfg: dict[str, Any]) -> None:

@@ -203,6 +203,8 @@ def write_run(folder: Path, cfg: dict[str, Any], results: dict[str, dict[str, An
             name: [{k: _jsonable(v) for k, v in rec.items()} for rec in recs] for name, recs in per_algo.items()
         },
         "wall_seconds": {name: res["wall_seconds"] for name, res in results.items()},
+        # Rounds restored from a checkpoint (fl-clip21 run --resume); 0 for a run from round 1.
+        "resumed_from_round": {name: int(res.get("resumed_from_round", 0)) for name, res in results.items()},
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (folder / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))

@@ -428,9 +428,10 @@ def report_timing(label: str, elapsed: float, metrics: dict, logs: Path) -> floa
 
 
 def start_supernode(
-    procs: Processes, tmp_path: Path, i: int, link_port: int, ca: Path | None, name: str | None = None
+    procs: Processes, tmp_path: Path, i: int, link_port: int, ca: Path | None, name: str | None = None,
+    extra_config: str = "",
 ) -> tuple[int, subprocess.Popen]:
-    """Start a SuperNode holding partition ``i``; returns (its Runtime API port, its process)."""
+    """Start a SuperNode holding partition ``i`` (``extra_config``: more node config); returns (its Runtime API port, its process)."""
     name = name or f"supernode-{i}"
     node_dir = tmp_path / name
     (node_dir / "home").mkdir(parents=True)
@@ -439,7 +440,7 @@ def start_supernode(
         str(BIN / "flower-supernode"), *([] if ca else ["--insecure"]),
         "--superlink", f"127.0.0.1:{link_port}",
         "--host", "127.0.0.1", "--port", str(port),  # this node's Runtime API (its ClientApps)
-        "--node-config", f"partition-id={i} num-partitions={NUM_NODES}",
+        "--node-config", f"partition-id={i} num-partitions={NUM_NODES} {extra_config}".strip(),
     ]
     if ca:
         cmd += ["--root-certificates", str(ca)]
@@ -616,3 +617,57 @@ def test_supernode_killed_and_restarted_mid_run_keeps_the_invariant(tmp_path):
         f"{max(r['invariant_gap'] for r in recs):.3g}; final grad_norm_sq {recs[-1]['grad_norm_sq']:.3g} "
         f"(fault-free {fault_free[-1]['grad_norm_sq']:.3g}, target {cfg['target']:g})"
     )
+
+
+# --- data files on the nodes -----------------------------------------------------------
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 600)
+def test_supernodes_read_data_files_from_their_data_dir(tmp_path):
+    """Each SuperNode has the scenario's data file in its own ``data-dir`` node config.
+
+    The file at the scenario's path (machine A's, read by the ServerApp) holds other
+    centres than the nodes' copies, so the model shows which file the clients read:
+    GD with lr = 1 lands on the mean of the clients' centres.
+    """
+    server_data = tmp_path / "server-data"
+    server_data.mkdir()
+    np.save(server_data / "centers.npy", np.zeros((NUM_NODES, 1)))
+    node_centers = np.array([[1.0], [2.0], [6.0]])
+    scenario = tmp_path / "data-dir.toml"
+    scenario.write_text(
+        f'name = "data-dir"\nalgorithms = ["gd"]\nrounds = 2\nlr = 1.0\nnum-clients = {NUM_NODES}\n'
+        f'[problem]\nname = "mean-estimation"\ncenters = "{server_data / "centers.npy"}"\n'
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = Processes(logs, home=tmp_path)
+    out = tmp_path / "out"
+    try:
+        _, link_port = start_superlink(procs, tmp_path, None)
+        cli_home = cli_home_for(tmp_path, link_port, None)
+        nodes = []
+        for i in range(NUM_NODES):
+            data = tmp_path / f"data-{i}"
+            data.mkdir()
+            np.save(data / "centers.npy", node_centers)
+            nodes.append(start_supernode(procs, tmp_path, i, link_port, None, extra_config=f'data-dir="{data}"'))
+        for i, (port, node) in enumerate(nodes):
+            wait_for_port(port, node, f"flower-supernode {i}", procs, f"supernode-{i}")
+        try:
+            run = subprocess.run(
+                [str(BIN / "flwr"), "run", str(ROOT), "deploy-test", "--stream",
+                 "--run-config", f"scenario='{scenario}' out='{out}'"],
+                env=base_env(cli_home), cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+            )
+        finally:
+            procs.note_spawned()
+        assert run.returncode == 0, (run.stdout[-4000:], run.stderr[-4000:], procs.log_tail("superlink"))
+    finally:
+        procs.stop_all()
+    assert not procs.left(), f"processes still running: {sorted(procs.left())}"
+
+    recs = json.loads((out / "metrics.json").read_text())["algorithms"]["gd"]
+    assert [(r["accepted"], r["failed"]) for r in recs] == [(NUM_NODES, 0)] * 2, recs
+    with np.load(out / "final_params.npz") as npz:
+        np.testing.assert_allclose(npz["gd/x"], [3.0], rtol=1e-12)  # mean of 1, 2, 6: the nodes' files

@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_clip21.algorithms import Algorithm, algorithm_from_config
+from fl_clip21.config import DATA_DIR, with_data_dir
 from fl_clip21.engine import client_round, straggler_delay
 from fl_clip21.flower import records as R
 from fl_clip21.problems import Problem, build_problem
@@ -105,14 +106,15 @@ def sync_memory(context: Context, scope: str, memory: str, msg: Message, ack: in
 
 
 @functools.lru_cache(maxsize=4)
-def run_setup(scenario: str, name: str) -> tuple[dict, Algorithm, Problem]:
+def run_setup(scenario: str, name: str, data_dir=None) -> tuple[dict, Algorithm, Problem]:
     """(scenario, algorithm, problem) of a train message's scenario JSON and algorithm name.
 
+    ``data_dir`` is the node's ``data-dir`` (:func:`~fl_clip21.config.with_data_dir`).
     Every message of a run carries the same scenario: a process serving many
     clients (a Ray actor) parses it and builds the algorithm once. The
     scenario dict is shared: read it, never change it.
     """
-    cfg = json.loads(scenario)
+    cfg = with_data_dir(json.loads(scenario), data_dir)
     return cfg, algorithm_from_config(name, cfg), build_problem(cfg)
 
 
@@ -127,7 +129,9 @@ def train(msg: Message, context: Context) -> Message:
     if dp_baseline.is_flower_message(msg):
         return dp_baseline.local_training(msg, context)
     config = msg.content[R.CONFIG]
-    cfg, algorithm, problem = run_setup(str(config[R.SCENARIO]), str(config[R.ALGORITHM]))
+    cfg, algorithm, problem = run_setup(
+        str(config[R.SCENARIO]), str(config[R.ALGORITHM]), context.node_config.get(DATA_DIR)
+    )
     server_round = int(config[R.ROUND])
     i = partition_of(context)
     delay = straggler_delay(cfg, i, server_round)
