@@ -199,6 +199,7 @@ class Clip21Strategy(Strategy):
         self.server_state = self.algorithm.server_init(params)
         if self.algorithm.memory is not None:
             self.shadow = [core.zeros_like(params) for _ in range(self.num_clients)]
+        if self.audit:  # the memories the clients reported (only when auditing: n more copies)
             self._audit_v = {i: core.zeros_like(params) for i in range(self.num_clients)}
         bound = self.algorithm.message_bound
         self._bound = bound(model_size(params)) if bound is not None else None
@@ -236,6 +237,7 @@ class Clip21Strategy(Strategy):
         self.server_state = {g.removeprefix("server."): v for g, v in arrays.items() if g.startswith("server.")}
         if self.algorithm.memory is not None:
             self.shadow = [arrays[f"shadow.{i}"] for i in range(self.num_clients)]
+        if self.audit:
             self._audit_v = {i: dict(self.shadow[i]) for i in range(self.num_clients)}
         self.round = int(meta["round"])
         self.session = str(meta["session"])
