@@ -20,7 +20,7 @@ import functools
 import json
 import time
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_clip21.algorithms import Algorithm, algorithm_from_config
@@ -68,7 +68,7 @@ def load_state(context: Context, scope: str, init: dict) -> dict:
     """The client state saved by :func:`save_state`, or ``init`` on a first round."""
     out = {}
     for name, value in init.items():
-        record = context.state.config_records.get(state_key(scope, name))
+        record = R.get_record(context.state, state_key(scope, name), ConfigRecord)
         out[name] = R.unpack(record, value) if record is not None else value
     return out
 
@@ -81,7 +81,7 @@ def save_state(context: Context, scope: str, state: dict, **extra: int) -> None:
 
 def memory_round(context: Context, scope: str, memory: str) -> int:
     """The round of the last increment in the client's memory (0: no memory)."""
-    record = context.state.config_records.get(state_key(scope, memory))
+    record = R.get_record(context.state, state_key(scope, memory), ConfigRecord)
     return int(record[MEMORY_ROUND]) if record is not None else 0
 
 
@@ -97,10 +97,10 @@ def sync_memory(context: Context, scope: str, memory: str, msg: Message, ack: in
     message). Otherwise the memory must hold exactly the increments up to
     ``ack``, the last round the server applied one of this client's.
     """
-    resync = msg.content.array_records.get(R.RESYNC)
+    resync = R.get_record(msg.content, R.RESYNC, ArrayRecord)
     if resync is not None:
         commit_memory(context, scope, memory, R.from_record(resync), ack)
-        del msg.content.array_records[R.RESYNC]
+        del msg.content[R.RESYNC]
         return False
     return memory_round(context, scope, memory) != ack
 
@@ -163,7 +163,7 @@ def train(msg: Message, context: Context) -> Message:
 
 def query(msg: Message, context: Context) -> Message:
     """Handshake: tell the server which client index this node holds (and build the scenario's problem)."""
-    config = msg.content.config_records.get(R.CONFIG)
+    config = R.get_record(msg.content, R.CONFIG, ConfigRecord)
     if config is not None and R.SCENARIO in config:
         build_problem(json.loads(str(config[R.SCENARIO])))
     i = partition_of(context)

@@ -44,8 +44,8 @@ NAME = "flower-dp-fixed"
 
 def is_flower_message(msg: Message) -> bool:
     """A train message from a Flower strategy rather than from Clip21Strategy."""
-    configs = msg.content.config_records
-    return not any(R.ALGORITHM in c for c in configs.values())
+    config = R.get_record(msg.content, R.CONFIG, ConfigRecord)
+    return config is None or R.ALGORITHM not in config
 
 
 def local_training(msg: Message, context: Context) -> Message:

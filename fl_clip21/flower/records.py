@@ -44,6 +44,16 @@ def quiet_flower():
         logger.setLevel(level)
 
 
+def get_record(content, key: str, kind: type):
+    """``content[key]`` if it is a record of type ``kind``, else None.
+
+    A direct lookup: ``RecordDict.array_records`` and its kin build a new
+    filtered dict on every access, a cost paid per message.
+    """
+    record = content.get(key)
+    return record if isinstance(record, kind) else None
+
+
 def to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Array dict -> ArrayRecord (keeps names, shapes and dtypes)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})

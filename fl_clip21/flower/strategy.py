@@ -426,8 +426,8 @@ class Clip21Strategy(Strategy):
                 failed += 1
                 log(WARNING, "round %d: node %d replied with an error: %s", k, nid, reply.error.reason)
                 continue
-            metrics = reply.content.metric_records.get(R.METRICS)
-            record = reply.content.array_records.get(R.ARRAYS)
+            metrics = R.get_record(reply.content, R.METRICS, MetricRecord)
+            record = R.get_record(reply.content, R.ARRAYS, ArrayRecord)
             if record is not None:
                 bytes_up += R.payload_bytes(record)
             if c is not None and metrics is not None and int(metrics.get(R.NEEDS_RESYNC, 0)) and not duplicate:
@@ -443,7 +443,7 @@ class Clip21Strategy(Strategy):
                 arrays, reason = None, f"reply is for round {reply_round}, this is round {k}"
             else:
                 arrays, reason = check_message(record, self.params, self._bound, self.algorithm.sparse)
-            audit = self.audit and c is not None and not duplicate and R.AUDIT_START in reply.content.array_records
+            audit = self.audit and c is not None and not duplicate and R.get_record(reply.content, R.AUDIT_START, ArrayRecord) is not None
             if audit:
                 start = R.from_record(reply.content[R.AUDIT_START])
                 memory_gap = max(memory_gap, core.max_abs_diff(start, self.shadow[c]))
@@ -458,7 +458,7 @@ class Clip21Strategy(Strategy):
                 self.shadow[c] = core.add(self.shadow[c], arrays)
                 self.last_applied[c] = k
                 applied.add(c)
-                if audit and R.AUDIT_END in reply.content.array_records:
+                if audit and R.get_record(reply.content, R.AUDIT_END, ArrayRecord) is not None:
                     self._audit_v[c] = R.from_record(reply.content[R.AUDIT_END])
         failed += self._expected - len(responded & set(self._asked))  # replies that never came
         if self.algorithm.memory is not None:
