@@ -160,6 +160,91 @@ def _vectorized_seconds_per_round(cfg: dict[str, Any], rounds: int) -> tuple[flo
     return (stamps[-1] - stamps[0]) / rounds, ref["params"]
 
 
+class _Nodes:
+    """A stand-in for the grid in :func:`cpu_per_client_round`: nodes 0..n-1 are there."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(self.n))
+
+
+def cpu_per_client_round(cfg: dict[str, Any], rounds: int = 5) -> dict[str, float]:
+    """CPU seconds per client-round of each part of a round, in this thread, without Flower's engine.
+
+    clip21-gd: the strategy building the messages (``configure``), the client
+    handler (``train``), the node state and messages pickled to a worker and
+    back as the simulation engine does (``pickle``), the strategy checking and
+    applying the replies (``aggregate``); FedAvg's client handler and its
+    pickling. Process CPU time, median over rounds after the first two: what
+    the machine's load does to wall time is left out. Call it where Flower's
+    task identity is set (inside a ServerApp), since it builds messages.
+    """
+    import pickle
+
+    from flwr.app import Context, MessageType
+
+    n = cfg["num-clients"]
+    problem = build_problem(cfg)
+    init = problem.init_params()
+    contexts = [
+        Context(run_id=0, node_id=i, node_config={"partition-id": i, "num-partitions": n}, state=RecordDict(), run_config={})
+        for i in range(n)
+    ]
+    strategy = Clip21Strategy(
+        algorithm=algorithm_from_config("clip21-gd", cfg), scenario=cfg, num_clients=n,
+        client_of_node={i: i for i in range(n)},
+    )
+    fedavg_config = ConfigRecord({R.SCENARIO: json.dumps(cfg, sort_keys=True)})
+    parts: dict[str, list[float]] = {k: [] for k in ("configure", "train", "pickle", "aggregate", "fedavg_train", "fedavg_pickle")}
+    clock = time.process_time
+
+    def shipped(obj):
+        return pickle.loads(pickle.dumps(obj))
+
+    for k in range(1, rounds + 3):
+        arrays = R.to_record(strategy.params if strategy.params is not None else init)
+        t0 = clock()
+        messages = list(strategy.configure_train(k, arrays, ConfigRecord({}), _Nodes(n)))
+        parts["configure"].append(clock() - t0)
+        replies, train_s, pickle_s = [], 0.0, 0.0
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            t0 = clock()
+            context, received = shipped(contexts[nid]), shipped(msg)
+            t1 = clock()
+            reply = clip21_train(received, context)
+            t2 = clock()
+            contexts[nid], reply = shipped(context), shipped(reply)
+            t3 = clock()
+            train_s += t2 - t1
+            pickle_s += (t1 - t0) + (t3 - t2)
+            reply.metadata.__dict__["_src_node_id"] = nid  # as the engine sets it on delivery
+            replies.append(reply)
+        parts["train"].append(train_s)
+        parts["pickle"].append(pickle_s)
+        t0 = clock()
+        strategy.aggregate_train(k, replies)
+        parts["aggregate"].append(clock() - t0)
+        content = RecordDict({R.ARRAYS: arrays, R.CONFIG: fedavg_config})
+        train_s = pickle_s = 0.0
+        for i in range(n):
+            t0 = clock()
+            context = shipped(Context(run_id=0, node_id=i, node_config={"partition-id": i}, state=RecordDict(), run_config={}))
+            received = shipped(Message(content, dst_node_id=i, message_type=MessageType.TRAIN))
+            t1 = clock()
+            reply = fedavg_train(received, context)
+            t2 = clock()
+            shipped(context), shipped(reply)
+            t3 = clock()
+            train_s += t2 - t1
+            pickle_s += (t1 - t0) + (t3 - t2)
+        parts["fedavg_train"].append(train_s)
+        parts["fedavg_pickle"].append(pickle_s)
+    return {k: statistics.median(v[2:]) / n for k, v in parts.items()}
+
+
 def bench_clients(cfg: dict[str, Any], rounds: int, repeats: int, soak_rounds: int = 0) -> dict[str, Any]:
     """clip21-gd vs FedAvg at ``cfg['num-clients']`` clients (see the module's docstring)."""
     from fl_clip21.flower.simulation import fast_polling, simulate_app
@@ -227,6 +312,7 @@ def bench_clients(cfg: dict[str, Any], rounds: int, repeats: int, soak_rounds: i
             }
         out["driver_rss_mb"] = driver_rss() / MB
         out["ray_workers_rss_mb"] = ray_workers_rss() / MB
+        out["cpu"] = cpu_per_client_round(cfg)
 
     simulate_app(server_app, bench_client_app(), cfg)
     fedavg_s = statistics.median(times["fedavg"])
@@ -254,6 +340,7 @@ def bench_clients(cfg: dict[str, Any], rounds: int, repeats: int, soak_rounds: i
         "vectorized_seconds_per_round": vec_s,
         "vectorized_speedup": clip21_s / vec_s,
         "vectorized_max_param_difference": gap,
+        "cpu_us_per_client_round": {k: v * 1e6 for k, v in out["cpu"].items()},
         "driver_rss_mb": out["driver_rss_mb"],
         "driver_peak_mb": driver_peak() / MB,
         "ray_workers_rss_mb": out["ray_workers_rss_mb"],
@@ -315,6 +402,8 @@ def bench_memory(cfg: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
 
 
 def _line(row: dict[str, Any]) -> str:
+    cpu = row["cpu_us_per_client_round"]
+    ours = cpu["configure"] + cpu["train"] + cpu["pickle"] + cpu["aggregate"]
     return (
         f"{row['clients']:>6} clients: clip21-gd {row['clip21_seconds_per_round']:.3f} s/round "
         f"({row['clip21_client_rounds_per_second']:.0f} client-rounds/s), FedAvg "
@@ -323,7 +412,10 @@ def _line(row: dict[str, Any]) -> str:
         f"down {row['clip21_bytes_down_per_client_round']:.0f} (FedAvg {row['fedavg_bytes_down_per_client_round']:.0f}), "
         f"up {row['clip21_bytes_up_per_client_round']:.0f} (FedAvg {row['fedavg_bytes_up_per_client_round']:.0f}); "
         f"vectorized {row['vectorized_speedup']:.0f}x faster (models differ by {row['vectorized_max_param_difference']:.1e}); "
-        f"driver {row['driver_rss_mb']:.0f} MB (peak {row['driver_peak_mb']:.0f}), Ray workers {row['ray_workers_rss_mb']:.0f} MB"
+        f"driver {row['driver_rss_mb']:.0f} MB (peak {row['driver_peak_mb']:.0f}), Ray workers {row['ray_workers_rss_mb']:.0f} MB; "
+        f"CPU per client-round in process: clip21-gd {cpu['configure']:.0f} configure + {cpu['train']:.0f} train + "
+        f"{cpu['pickle']:.0f} pickling + {cpu['aggregate']:.0f} aggregate = {ours:.0f} us, FedAvg's client "
+        f"{cpu['fedavg_train']:.0f} train + {cpu['fedavg_pickle']:.0f} pickling = {cpu['fedavg_train'] + cpu['fedavg_pickle']:.0f} us"
     )
 
 

@@ -26,6 +26,8 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     # The vectorized engine ran the same rounds to the same model.
     assert row["vectorized_max_param_difference"] < 1e-12
     assert row["vectorized_speedup"] > 0
+    cpu = row["cpu_us_per_client_round"]
+    assert all(cpu[k] > 0 for k in ("configure", "train", "pickle", "aggregate", "fedavg_train", "fedavg_pickle"))
     assert len(row["soak"]["driver_rss_mb"]) == 6 and row["driver_peak_mb"] >= row["driver_rss_mb"] > 0
     mem = result["memory"]
     assert mem["clients"] == 3 and mem["model_bytes"] == 80_000
