@@ -447,6 +447,16 @@ def start_supernode(
     return port, procs.start(name, cmd, base_env(node_dir / "home"), cwd=node_dir)
 
 
+def start_supernodes(
+    procs: Processes, tmp_path: Path, link_port: int, ca: Path | None, extra_config=lambda i: ""
+) -> list[tuple[int, subprocess.Popen]]:
+    """Start NUM_NODES SuperNodes (node i holds partition i) and wait until each listens."""
+    nodes = [start_supernode(procs, tmp_path, i, link_port, ca, extra_config=extra_config(i)) for i in range(NUM_NODES)]
+    for i, (port, node) in enumerate(nodes):
+        wait_for_port(port, node, f"flower-supernode {i}", procs, f"supernode-{i}")
+    return nodes
+
+
 def start_superlink(procs: Processes, tmp_path: Path, tls_files: tuple[Path, Path, Path] | None) -> tuple[Path, int]:
     """Start a SuperLink in ``tmp_path/superlink`` (its working directory); returns (that folder, its port)."""
     link_dir = tmp_path / "superlink"
@@ -499,9 +509,7 @@ def test_deployment_equals_in_process_engine(tmp_path, tls):
     try:
         link_dir, link_port = start_superlink(procs, tmp_path, tls_files)
         cli_home = cli_home_for(tmp_path, link_port, ca)
-        nodes = [start_supernode(procs, tmp_path, i, link_port, ca) for i in range(NUM_NODES)]
-        for i, (port, node) in enumerate(nodes):
-            wait_for_port(port, node, f"flower-supernode {i}", procs, f"supernode-{i}")
+        start_supernodes(procs, tmp_path, link_port, ca)
 
         start = time.monotonic()
         run_config = f"scenario='{SCENARIO}' out='{out_arg}' overrides='{' '.join(overrides)}'"
@@ -569,9 +577,7 @@ def test_supernode_killed_and_restarted_mid_run_keeps_the_invariant(tmp_path):
     try:
         _, link_port = start_superlink(procs, tmp_path, None)
         cli_home = cli_home_for(tmp_path, link_port, None)
-        nodes = [start_supernode(procs, tmp_path, i, link_port, None) for i in range(NUM_NODES)]
-        for i, (port, node) in enumerate(nodes):
-            wait_for_port(port, node, f"flower-supernode {i}", procs, f"supernode-{i}")
+        nodes = start_supernodes(procs, tmp_path, link_port, None)
         run_config = f"scenario='{SCENARIO}' out='{out_dir}' overrides='{' '.join(KILL_OVERRIDES)}'"
         run = procs.start(
             "flwr-run",
@@ -646,14 +652,10 @@ def test_supernodes_read_data_files_from_their_data_dir(tmp_path):
     try:
         _, link_port = start_superlink(procs, tmp_path, None)
         cli_home = cli_home_for(tmp_path, link_port, None)
-        nodes = []
         for i in range(NUM_NODES):
-            data = tmp_path / f"data-{i}"
-            data.mkdir()
-            np.save(data / "centers.npy", node_centers)
-            nodes.append(start_supernode(procs, tmp_path, i, link_port, None, extra_config=f'data-dir="{data}"'))
-        for i, (port, node) in enumerate(nodes):
-            wait_for_port(port, node, f"flower-supernode {i}", procs, f"supernode-{i}")
+            (tmp_path / f"data-{i}").mkdir()
+            np.save(tmp_path / f"data-{i}" / "centers.npy", node_centers)
+        start_supernodes(procs, tmp_path, link_port, None, extra_config=lambda i: f'data-dir="{tmp_path / f"data-{i}"}"')
         try:
             run = subprocess.run(
                 [str(BIN / "flwr"), "run", str(ROOT), "deploy-test", "--stream",

@@ -165,7 +165,7 @@ def query(msg: Message, context: Context) -> Message:
     """Handshake: tell the server which client index this node holds (and build the scenario's problem)."""
     config = R.get_record(msg.content, R.CONFIG, ConfigRecord)
     if config is not None and R.SCENARIO in config:
-        build_problem(json.loads(str(config[R.SCENARIO])))
+        build_problem(with_data_dir(json.loads(str(config[R.SCENARIO])), context.node_config.get(DATA_DIR)))
     i = partition_of(context)
     n = int(context.node_config.get(NUM_PARTITIONS, -1))
     return Message(
