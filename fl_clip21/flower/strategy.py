@@ -416,8 +416,13 @@ class Clip21Strategy(Strategy):
         responded: set[int] = set()
         memory_gap = 0.0  # audit: largest |v_i - server's copy| of the memories clients started from
         answered: set[str] = set()
+        # The SuperLink answers for a node that went away with an error reply of its
+        # own (src_node_id is the SuperLink's): such a reply is the node's by its id.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
         for reply in replies:
             nid = reply.metadata.src_node_id
+            if reply.has_error():
+                nid = sent_to.get(reply.metadata.reply_to_message_id, nid)
             answered.add(reply.metadata.reply_to_message_id)
             c = self._asked.get(nid)
             duplicate = nid in responded
