@@ -28,7 +28,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fl_clip21 import core
 from fl_clip21.algorithms import algorithm_from_config, model_size
@@ -122,7 +122,7 @@ def _wire_bytes(msg: Message) -> int:
     return int(message_to_proto(msg).ByteSize())
 
 
-def _measure_messages(strategy: Clip21Strategy, sizes: dict[str, list[int]]) -> Clip21Strategy:
+def _measure_messages(strategy: Strategy, sizes: dict[str, list[int]]) -> Strategy:
     """Record the wire size of every message ``strategy`` sends and receives."""
     configure, aggregate = strategy.configure_train, strategy.aggregate_train
 
@@ -292,14 +292,7 @@ def bench_clients(cfg: dict[str, Any], rounds: int, repeats: int, soak_rounds: i
         out["bytes_up_payload"] = [r["bytes_up"] / max(1, r["accepted"]) for r in last.history]
         del first, last
         # FedAvg's message sizes, from one more round whose messages are recorded.
-        avg = fedavg()
-        configure, aggregate = avg.configure_train, avg.aggregate_train
-        avg.configure_train = lambda *a, **k: [
-            fedavg_sizes["down"].append(_wire_bytes(m)) or m for m in configure(*a, **k)
-        ]
-        avg.aggregate_train = lambda r, replies: aggregate(
-            r, [fedavg_sizes["up"].append(_wire_bytes(m)) or m for m in replies]
-        )
+        avg = _measure_messages(fedavg(), fedavg_sizes)
         _time_rounds(avg, grid, cfg, 1, scenario)
         if soak_rounds:
             rss: list[float] = []

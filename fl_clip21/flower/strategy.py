@@ -448,9 +448,10 @@ class Clip21Strategy(Strategy):
                 arrays, reason = None, f"reply is for round {reply_round}, this is round {k}"
             else:
                 arrays, reason = check_message(record, self.params, self._bound, self.algorithm.sparse)
-            audit = self.audit and c is not None and not duplicate and R.get_record(reply.content, R.AUDIT_START, ArrayRecord) is not None
-            if audit:
-                start = R.from_record(reply.content[R.AUDIT_START])
+            audit = self.audit and c is not None and not duplicate
+            start_record = R.get_record(reply.content, R.AUDIT_START, ArrayRecord) if audit else None
+            if start_record is not None:
+                start = R.from_record(start_record)
                 memory_gap = max(memory_gap, core.max_abs_diff(start, self.shadow[c]))
                 self._audit_v[c] = start  # what it holds until it is resynced, if this reply is not applied
             if arrays is None:
@@ -463,8 +464,9 @@ class Clip21Strategy(Strategy):
                 self.shadow[c] = core.add(self.shadow[c], arrays)
                 self.last_applied[c] = k
                 applied.add(c)
-                if audit and R.get_record(reply.content, R.AUDIT_END, ArrayRecord) is not None:
-                    self._audit_v[c] = R.from_record(reply.content[R.AUDIT_END])
+                end_record = R.get_record(reply.content, R.AUDIT_END, ArrayRecord) if audit else None
+                if end_record is not None:
+                    self._audit_v[c] = R.from_record(end_record)
         failed += self._expected - len(responded & set(self._asked))  # replies that never came
         if self.algorithm.memory is not None:
             # A client asked this round whose increment was not applied may hold it in
