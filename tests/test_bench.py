@@ -30,7 +30,7 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     assert all(cpu[k] > 0 for k in ("configure", "train", "pickle", "aggregate", "fedavg_train", "fedavg_pickle"))
     assert len(row["soak"]["driver_rss_mb"]) == 6 and row["driver_peak_mb"] >= row["driver_rss_mb"] > 0
     mem = result["memory"]
-    assert mem["clients"] == 3 and mem["model_bytes"] == 80_000
+    assert mem["clients"] == 3 and mem["model_bytes"] == 800_000
 
 
 def test_bench_refuses_bad_arguments(capsys):

@@ -95,6 +95,10 @@ def test_server_stopped_and_resumed_from_its_checkpoint_gives_the_same_trajector
     with pytest.raises(SimulationError):
         simulate(cfg, on_round=stop_after_15, checkpoint_dirs=[tmp_path])
     assert (tmp_path / "clip21-gd.npz").exists() and not (tmp_path / "gd.npz").exists()
+    # The server's copies of the clients' memories are in a file beside it, not in the checkpoint.
+    assert (tmp_path / "clip21-gd.npz.copies").stat().st_size > 10 * 2 * 8 * 15
+    with np.load(tmp_path / "clip21-gd.npz") as data:
+        assert {name.partition("/")[0] for name in data.files} == {"params", "server.g", "__meta__.json"}
     # A new simulation: new nodes with empty state, the server's state from the checkpoint.
     resumed = simulate(cfg, checkpoint_dirs=[tmp_path])
     fresh = run_local(cfg, "clip21-gd")
@@ -107,3 +111,19 @@ def test_server_stopped_and_resumed_from_its_checkpoint_gives_the_same_trajector
     for k in fresh["params"]:
         np.testing.assert_allclose(resumed["clip21-gd"]["params"][k], fresh["params"][k], rtol=1e-12, atol=1e-15)
     _assert_invariant(recs[15:])
+
+
+def test_resuming_without_the_copies_file_is_an_error_naming_it(tmp_path):
+    cfg = _cfg(rounds=6, audit=False)
+
+    def stop_after_3(name, rec, rounds):
+        if rec["round"] == 3:
+            raise _Stop("server stopped")
+
+    with pytest.raises(SimulationError):
+        simulate(cfg, on_round=stop_after_3, checkpoint_dirs=[tmp_path])
+    copies = tmp_path / "clip21-gd.npz.copies"
+    copies.unlink()
+    with pytest.raises(SimulationError, match=f"copies file '{copies}' is missing"):
+        simulate(cfg, checkpoint_dirs=[tmp_path])
+    assert (tmp_path / "clip21-gd.npz").exists()  # the checkpoint is left as it was

@@ -10,8 +10,10 @@ For error-feedback algorithms it also runs the server side of the consistency
 protocol (see :mod:`fl_clip21.flower.client`): it keeps, per client, the sum
 of the increments it applied (its copy of v_i) and the last round it applied
 one; it tells each client that round (``ack``) and sends its copy back to a
-client whose increment it did not apply or that lost its state (``resync``). With ``checkpoint`` it saves all of
-this after every round, atomically, and :meth:`resume` continues from it.
+client whose increment it did not apply or that lost its state (``resync``).
+The copies live in a file (:class:`~fl_clip21.copies.MemoryCopies`), not in
+RAM: they are read only to repair a fault. With ``checkpoint`` it saves its
+state after every round, atomically, and :meth:`resume` continues from it.
 
 A reply later than the round's timeout is dropped like a lost one. The node
 may still be working on it, and Flower's simulation engine would then run the
@@ -24,8 +26,11 @@ has come in (or ``late_reply_wait`` seconds have passed), and throws it away.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 import uuid
+import weakref
 from pathlib import Path
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -41,6 +46,7 @@ from flwr.supercore import log
 from fl_clip21 import checkpoint as ckpt
 from fl_clip21 import core
 from fl_clip21.algorithms import Algorithm, model_size
+from fl_clip21.copies import MemoryCopies
 from fl_clip21.engine import round_epsilon, sample_clients
 from fl_clip21.flower import records as R
 from fl_clip21.flower.client import NUM_PARTITIONS, PARTITION_ID
@@ -117,7 +123,9 @@ class Clip21Strategy(Strategy):
         earlier strategy's :attr:`client_of_node`); otherwise the first round
         starts with a handshake that asks every node for its partition-id.
     checkpoint:
-        File to save the server's state to after every round.
+        File to save the server's state to after every round. The copies of
+        the clients' memories go next to it (same name, ``.copies``);
+        without a checkpoint, to a temporary folder (``copies_dir``).
     evaluate:
         ``params -> metrics``, merged into each round's record (before the
         checkpoint is written, so a resumed run has every round's metrics).
@@ -133,6 +141,9 @@ class Clip21Strategy(Strategy):
     late_reply_wait:
         Longest wait, in seconds, for the late reply of a node before sending
         that node another message (see above).
+    copies_dir:
+        Folder for the copies file of a run without ``checkpoint`` (default:
+        a new temporary folder, removed with the strategy).
     """
 
     def __init__(
@@ -153,6 +164,7 @@ class Clip21Strategy(Strategy):
         fraction_evaluate: float = 0.0,
         availability: float = 1.0,
         late_reply_wait: float = 600.0,
+        copies_dir: str | Path | None = None,
     ) -> None:
         if not 0 <= fraction_evaluate <= 1:
             raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate!r}")
@@ -172,6 +184,7 @@ class Clip21Strategy(Strategy):
         self.delta = delta
         self.node_wait_timeout = node_wait_timeout
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.copies_dir = Path(copies_dir) if copies_dir is not None else None
         self.evaluate = evaluate
         self.fraction_evaluate = fraction_evaluate
         self.on_round = on_round
@@ -183,7 +196,7 @@ class Clip21Strategy(Strategy):
         self.round = 0  # the last round completed
         self.times_asked = np.zeros(num_clients, dtype=np.int64)  # rounds each client was asked
         self.last_applied = np.zeros(num_clients, dtype=np.int64)  # round of the last increment applied
-        self.shadow: list[dict[str, np.ndarray]] = []  # per client: the sum of its increments applied
+        self.copies: MemoryCopies | None = None  # per client: the sum of its increments applied
         self.needs_resync: set[int] = set()
         self.history: list[dict[str, Any]] = []
         self._asked: dict[int, int] = {}
@@ -194,21 +207,42 @@ class Clip21Strategy(Strategy):
 
     # --- state ----------------------------------------------------------------
 
-    def _init_state(self, params: dict[str, np.ndarray]) -> None:
+    def _copies_path(self) -> Path:
+        if self.checkpoint is not None:
+            return self.checkpoint.with_name(self.checkpoint.name + ".copies")
+        folder = self.copies_dir
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="fl-clip21-copies-"))
+            weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+        return folder / f"{self.algorithm.name}.{self.session}.copies"
+
+    def _open_copies(self, params: dict[str, np.ndarray], create: bool) -> MemoryCopies:
+        return MemoryCopies(
+            self._copies_path(), params, self.num_clients, slots=2 if self.checkpoint is not None else 1,
+            create=create,
+        )
+
+    def _init_state(self, params: dict[str, np.ndarray], new_copies: bool = True) -> None:
         self.params = params
         self.server_state = self.algorithm.server_init(params)
-        if self.algorithm.memory is not None:
-            self.shadow = [core.zeros_like(params) for _ in range(self.num_clients)]
+        if self.algorithm.memory is not None and new_copies:
+            self.copies = self._open_copies(params, create=True)
         if self.audit:  # the memories the clients reported (only when auditing: n more copies)
             self._audit_v = {i: core.zeros_like(params) for i in range(self.num_clients)}
         bound = self.algorithm.message_bound
         self._bound = bound(model_size(params)) if bound is not None else None
 
+    def server_copy(self, client: int) -> dict[str, np.ndarray]:
+        """The server's copy of ``client``'s memory (the sum of its increments applied)."""
+        assert self.copies is not None
+        return self.copies.get(client, int(self.last_applied[client]))
+
     def save_checkpoint(self) -> None:
         """Write the server's whole state to :attr:`checkpoint` (atomically)."""
         assert self.checkpoint is not None and self.params is not None
         arrays = {"params": self.params, **{f"server.{k}": v for k, v in self.server_state.items()}}
-        arrays.update({f"shadow.{i}": v for i, v in enumerate(self.shadow)})
+        if self.copies is not None:
+            self.copies.flush()  # the checkpoint refers to them
         meta = {
             "algorithm": self.algorithm.name,
             "hyper": dict(self.algorithm.hyper),
@@ -219,6 +253,7 @@ class Clip21Strategy(Strategy):
             "times_asked": self.times_asked.tolist(),
             "last_applied": self.last_applied.tolist(),
             "history": self.history,
+            "copies": self.copies.path.name if self.copies is not None else None,
         }
         ckpt.save(self.checkpoint, arrays, meta)
 
@@ -233,16 +268,26 @@ class Clip21Strategy(Strategy):
         for key, value in expected.items():
             if meta[key] != value:
                 raise ValueError(f"checkpoint {str(path)!r} has {key}={meta[key]!r}, this run has {value!r}")
-        self._init_state(arrays["params"])
-        self.server_state = {g.removeprefix("server."): v for g, v in arrays.items() if g.startswith("server.")}
-        if self.algorithm.memory is not None:
-            self.shadow = [arrays[f"shadow.{i}"] for i in range(self.num_clients)]
-        if self.audit:
-            self._audit_v = {i: dict(self.shadow[i]) for i in range(self.num_clients)}
-        self.round = int(meta["round"])
         self.session = str(meta["session"])
         self.times_asked = np.asarray(meta["times_asked"], dtype=np.int64)
         self.last_applied = np.asarray(meta["last_applied"], dtype=np.int64)
+        self._init_state(arrays["params"], new_copies=False)
+        self.server_state = {g.removeprefix("server."): v for g, v in arrays.items() if g.startswith("server.")}
+        if self.algorithm.memory is not None:
+            name = meta.get("copies")
+            if name is None:
+                raise ValueError(f"checkpoint {str(path)!r} has no copies file of the clients' memories")
+            source = MemoryCopies(Path(path).with_name(name), self.params, self.num_clients, slots=2, create=False)
+            if self.checkpoint is not None and source.path.resolve() == self._copies_path().resolve():
+                self.copies = source  # carry on in the same file
+            else:  # carry on in a file of this strategy's own
+                self.copies = self._open_copies(self.params, create=True)
+                for i in range(self.num_clients):
+                    self.copies.put(i, source.get(i, int(self.last_applied[i])), int(self.last_applied[i]))
+                source.close()
+        if self.audit:
+            self._audit_v = {i: self.server_copy(i) for i in range(self.num_clients)}
+        self.round = int(meta["round"])
         self.history = list(meta["history"])
         # A client may hold increments of rounds this checkpoint never saw.
         self.needs_resync = set(range(self.num_clients)) if self.algorithm.memory is not None else set()
@@ -401,7 +446,7 @@ class Clip21Strategy(Strategy):
         for nid, c in self._asked.items():
             content = RecordDict({R.ARRAYS: model, R.CONFIG: ConfigRecord({**base, R.ACK: int(self.last_applied[c])})})
             if c in self.needs_resync:
-                content[R.RESYNC] = R.to_record(self.shadow[c])
+                content[R.RESYNC] = R.to_record(self.server_copy(c))
             messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
         return self._sent_messages(messages)
 
@@ -452,7 +497,7 @@ class Clip21Strategy(Strategy):
             start_record = R.get_record(reply.content, R.AUDIT_START, ArrayRecord) if audit else None
             if start_record is not None:
                 start = R.from_record(start_record)
-                memory_gap = max(memory_gap, core.max_abs_diff(start, self.shadow[c]))
+                memory_gap = max(memory_gap, core.max_abs_diff(start, self.server_copy(c)))
                 self._audit_v[c] = start  # what it holds until it is resynced, if this reply is not applied
             if arrays is None:
                 rejected += 1
@@ -461,7 +506,7 @@ class Clip21Strategy(Strategy):
             accepted.append(arrays)
             clipped += int(metrics.get("clipped", 0)) if metrics is not None else 0
             if self.algorithm.memory is not None:
-                self.shadow[c] = core.add(self.shadow[c], arrays)
+                self.copies.add(c, arrays, int(self.last_applied[c]), k)
                 self.last_applied[c] = k
                 applied.add(c)
                 end_record = R.get_record(reply.content, R.AUDIT_END, ArrayRecord) if audit else None

@@ -1,0 +1,106 @@
+"""The server's copies of the clients' memories, kept in a file (fl_clip21.copies)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fl_clip21.copies import CopiesError, MemoryCopies
+
+LAYOUT = {
+    "w": np.zeros((3, 4), dtype=np.float32),
+    "b": np.zeros(4, dtype=np.float64),
+    "steps": np.zeros((), dtype=np.int64),  # a torch buffer such as num_batches_tracked
+}
+
+
+def _value(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "w": rng.normal(size=(3, 4)).astype(np.float32),
+        "b": rng.normal(size=4),
+        "steps": np.asarray(seed, dtype=np.int64),
+    }
+
+
+def _equal(a, b) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_new_file_holds_zero_copies_of_round_0_and_takes_no_disk(tmp_path):
+    big = {"v": np.zeros(100_000)}
+    copies = MemoryCopies(tmp_path / "c", big, num_clients=50)
+    assert copies.path.stat().st_size == copies.size == 50 * (8 + 800_000)
+    assert copies.path.stat().st_blocks * 512 < copies.size / 100  # sparse until written
+    _equal(copies.get(49, 0), {"v": np.zeros(100_000)})
+
+
+def test_put_and_get_keep_names_shapes_dtypes_and_values(tmp_path):
+    copies = MemoryCopies(tmp_path / "c", LAYOUT, num_clients=3)
+    for i in range(3):
+        copies.put(i, _value(i + 1), round_=i + 1)
+    for i in range(3):
+        _equal(copies.get(i, i + 1), _value(i + 1))
+    got = copies.get(0, 1)
+    got["b"][0] = 99.0  # the caller's arrays are its own
+    _equal(copies.get(0, 1), _value(1))
+
+
+def test_add_sums_increments_like_the_clients_memory(tmp_path):
+    copies = MemoryCopies(tmp_path / "c", LAYOUT, num_clients=2)
+    total = {k: np.zeros_like(v) for k, v in LAYOUT.items()}
+    last = 0
+    for r in (1, 2, 5):
+        inc = _value(r)
+        copies.add(1, inc, last, r)
+        total = {k: np.asarray(total[k] + inc[k], dtype=total[k].dtype) for k in total}
+        last = r
+    _equal(copies.get(1, 5), total)
+    _equal(copies.get(0, 0), {k: np.zeros_like(v) for k, v in LAYOUT.items()})
+
+
+def test_two_slots_keep_the_copy_a_checkpoint_refers_to(tmp_path):
+    """A server that dies after applying round 3 finds each copy as of its checkpoint (round 2)."""
+    copies = MemoryCopies(tmp_path / "c", LAYOUT, num_clients=1, slots=2)
+    copies.add(0, _value(1), 0, 1)
+    copies.add(0, _value(2), 1, 2)  # checkpoint of round 2 says: last applied 2
+    copies.add(0, _value(3), 2, 3)  # applied in round 3, then the server dies
+    copies.close()
+    reopened = MemoryCopies(tmp_path / "c", LAYOUT, num_clients=1, slots=2, create=False)
+    as_of_2 = reopened.get(0, 2)
+    expect = {k: np.asarray(_value(1)[k] + _value(2)[k], dtype=v.dtype) for k, v in LAYOUT.items()}
+    _equal(as_of_2, expect)
+    reopened.add(0, _value(4), 2, 3)  # round 3 again, after the resume: replaces the lost attempt
+    _equal(reopened.get(0, 2), expect)
+    _equal(reopened.get(0, 3), {k: np.asarray(expect[k] + _value(4)[k], dtype=v.dtype) for k, v in LAYOUT.items()})
+
+
+def test_a_round_the_file_does_not_hold_is_an_error_naming_client_round_and_file(tmp_path):
+    copies = MemoryCopies(tmp_path / "c", LAYOUT, num_clients=2)
+    copies.put(1, _value(1), round_=4)
+    with pytest.raises(CopiesError, match=r"client 1 as of round 3 .*'.*c'.*holds rounds \[4\]"):
+        copies.get(1, 3)
+    with pytest.raises(IndexError, match=r"client must be in \[0, 2\), got 2"):
+        copies.get(2, 0)
+    with pytest.raises(ValueError, match=r"array 'b' has shape \(5,\), the model's is \(4,\)"):
+        copies.put(0, {**_value(1), "b": np.zeros(5)}, round_=1)
+
+
+def test_opening_a_missing_or_mismatched_file_names_it(tmp_path):
+    with pytest.raises(CopiesError, match=r"copies file '.*nothing' is missing"):
+        MemoryCopies(tmp_path / "nothing", LAYOUT, num_clients=2, create=False)
+    MemoryCopies(tmp_path / "c", LAYOUT, num_clients=2).close()
+    with pytest.raises(CopiesError, match=r"copies file '.*c' has \d+ bytes; 3 clients x 1 slots of this model need \d+"):
+        MemoryCopies(tmp_path / "c", LAYOUT, num_clients=3, create=False)
+    with pytest.raises(ValueError, match="slots must be 1 or 2, got 3"):
+        MemoryCopies(tmp_path / "d", LAYOUT, num_clients=1, slots=3)
+
+
+def test_a_closed_file_says_so(tmp_path):
+    copies = MemoryCopies(tmp_path / "c", LAYOUT, num_clients=1)
+    copies.close()
+    with pytest.raises(CopiesError, match="is closed"):
+        copies.get(0, 0)
