@@ -352,13 +352,15 @@ def bench_memory(cfg: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
     The driver holds the server and, in a simulation, every node's context.
     Measured: its resident memory after FedAvg's rounds, then after
     clip21-gd's (the strategy still alive), then after the strategy is gone
-    (what is left is the clients' v_i in their node state).
+    (what is left is the clients' v_i in their node state). The server's
+    copies of the memories are in a file; its size on disk is reported too.
     """
     from fl_clip21.flower.simulation import fast_polling, simulate_app
 
     n = cfg["num-clients"]
     build_problem(cfg)
     rss: dict[str, float] = {}
+    disk: dict[str, int] = {}
     server_app = ServerApp()
 
     @server_app.main()
@@ -372,6 +374,7 @@ def bench_memory(cfg: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
         strategy = Clip21Strategy(algorithm=algorithm_from_config("clip21-gd", cfg), scenario=cfg, num_clients=n)
         _time_rounds(strategy, grid, cfg, rounds, None)
         rss["clip21"] = driver_rss()
+        disk["copies"] = strategy.copies.path.stat().st_blocks * 512
         del strategy
         rss["clients_only"] = driver_rss()
 
@@ -387,6 +390,7 @@ def bench_memory(cfg: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
         "client_state_bytes_per_client": clients,
         "client_state_over_model": clients / model_bytes,
         "server_bytes_per_client": added - clients,
+        "server_copies_file_bytes": disk["copies"],  # on disk, not in RAM
         "driver_rss_mb": {k: v / MB for k, v in rss.items()},
     }
 
@@ -451,7 +455,8 @@ def run_bench(
         print(
             f"{mem['clients']:>6} clients, model of {mem['model_bytes']} bytes: clip21-gd adds "
             f"{mem['added_bytes_per_client']:.0f} bytes per client ({mem['added_per_client_over_model']:.2f}x the model): "
-            f"{mem['client_state_over_model']:.2f}x in the clients' state, the rest the server's copies",
+            f"{mem['client_state_over_model']:.2f}x in the clients' state, {mem['server_bytes_per_client']:.0f} bytes "
+            f"per client in the server; the server's copies file holds {mem['server_copies_file_bytes'] / MB:.0f} MB on disk",
             flush=True,
         )
     if out is not None:

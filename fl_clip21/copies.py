@@ -78,6 +78,13 @@ class MemoryCopies:
                 )
             fd = os.open(self.path, os.O_RDWR)
         self._fd: int | None = fd
+        # The tags, mirrored in RAM (8 bytes a slot): a read or an update is one system call.
+        self._tags = np.zeros((num_clients, slots), dtype=np.int64)
+        if not create:
+            for client in range(num_clients):
+                for slot in range(slots):
+                    raw = self._read(self._offset(client, slot), _TAG.itemsize)
+                    self._tags[client, slot] = int(np.frombuffer(raw, dtype=_TAG)[0])
 
     # --- rows -------------------------------------------------------------------
 
@@ -94,15 +101,13 @@ class MemoryCopies:
             raise CopiesError(f"short read of {str(self.path)!r} at byte {offset}: {len(data)} of {size}")
         return data
 
-    def _tag(self, client: int, slot: int) -> int:
-        return int(np.frombuffer(self._read(self._offset(client, slot), _TAG.itemsize), dtype=_TAG)[0])
-
     def _find(self, client: int, round_: int) -> int:
         """The slot holding ``client``'s copy as of ``round_``."""
+        self._offset(client, 0)  # checks the index
         for slot in range(self.slots):
-            if self._tag(client, slot) == round_:
+            if self._tags[client, slot] == round_:
                 return slot
-        tags = [self._tag(client, s) for s in range(self.slots)]
+        tags = self._tags[client].tolist()
         raise CopiesError(
             f"the server's copy of client {client} as of round {round_} is not in {str(self.path)!r} "
             f"(it holds rounds {tags}): the file does not belong to this run or checkpoint"
@@ -138,9 +143,13 @@ class MemoryCopies:
             parts.append(arr.tobytes())
         data = b"".join(parts)
         offset = self._offset(client, slot)
-        written = os.pwrite(self._fd, data, offset)
+        try:
+            written = os.pwrite(self._fd, data, offset)
+        except OSError as e:
+            raise CopiesError(f"cannot write the server's copy of client {client} to {str(self.path)!r}: {e}") from e
         if written != len(data):
             raise CopiesError(f"short write to {str(self.path)!r} at byte {offset}: {written} of {len(data)}")
+        self._tags[client, slot] = round_
 
     def add(self, client: int, increment: Mapping[str, np.ndarray], last_round: int, round_: int) -> None:
         """Add ``increment`` (of ``round_``) to the copy as of ``last_round``."""
