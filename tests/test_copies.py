@@ -104,3 +104,60 @@ def test_a_closed_file_says_so(tmp_path):
     copies.close()
     with pytest.raises(CopiesError, match="is closed"):
         copies.get(0, 0)
+
+
+def _held_bytes(obj, seen=None) -> int:
+    """Bytes of the arrays and byte strings reachable from ``obj`` through dicts, lists, tuples and sets."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, (bytes, str)):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(_held_bytes(k, seen) + _held_bytes(v, seen) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(_held_bytes(v, seen) for v in obj)
+    return 0
+
+
+def test_after_a_real_run_the_strategy_holds_no_model_per_client_and_its_copies_average_to_g(tmp_path):
+    """In RAM the server holds x and g; the n copies are in the file, and g = mean of them."""
+    from flwr.serverapp import ServerApp
+
+    from fl_clip21 import core
+    from fl_clip21.algorithms import algorithm_from_config
+    from fl_clip21.config import resolve
+    from fl_clip21.flower import records as R
+    from fl_clip21.flower.client import make_client_app
+    from fl_clip21.flower.simulation import fast_polling, simulate_app
+    from fl_clip21.flower.strategy import Clip21Strategy
+    from fl_clip21.problems import build_problem
+
+    n, d = 8, 50_000
+    cfg = resolve({"algorithms": ["clip21-gd"], "rounds": 3, "lr": 1.0, "tau": 1.0, "num-clients": n, "fraction": 0.5,
+                   "problem": {"name": "mean-estimation", "dim": d}})
+    out = {}
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid, context):
+        fast_polling(grid)
+        strategy = Clip21Strategy(
+            algorithm=algorithm_from_config("clip21-gd", cfg), scenario=cfg, num_clients=n, fraction=0.5,
+            copies_dir=tmp_path,
+        )
+        strategy.start(grid=grid, initial_arrays=R.to_record(build_problem(cfg).init_params()), num_rounds=3)
+        out["strategy"] = strategy
+
+    simulate_app(app, make_client_app(), cfg)
+    strategy = out["strategy"]
+    model = d * 8
+    assert 2 * model <= _held_bytes(vars(strategy)) < 3 * model  # x and g, and a few bytes per client
+    assert strategy.copies.path.parent == tmp_path
+    assert strategy.last_applied.max() == 3 and strategy.last_applied.min() < 3  # copies of different rounds
+    copies = [strategy.server_copy(i) for i in range(n)]
+    assert core.max_abs_diff(core.mean(copies), strategy.server_state["g"]) < 1e-15
+    assert core.global_norm(copies[int(strategy.last_applied.argmax())]) > 0
