@@ -161,3 +161,25 @@ def test_after_a_real_run_the_strategy_holds_no_model_per_client_and_its_copies_
     copies = [strategy.server_copy(i) for i in range(n)]
     assert core.max_abs_diff(core.mean(copies), strategy.server_state["g"]) < 1e-15
     assert core.global_norm(copies[int(strategy.last_applied.argmax())]) > 0
+
+
+def test_a_checkpoint_with_the_copies_inside_it_still_resumes(tmp_path):
+    """Checkpoints written before the copies file held every copy in the .npz: they load into a new file."""
+    from fl_clip21 import checkpoint as ckpt
+    from fl_clip21.algorithms import make_algorithm
+    from fl_clip21.flower.strategy import Clip21Strategy
+
+    n = 3
+    params = {"w": np.zeros(4), "b": np.zeros(1)}
+    shadows = [{"w": np.full(4, i + 1.0), "b": np.full(1, -1.0 * i)} for i in range(n)]
+    meta = {"algorithm": "clip21-gd", "hyper": {}, "num_clients": n, "seed": 0, "session": "s", "round": 7,
+            "times_asked": [7, 7, 7], "last_applied": [7, 5, 0], "history": []}
+    arrays = {"params": params, "server.g": {"w": np.full(4, 2.0), "b": np.full(1, -1.0)}}
+    arrays.update({f"shadow.{i}": v for i, v in enumerate(shadows)})
+    ckpt.save(tmp_path / "old.npz", arrays, meta)
+    strategy = Clip21Strategy(algorithm=make_algorithm("clip21-gd", lr=1.0, tau=1.0), scenario=None, num_clients=n,
+                              checkpoint=tmp_path / "new.npz")
+    assert strategy.resume(tmp_path / "old.npz") == 7
+    for i in range(n):
+        _equal(strategy.server_copy(i), shadows[i])
+    assert strategy.copies.path == tmp_path / "new.npz.copies"

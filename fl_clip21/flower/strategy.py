@@ -275,16 +275,21 @@ class Clip21Strategy(Strategy):
         self.server_state = {g.removeprefix("server."): v for g, v in arrays.items() if g.startswith("server.")}
         if self.algorithm.memory is not None:
             name = meta.get("copies")
-            if name is None:
-                raise ValueError(f"checkpoint {str(path)!r} has no copies file of the clients' memories")
-            source = MemoryCopies(Path(path).with_name(name), self.params, self.num_clients, slots=2, create=False)
-            if self.checkpoint is not None and source.path.resolve() == self._copies_path().resolve():
-                self.copies = source  # carry on in the same file
-            else:  # carry on in a file of this strategy's own
+            if name is None and "shadow.0" in arrays:  # written before the copies file: they are inside
                 self.copies = self._open_copies(self.params, create=True)
                 for i in range(self.num_clients):
-                    self.copies.put(i, source.get(i, int(self.last_applied[i])), int(self.last_applied[i]))
-                source.close()
+                    self.copies.put(i, arrays[f"shadow.{i}"], int(self.last_applied[i]))
+            elif name is None:
+                raise ValueError(f"checkpoint {str(path)!r} has no copies file of the clients' memories")
+            else:
+                source = MemoryCopies(Path(path).with_name(name), self.params, self.num_clients, slots=2, create=False)
+                if self.checkpoint is not None and source.path.resolve() == self._copies_path().resolve():
+                    self.copies = source  # carry on in the same file
+                else:  # carry on in a file of this strategy's own
+                    self.copies = self._open_copies(self.params, create=True)
+                    for i in range(self.num_clients):
+                        self.copies.put(i, source.get(i, int(self.last_applied[i])), int(self.last_applied[i]))
+                    source.close()
         if self.audit:
             self._audit_v = {i: self.server_copy(i) for i in range(self.num_clients)}
         self.round = int(meta["round"])
