@@ -21,6 +21,7 @@ import platform
 import resource
 import statistics
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -352,7 +353,9 @@ def bench_memory(cfg: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
     The driver holds the server and, in a simulation, every node's context.
     Measured: its resident memory after FedAvg's rounds, then after
     clip21-gd's (the strategy still alive), then after the strategy is gone
-    (what is left is the clients' v_i in their node state). The server's
+    (what is left is the clients' v_i in their node state). The same from the
+    allocations made since FedAvg's rounds and still held (``tracemalloc``),
+    which leaves out the allocator's slack and RSS's noise. The server's
     copies of the memories are in a file; its size on disk is reported too.
     """
     from fl_clip21.flower.simulation import fast_polling, simulate_app
@@ -361,6 +364,7 @@ def bench_memory(cfg: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
     build_problem(cfg)
     rss: dict[str, float] = {}
     disk: dict[str, int] = {}
+    live: dict[str, int] = {}  # bytes allocated since FedAvg's rounds and still held (tracemalloc)
     server_app = ServerApp()
 
     @server_app.main()
@@ -371,12 +375,18 @@ def bench_memory(cfg: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
         _time_rounds(avg, grid, cfg, rounds, ConfigRecord({R.SCENARIO: json.dumps(cfg, sort_keys=True)}))
         del avg
         rss["fedavg"] = driver_rss()
-        strategy = Clip21Strategy(algorithm=algorithm_from_config("clip21-gd", cfg), scenario=cfg, num_clients=n)
-        _time_rounds(strategy, grid, cfg, rounds, None)
-        rss["clip21"] = driver_rss()
-        disk["copies"] = strategy.copies.path.stat().st_blocks * 512
-        del strategy
-        rss["clients_only"] = driver_rss()
+        tracemalloc.start()
+        try:
+            strategy = Clip21Strategy(algorithm=algorithm_from_config("clip21-gd", cfg), scenario=cfg, num_clients=n)
+            _time_rounds(strategy, grid, cfg, rounds, None)
+            rss["clip21"] = driver_rss()
+            live["clip21"] = tracemalloc.get_traced_memory()[0]
+            disk["copies"] = strategy.copies.path.stat().st_blocks * 512
+            del strategy
+            rss["clients_only"] = driver_rss()
+            live["clients_only"] = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
 
     simulate_app(server_app, bench_client_app(), cfg)
     model_bytes = sum(v.nbytes for v in build_problem(cfg).init_params().values())
@@ -391,6 +401,11 @@ def bench_memory(cfg: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
         "client_state_over_model": clients / model_bytes,
         "server_bytes_per_client": added - clients,
         "server_copies_file_bytes": disk["copies"],  # on disk, not in RAM
+        # The same from the allocations still held (Python objects and numpy arrays, by
+        # tracemalloc): free of the allocator's slack and of the noise of RSS.
+        "live_added_bytes_per_client": live["clip21"] / n,
+        "live_added_per_client_over_model": live["clip21"] / n / model_bytes,
+        "live_client_state_bytes_per_client": live["clients_only"] / n,
         "driver_rss_mb": {k: v / MB for k, v in rss.items()},
     }
 
@@ -454,7 +469,8 @@ def run_bench(
         result["memory"] = {"scenario": str(memory_scenario), **mem}
         print(
             f"{mem['clients']:>6} clients, model of {mem['model_bytes']} bytes: clip21-gd adds "
-            f"{mem['added_bytes_per_client']:.0f} bytes per client ({mem['added_per_client_over_model']:.2f}x the model): "
+            f"{mem['added_bytes_per_client']:.0f} bytes per client ({mem['added_per_client_over_model']:.2f}x the model; "
+            f"allocations held: {mem['live_added_bytes_per_client']:.0f}, {mem['live_added_per_client_over_model']:.2f}x): "
             f"{mem['client_state_over_model']:.2f}x in the clients' state, {mem['server_bytes_per_client']:.0f} bytes "
             f"per client in the server; the server's copies file holds {mem['server_copies_file_bytes'] / MB:.0f} MB on disk",
             flush=True,

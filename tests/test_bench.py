@@ -31,6 +31,11 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     assert len(row["soak"]["driver_rss_mb"]) == 6 and row["driver_peak_mb"] >= row["driver_rss_mb"] > 0
     mem = result["memory"]
     assert mem["clients"] == 3 and mem["model_bytes"] == 800_000
+    # Allocations held: every client holds its v_i; the server holds x and g, no copy per client.
+    assert mem["live_client_state_bytes_per_client"] >= mem["model_bytes"]
+    server_live = (mem["live_added_bytes_per_client"] - mem["live_client_state_bytes_per_client"]) * 3
+    assert 2 * mem["model_bytes"] <= server_live < 3 * mem["model_bytes"]
+    assert mem["server_copies_file_bytes"] >= 3 * mem["model_bytes"]
 
 
 def test_bench_refuses_bad_arguments(capsys):
