@@ -113,16 +113,38 @@ class MemoryCopies:
             f"(it holds rounds {tags}): the file does not belong to this run or checkpoint"
         )
 
-    def get(self, client: int, round_: int) -> Params:
-        """``client``'s copy holding its increments up to ``round_`` (new arrays)."""
-        slot = self._find(client, round_)
+    def _view(self, client: int, slot: int) -> Params:
+        """The copy in ``client``'s ``slot``, as read-only arrays over the bytes read."""
         raw = self._read(self._offset(client, slot) + _TAG.itemsize, self._payload)
         out, start = {}, 0
         for k, (dtype, shape) in self._layout.items():
-            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            out[k] = np.frombuffer(raw, dtype=dtype, count=size // dtype.itemsize, offset=start).reshape(shape).copy()
-            start += size
+            count = int(np.prod(shape, dtype=np.int64))
+            out[k] = np.frombuffer(raw, dtype=dtype, count=count, offset=start).reshape(shape)
+            start += count * dtype.itemsize
         return out
+
+    def _write(self, client: int, slot: int, value: Mapping[str, np.ndarray], round_: int) -> None:
+        """Write ``value``, tagged ``round_``, to ``client``'s ``slot`` (one system call, no joined copy)."""
+        if self._fd is None:
+            raise CopiesError(f"the server's copies file {str(self.path)!r} is closed")
+        buffers = [np.asarray(round_, dtype=_TAG).tobytes()]
+        for k, (dtype, shape) in self._layout.items():
+            arr = np.asarray(value[k], dtype=dtype)
+            if arr.shape != shape:
+                raise ValueError(f"copy of client {client}: array {k!r} has shape {arr.shape}, the model's is {shape}")
+            buffers.append(np.ascontiguousarray(arr))
+        offset = self._offset(client, slot)
+        try:
+            written = os.pwritev(self._fd, buffers, offset)
+        except OSError as e:
+            raise CopiesError(f"cannot write the server's copy of client {client} to {str(self.path)!r}: {e}") from e
+        if written != self._slot:
+            raise CopiesError(f"short write to {str(self.path)!r} at byte {offset}: {written} of {self._slot}")
+        self._tags[client, slot] = round_
+
+    def get(self, client: int, round_: int) -> Params:
+        """``client``'s copy holding its increments up to ``round_`` (new arrays)."""
+        return {k: v.copy() for k, v in self._view(client, self._find(client, round_)).items()}
 
     def put(self, client: int, value: Mapping[str, np.ndarray], round_: int, keep: int | None = None) -> None:
         """Make ``value`` ``client``'s copy as of ``round_``.
@@ -130,30 +152,13 @@ class MemoryCopies:
         With two slots the slot that holds round ``keep`` (the copy the last
         checkpoint refers to) is left as it is.
         """
-        if self._fd is None:
-            raise CopiesError(f"the server's copies file {str(self.path)!r} is closed")
-        slot = 0
-        if self.slots == 2 and keep is not None:
-            slot = 1 - self._find(client, keep)
-        parts = [np.asarray(round_, dtype=_TAG).tobytes()]
-        for k, (dtype, shape) in self._layout.items():
-            arr = np.asarray(value[k], dtype=dtype)
-            if arr.shape != shape:
-                raise ValueError(f"copy of client {client}: array {k!r} has shape {arr.shape}, the model's is {shape}")
-            parts.append(arr.tobytes())
-        data = b"".join(parts)
-        offset = self._offset(client, slot)
-        try:
-            written = os.pwrite(self._fd, data, offset)
-        except OSError as e:
-            raise CopiesError(f"cannot write the server's copy of client {client} to {str(self.path)!r}: {e}") from e
-        if written != len(data):
-            raise CopiesError(f"short write to {str(self.path)!r} at byte {offset}: {written} of {len(data)}")
-        self._tags[client, slot] = round_
+        slot = 1 - self._find(client, keep) if self.slots == 2 and keep is not None else 0
+        self._write(client, slot, value, round_)
 
     def add(self, client: int, increment: Mapping[str, np.ndarray], last_round: int, round_: int) -> None:
-        """Add ``increment`` (of ``round_``) to the copy as of ``last_round``."""
-        self.put(client, core.add(self.get(client, last_round), increment), round_, keep=last_round)
+        """Add ``increment`` (of ``round_``) to the copy as of ``last_round`` (kept, with two slots)."""
+        slot = self._find(client, last_round)
+        self._write(client, 1 - slot if self.slots == 2 else 0, core.add(self._view(client, slot), increment), round_)
 
     def flush(self) -> None:
         """Put what was written on disk (before a checkpoint that refers to it)."""
