@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
 import platform
 import resource
 import statistics
@@ -156,7 +157,7 @@ def _vectorized_seconds_per_round(cfg: dict[str, Any], rounds: int) -> tuple[flo
     from fl_clip21.engine import run_local
 
     stamps: list[float] = []
-    res = run_local({**cfg, "rounds": rounds + 1}, "clip21-gd", lambda *_: stamps.append(time.perf_counter()))
+    run_local({**cfg, "rounds": rounds + 1}, "clip21-gd", lambda *_: stamps.append(time.perf_counter()))
     ref = run_local({**cfg, "rounds": rounds}, "clip21-gd")
     return (stamps[-1] - stamps[0]) / rounds, ref["params"]
 
@@ -459,7 +460,7 @@ def run_bench(
         "scenario": str(scenario),
         "machine": {
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "python": platform.python_version(),
         },
         "results": rows,
     }
