@@ -62,6 +62,10 @@ class Algorithm:
         ``g`` tracks (``v`` for Clip21, ``g`` for Clip21-SGD2M), or None.
     sparse:
         Messages are mostly zeros (Top-k): engines send indices and values.
+    sparse_entries:
+        ``d -> k``: the number of (index, value) entries every message of a
+        sparse algorithm carries for a model of d entries (exactly k, zeros
+        included, so the server can check the count).
     noise_multiplier:
         z = sigma / (2 tau) of the local Gaussian mechanism, or None when the
         messages carry no DP noise.
@@ -76,6 +80,7 @@ class Algorithm:
     stochastic: bool = False
     memory: str | None = None
     sparse: bool = False
+    sparse_entries: Callable[[int], int] | None = None
     noise_multiplier: float | None = None
     hyper: Mapping[str, float] = field(default_factory=dict)
 
@@ -288,6 +293,7 @@ def ef21_topk(*, lr: float, topk: float, tau: float | None = None, **_: object) 
     return Algorithm(
         "clip21-topk" if clip else "ef21-topk", c_init, c_update, s_init, s_update,
         message_bound=(lambda d: tau) if clip else None, memory="v", sparse=True,
+        sparse_entries=lambda d: min(topk_count(topk, d), d),
         hyper={"lr": lr, "topk": topk, **({"tau": tau} if clip else {})},
     )
 

@@ -382,7 +382,7 @@ def bench_memory(cfg: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
             _time_rounds(strategy, grid, cfg, rounds, None)
             rss["clip21"] = driver_rss()
             live["clip21"] = tracemalloc.get_traced_memory()[0]
-            disk["copies"] = strategy.copies.path.stat().st_blocks * 512
+            disk["copies"] = strategy.protocol.copies.path.stat().st_blocks * 512
             del strategy
             rss["clients_only"] = driver_rss()
             live["clients_only"] = tracemalloc.get_traced_memory()[0]

@@ -195,9 +195,14 @@ def clients_round(
 
 
 def message_bytes(algorithm: Algorithm, message: core.Params) -> int:
-    """Bytes of values a message carries: dense arrays, or Top-k's int32 indices and values."""
+    """Bytes of values a message carries: dense arrays, or Top-k's k indices and k values.
+
+    The Flower client sends the same bytes (:func:`fl_clip21.flower.records.encode_sparse`).
+    """
     if algorithm.sparse:
-        return sum(int(np.count_nonzero(v)) * (4 + v.itemsize) for v in message.values())
+        d = sum(int(np.size(v)) for v in message.values())
+        index_bytes = 4 if d < 2**31 else 8
+        return algorithm.sparse_entries(d) * (index_bytes + np.result_type(*message.values()).itemsize)
     return sum(int(v.nbytes) for v in message.values())
 
 

@@ -156,11 +156,11 @@ def test_after_a_real_run_the_strategy_holds_no_model_per_client_and_its_copies_
     strategy = out["strategy"]
     model = d * 8
     assert 2 * model <= _held_bytes(vars(strategy)) < 3 * model  # x and g, and a few bytes per client
-    assert strategy.copies.path.parent == tmp_path
-    assert strategy.last_applied.max() == 3 and strategy.last_applied.min() < 3  # copies of different rounds
+    assert strategy.protocol.copies.path.parent == tmp_path
+    assert strategy.protocol.last_applied.max() == 3 and strategy.protocol.last_applied.min() < 3  # copies of different rounds
     copies = [strategy.server_copy(i) for i in range(n)]
     assert core.max_abs_diff(core.mean(copies), strategy.server_state["g"]) < 1e-15
-    assert core.global_norm(copies[int(strategy.last_applied.argmax())]) > 0
+    assert core.global_norm(copies[int(strategy.protocol.last_applied.argmax())]) > 0
 
 
 def test_a_checkpoint_with_the_copies_inside_it_still_resumes(tmp_path):
@@ -172,7 +172,7 @@ def test_a_checkpoint_with_the_copies_inside_it_still_resumes(tmp_path):
     n = 3
     params = {"w": np.zeros(4), "b": np.zeros(1)}
     shadows = [{"w": np.full(4, i + 1.0), "b": np.full(1, -1.0 * i)} for i in range(n)]
-    meta = {"algorithm": "clip21-gd", "hyper": {}, "num_clients": n, "seed": 0, "session": "s", "round": 7,
+    meta = {"algorithm": "clip21-gd", "hyper": {"lr": 1.0, "tau": 1.0}, "num_clients": n, "seed": 0, "session": "s", "round": 7,
             "times_asked": [7, 7, 7], "last_applied": [7, 5, 0], "history": []}
     arrays = {"params": params, "server.g": {"w": np.full(4, 2.0), "b": np.full(1, -1.0)}}
     arrays.update({f"shadow.{i}": v for i, v in enumerate(shadows)})
@@ -182,4 +182,4 @@ def test_a_checkpoint_with_the_copies_inside_it_still_resumes(tmp_path):
     assert strategy.resume(tmp_path / "old.npz") == 7
     for i in range(n):
         _equal(strategy.server_copy(i), shadows[i])
-    assert strategy.copies.path == tmp_path / "new.npz.copies"
+    assert strategy.protocol.copies.path == tmp_path / "new.npz.copies"

@@ -23,14 +23,14 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_clip21.algorithms import Algorithm, algorithm_from_config
+from fl_clip21.algorithms import Algorithm, algorithm_from_config, model_size
 from fl_clip21.config import DATA_DIR, with_data_dir
 from fl_clip21.engine import client_round, straggler_delay
 from fl_clip21.flower import records as R
 from fl_clip21.problems import Problem, build_problem
 
-PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
+PARTITION_ID = R.PARTITION_ID
+NUM_PARTITIONS = R.NUM_PARTITIONS
 MEMORY_ROUND = "fl_clip21.memory-round"  # in the memory's state record: the round of its last increment
 
 
@@ -148,9 +148,13 @@ def train(msg: Message, context: Context) -> Message:
     save_state(context, scope, {k: v for k, v in result.state.items() if k != mem})
     if mem is not None:
         commit_memory(context, scope, mem, result.state[mem], server_round)
+    if algorithm.sparse:
+        message = R.encode_sparse(result.message, algorithm.sparse_entries(model_size(params)))
+    else:
+        message = R.to_record(result.message)
     content = RecordDict(
         {
-            R.ARRAYS: (R.encode_sparse if algorithm.sparse else R.to_record)(result.message),
+            R.ARRAYS: message,
             R.METRICS: MetricRecord({"clipped": int(result.clipped), PARTITION_ID: i, R.ROUND: server_round}),
         }
     )

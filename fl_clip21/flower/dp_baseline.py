@@ -37,6 +37,7 @@ from fl_clip21.flower import records as R
 from fl_clip21.flower.client import partition_of
 from fl_clip21.privacy import epsilon
 from fl_clip21.flower.records import quiet_flower
+from fl_clip21.flower.validation import payload_bytes
 from fl_clip21.problems import build_problem
 
 NAME = "flower-dp-fixed"
@@ -83,7 +84,7 @@ class _CountingFedAvg(FedAvg):
             "accepted": len(ok),
             "failed": len(replies) - len(ok),
             "rejected": 0,
-            "bytes_up": sum(R.payload_bytes(r.content[R.ARRAYS]) for r in ok if R.ARRAYS in r.content),
+            "bytes_up": sum(payload_bytes(r.content.get(R.ARRAYS)) for r in ok),
         }
         return super().aggregate_train(server_round, ok)
 

@@ -28,6 +28,9 @@ SESSION = "fl_clip21.session"  # id of the strategy instance (run x algorithm); 
 TAU = "fl_clip21.tau"  # for clip21_mod: the clipping threshold
 ACK = "fl_clip21.ack"  # the last round whose increment of this client the server applied
 NEEDS_RESYNC = "needs-resync"  # reply metric: this client's memory is not the one the server mirrors
+# Node config keys of a client's partition (the handshake reply carries them back).
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
 # Client state (context.state) record names.
 STATE_PREFIX = "fl_clip21.state."
 
@@ -88,48 +91,32 @@ def unpack(record: ConfigRecord, layout: Mapping[str, np.ndarray]) -> Params:
     return out
 
 
-def payload_bytes(record: ArrayRecord) -> int:
-    """Bytes of array values a record carries (what the arrays hold, headers excluded)."""
-    total = 0
-    for arr in record.values():
-        total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
-    return total
-
 # A sparse message (Top-k) travels as flat indices into the model (its arrays
 # in key order, each flattened) and the values there.
 SPARSE_INDICES = "fl_clip21.sparse.indices"
 SPARSE_VALUES = "fl_clip21.sparse.values"
 
 
-def encode_sparse(params: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Array dict -> ArrayRecord of (indices, values) of its non-zero entries."""
+def index_dtype(d: int) -> np.dtype:
+    """The integer type of a sparse message's indices into a model of ``d`` entries."""
+    return np.dtype(np.int32 if d < 2**31 else np.int64)
+
+
+def encode_sparse(params: Mapping[str, np.ndarray], k: int) -> ArrayRecord:
+    """Array dict with at most ``k`` non-zero entries -> ArrayRecord of exactly ``k`` (index, value) pairs.
+
+    The non-zero entries, and, when there are fewer than ``k``, zero-valued
+    entries at the lowest other indices: the server checks that a message
+    carries exactly ``k`` distinct indices.
+    """
     flat = np.concatenate([np.ravel(v) for v in params.values()])
-    idx = np.flatnonzero(flat)
-    dtype = np.int32 if flat.size < 2**31 else np.int64
+    nonzero = np.flatnonzero(flat)
+    if nonzero.size > k:
+        raise ValueError(f"a sparse message may carry k={k} entries, this one has {nonzero.size} non-zero entries")
+    if nonzero.size < k:
+        mask = np.zeros(flat.size, dtype=bool)
+        mask[nonzero] = True
+        nonzero = np.sort(np.concatenate([nonzero, np.flatnonzero(~mask)[: k - nonzero.size]]))
     return ArrayRecord(
-        {SPARSE_INDICES: Array(idx.astype(dtype)), SPARSE_VALUES: Array(np.ascontiguousarray(flat[idx]))}
+        {SPARSE_INDICES: Array(nonzero.astype(index_dtype(flat.size))), SPARSE_VALUES: Array(np.ascontiguousarray(flat[nonzero]))}
     )
-
-
-def decode_sparse(
-    record: ArrayRecord, reference: Mapping[str, np.ndarray]
-) -> tuple[Params | None, str | None]:
-    """Inverse of :func:`encode_sparse` with the model's layout; ``(None, reason)`` if malformed."""
-    if set(record.keys()) != {SPARSE_INDICES, SPARSE_VALUES}:
-        return None, f"sparse message has keys {sorted(record.keys())}, expected indices and values"
-    idx, val = record[SPARSE_INDICES].numpy(), record[SPARSE_VALUES].numpy()
-    d = int(sum(np.size(v) for v in reference.values()))
-    if idx.ndim != 1 or val.shape != idx.shape or not np.issubdtype(idx.dtype, np.integer):
-        return None, f"sparse message has indices {idx.shape} {idx.dtype} and values {val.shape}"
-    if idx.size and (idx.min() < 0 or idx.max() >= d or np.unique(idx).size != idx.size):
-        return None, f"sparse indices must be distinct and in [0, {d}), got range [{idx.min()}, {idx.max()}]"
-    dtypes = {np.dtype(v.dtype) for v in reference.values()}
-    if np.dtype(val.dtype) not in dtypes:
-        return None, f"sparse values have dtype {val.dtype}, expected one of {sorted(map(str, dtypes))}"
-    flat = np.zeros(d, dtype=np.float64)
-    flat[idx] = val
-    out, start = {}, 0
-    for k, ref in reference.items():
-        out[k] = flat[start : start + ref.size].reshape(ref.shape).astype(ref.dtype)
-        start += ref.size
-    return out, None

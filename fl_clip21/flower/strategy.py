@@ -3,24 +3,19 @@
 The strategy holds the model x and the algorithm's server state (Clip21's
 aggregate g). Each round it samples clients, sends x, checks every reply
 before using it, and applies the algorithm's server update to the accepted
-replies. A reply that fails a check is not applied: it is counted in the
-round's metrics (``rejected``), logged with its node id, and the round goes on.
+replies. It composes four parts, each in its own module:
 
-For error-feedback algorithms it also runs the server side of the consistency
-protocol (see :mod:`fl_clip21.flower.client`): it keeps, per client, the sum
-of the increments it applied (its copy of v_i) and the last round it applied
-one; it tells each client that round (``ack``) and sends its copy back to a
-client whose increment it did not apply or that lost its state (``resync``).
-The copies live in a file (:class:`~fl_clip21.copies.MemoryCopies`), not in
-RAM: they are read only to repair a fault. With ``checkpoint`` it saves its
-state after every round, atomically, and :meth:`resume` continues from it.
+- :mod:`~fl_clip21.flower.validation`: every field of a reply decoded and
+  checked; a reply that fails is counted (``rejected``), logged with its node
+  id and client index, and changes nothing;
+- :mod:`~fl_clip21.flower.registry`: which node holds which client, and
+  whether a node that takes a client over proved it is that client;
+- :mod:`~fl_clip21.flower.protocol`: the consistency protocol's acks, copies
+  of the clients' memories (in a file), resyncs and resets;
+- :mod:`~fl_clip21.flower.late`: replies that missed their round.
 
-A reply later than the round's timeout is dropped like a lost one. The node
-may still be working on it, and Flower's simulation engine would then run the
-node's next message at the same time, from the same ``context.state``, and
-keep whichever state is written back last (``vce_api.worker``: no per-node
-lock). So the strategy sends a node its next message only once the late reply
-has come in (or ``late_reply_wait`` seconds have passed), and throws it away.
+With ``checkpoint`` it saves its state after every round, atomically, and
+:meth:`resume` continues from it.
 """
 
 from __future__ import annotations
@@ -31,9 +26,9 @@ import tempfile
 import time
 import uuid
 import weakref
+from collections.abc import Callable, Iterable, Mapping
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
-from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -49,48 +44,29 @@ from fl_clip21.algorithms import Algorithm, model_size
 from fl_clip21.copies import MemoryCopies
 from fl_clip21.engine import round_epsilon, sample_clients
 from fl_clip21.flower import records as R
-from fl_clip21.flower.client import NUM_PARTITIONS, PARTITION_ID
+from fl_clip21.flower import validation as V
+from fl_clip21.flower.late import LateReplies
+from fl_clip21.flower.protocol import Audit, ProtocolState
+from fl_clip21.flower.registry import Binding, NodeRegistry, Refused
 
-NORM_SLACK = 1e-6  # a message may exceed the bound by this relative amount (float rounding)
+NORM_SLACK = V.NORM_SLACK
+PROGRESS_EVERY = 5.0  # seconds between "waiting for nodes" lines
 
 
 class ClientSetupError(RuntimeError):
     """The nodes that registered do not form the expected set of clients."""
 
 
-def check_message(
-    message: ArrayRecord | None, reference: dict[str, np.ndarray], bound: float | None, sparse: bool = False
-) -> tuple[dict[str, np.ndarray] | None, str | None]:
-    """Validate one client message against the model's layout.
+def _check(name: str, value: object, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} {rule}, got {value!r}")
 
-    Returns ``(arrays, None)`` when the message may be applied, else
-    ``(None, reason)``: keys, shapes and dtypes must match the model (a sparse
-    message must decode to it), every value must be finite, and the global norm
-    must be <= ``bound * (1 + 1e-6)``.
-    """
-    if message is None:
-        return None, f"no {R.ARRAYS!r} ArrayRecord in the reply"
-    if sparse:
-        arrays, reason = R.decode_sparse(message, reference)  # decodes to the model's layout
-        if arrays is None:
-            return None, reason
-    else:
-        if set(message.keys()) != set(reference):
-            return None, f"array keys {sorted(message.keys())} differ from the model's {sorted(reference)}"
-        arrays = {}
-        for k, ref in reference.items():
-            arr = message[k]
-            if tuple(arr.shape) != ref.shape or np.dtype(arr.dtype) != ref.dtype:
-                return None, f"array {k!r} has shape {tuple(arr.shape)} {arr.dtype}, expected {ref.shape} {ref.dtype}"
-            arrays[k] = arr.numpy()
-    for k, a in arrays.items():
-        if not np.all(np.isfinite(a)):
-            return None, f"array {k!r} has non-finite values"
-    if bound is not None:
-        norm = core.global_norm(arrays)
-        if norm > bound * (1 + NORM_SLACK):
-            return None, f"norm {norm:.6g} exceeds tau={bound:.6g}"
-    return arrays, None
+
+def _on_simulation_engine(grid: Grid) -> bool:
+    """Whether ``grid`` is Flower's simulation engine, which assigns every node's partition-id itself."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
 
 
 class Clip21Strategy(Strategy):
@@ -115,7 +91,7 @@ class Clip21Strategy(Strategy):
         Clients also return their memory; each round reports ``invariant_gap`` =
         max |g - mean_i v_i| over the memories the clients last reported.
     node_wait_timeout:
-        Seconds to wait for all ``num_clients`` nodes to register at the start.
+        Seconds to wait for all ``num_clients`` partitions to be held at the start.
     delta:
         delta at which ``epsilon`` is reported (algorithms with DP noise).
     client_of_node:
@@ -140,10 +116,23 @@ class Clip21Strategy(Strategy):
         among the online clients (:func:`~fl_clip21.engine.sample_clients`).
     late_reply_wait:
         Longest wait, in seconds, for the late reply of a node before sending
-        that node another message (see above).
+        that node another message (:mod:`~fl_clip21.flower.late`).
     copies_dir:
         Folder for the copies file of a run without ``checkpoint`` (default:
         a new temporary folder, removed with the strategy).
+    node_keys:
+        Canonical SuperNode public key -> partition
+        (:func:`fl_clip21.flower.identity.load_node_keys`): a node may hold a
+        partition only if the SuperLink authenticated it with that partition's
+        key (start the SuperLink with ``--enable-supernode-auth``).
+    trust_partition_ids:
+        Whether a node's partition-id claim proves it holds that client. None
+        (default): only on Flower's simulation engine, which makes the nodes
+        and their partition-ids itself. Otherwise a node taking a client over
+        is proven only by being the node it was bound to, or by its key.
+    config:
+        The resolved configuration to save with every checkpoint and compare
+        on :meth:`resume` (default: ``scenario``).
     """
 
     def __init__(
@@ -165,20 +154,20 @@ class Clip21Strategy(Strategy):
         availability: float = 1.0,
         late_reply_wait: float = 600.0,
         copies_dir: str | Path | None = None,
+        node_keys: Mapping[bytes, int] | None = None,
+        trust_partition_ids: bool | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
-        if not 0 <= fraction_evaluate <= 1:
-            raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate!r}")
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        if not 0 < availability <= 1:
-            raise ValueError(f"availability must be in (0, 1], got {availability!r}")
-        if num_clients < 1:
-            raise ValueError(f"num_clients must be >= 1, got {num_clients!r}")
+        _check("fraction_evaluate", fraction_evaluate, 0 <= fraction_evaluate <= 1, "must be in [0, 1]")
+        _check("fraction", fraction, 0 < fraction <= 1, "must be in (0, 1]")
+        _check("availability", availability, 0 < availability <= 1, "must be in (0, 1]")
+        _check("num_clients", num_clients, isinstance(num_clients, int) and num_clients >= 1, "must be an integer >= 1")
+        _check("node_wait_timeout", node_wait_timeout, node_wait_timeout > 0, "must be > 0 seconds")
+        _check("delta", delta, 0 < delta < 1, "must be in (0, 1)")
         self.algorithm = algorithm
         self.num_clients = num_clients
         self.fraction = fraction
         self.availability = availability
-        self.late_reply_wait = late_reply_wait
         self.seed = seed
         self.audit = audit and algorithm.memory is not None
         self.delta = delta
@@ -188,22 +177,32 @@ class Clip21Strategy(Strategy):
         self.evaluate = evaluate
         self.fraction_evaluate = fraction_evaluate
         self.on_round = on_round
+        self.trust_partition_ids = trust_partition_ids
         self._scenario_json = json.dumps(scenario, sort_keys=True) if scenario is not None else None
+        self.config = dict(config if config is not None else scenario or {})
+        self.session = uuid.uuid4().hex[:16]  # scopes the clients' state to this run of this algorithm
+        self.registry = NodeRegistry(num_clients, node_keys=node_keys)
+        for nid, c in (client_of_node or {}).items():
+            self.registry.claim(int(nid), int(c), connected=())
+        self.protocol = ProtocolState(num_clients)
+        self.late = LateReplies(late_reply_wait)
+        self.audit_state: Audit | None = None
         self.params: dict[str, np.ndarray] | None = None
         self.server_state: dict | None = None
-        self.client_of_node: dict[int, int] = dict(client_of_node or {})
-        self.session = uuid.uuid4().hex[:16]  # scopes the clients' state to this run of this algorithm
         self.round = 0  # the last round completed
-        self.times_asked = np.zeros(num_clients, dtype=np.int64)  # rounds each client was asked
-        self.last_applied = np.zeros(num_clients, dtype=np.int64)  # round of the last increment applied
-        self.copies: MemoryCopies | None = None  # per client: the sum of its increments applied
-        self.needs_resync: set[int] = set()
         self.history: list[dict[str, Any]] = []
-        self._asked: dict[int, int] = {}
-        self._sent: list[Message] = []  # this round's messages (their ids are set when pushed)
-        self._late: dict[int, str] = {}  # node -> id of a message whose reply missed its round
-        self._audit_v: dict[int, dict[str, np.ndarray]] = {}
+        self._refused: set[int] = set()  # nodes whose claim was refused: never asked again this run
         self._bound: float | None = None
+        self._sparse_k: int | None = None
+        # This round's state: the nodes asked and their clients, how many were sampled, when it started.
+        self._asked: dict[int, int] = {}
+        self._expected = 0
+        self._round_start = time.perf_counter()
+
+    @property
+    def client_of_node(self) -> dict[int, int]:
+        """Node id -> client index of the nodes connected and bound now."""
+        return self.registry.client_of_node
 
     # --- state ----------------------------------------------------------------
 
@@ -216,102 +215,136 @@ class Clip21Strategy(Strategy):
             weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
         return folder / f"{self.algorithm.name}.{self.session}.copies"
 
-    def _open_copies(self, params: dict[str, np.ndarray], create: bool) -> MemoryCopies:
+    def _open_copies(self, params: dict[str, np.ndarray], create: bool, path: Path | None = None) -> MemoryCopies:
         return MemoryCopies(
-            self._copies_path(), params, self.num_clients, slots=2 if self.checkpoint is not None else 1,
-            create=create,
+            path or self._copies_path(), params, self.num_clients,
+            slots=2 if self.checkpoint is not None else 1, create=create,
         )
 
-    def _init_state(self, params: dict[str, np.ndarray], new_copies: bool = True) -> None:
+    def _init_state(self, params: dict[str, np.ndarray], copies: MemoryCopies | None = None) -> None:
         self.params = params
         self.server_state = self.algorithm.server_init(params)
-        if self.algorithm.memory is not None and new_copies:
-            self.copies = self._open_copies(params, create=True)
+        if self.algorithm.memory is not None:
+            copies = copies if copies is not None else self._open_copies(params, create=True)
+            self.protocol = ProtocolState(self.num_clients, copies, layout=params)
         if self.audit:  # the memories the clients reported (only when auditing: n more copies)
-            self._audit_v = {i: core.zeros_like(params) for i in range(self.num_clients)}
+            self.audit_state = Audit({i: core.zeros_like(params) for i in range(self.num_clients)})
+        d = model_size(params)
         bound = self.algorithm.message_bound
-        self._bound = bound(model_size(params)) if bound is not None else None
+        self._bound = bound(d) if bound is not None else None
+        self._sparse_k = self.algorithm.sparse_entries(d) if self.algorithm.sparse else None
 
     def server_copy(self, client: int) -> dict[str, np.ndarray]:
         """The server's copy of ``client``'s memory (the sum of its increments applied)."""
-        assert self.copies is not None
-        return self.copies.get(client, int(self.last_applied[client]))
+        return self.protocol.copy(client)
 
-    def save_checkpoint(self) -> None:
-        """Write the server's whole state to :attr:`checkpoint` (atomically)."""
-        assert self.checkpoint is not None and self.params is not None
-        arrays = {"params": self.params, **{f"server.{k}": v for k, v in self.server_state.items()}}
-        if self.copies is not None:
-            self.copies.flush()  # the checkpoint refers to them
-        meta = {
+    def _meta(self) -> dict[str, Any]:
+        return {
             "algorithm": self.algorithm.name,
             "hyper": dict(self.algorithm.hyper),
             "num_clients": self.num_clients,
             "seed": self.seed,
+            "config": self.config,
             "session": self.session,
             "round": self.round,
-            "times_asked": self.times_asked.tolist(),
-            "last_applied": self.last_applied.tolist(),
             "history": self.history,
-            "copies": self.copies.path.name if self.copies is not None else None,
+            "protocol": self.protocol.state_dict(),
+            "registry": self.registry.state_dict(),
+            "copies": self.protocol.copies.path.name if self.protocol.copies is not None else None,
         }
-        ckpt.save(self.checkpoint, arrays, meta)
+
+    def save_checkpoint(self) -> None:
+        """Write the server's whole state to :attr:`checkpoint` (atomically)."""
+        if self.checkpoint is None or self.params is None or self.server_state is None:
+            raise RuntimeError("save_checkpoint needs a checkpoint path and a started run")
+        arrays = {"params": self.params, **{f"server.{k}": v for k, v in self.server_state.items()}}
+        if self.protocol.copies is not None:
+            self.protocol.copies.flush()  # the checkpoint refers to them
+        ckpt.save(self.checkpoint, arrays, self._meta())
 
     def resume(self, path: str | Path) -> int:
         """Load a checkpoint; return the number of rounds it had completed.
 
-        Every client is resynced on its next round: it may have lost its state
-        with the old run, or hold increments of rounds after the checkpoint.
+        The checkpoint must have been made by this algorithm with the same
+        hyper-parameters, clients, seed and configuration: any difference is a
+        :class:`ValueError` naming the key and both values. Every client is
+        resynced on its next round: it may have lost its state with the old
+        run, or hold increments of rounds after the checkpoint.
         """
-        arrays, meta = ckpt.load(Path(path))
-        expected = {"algorithm": self.algorithm.name, "num_clients": self.num_clients, "seed": self.seed}
+        path = Path(path)
+        arrays, meta = ckpt.load(path)
+        expected = {
+            "algorithm": self.algorithm.name, "hyper": dict(self.algorithm.hyper),
+            "num_clients": self.num_clients, "seed": self.seed,
+        }
         for key, value in expected.items():
-            if meta[key] != value:
+            if key in meta and meta[key] != value:
                 raise ValueError(f"checkpoint {str(path)!r} has {key}={meta[key]!r}, this run has {value!r}")
+        saved = meta.get("config")
+        if saved and self.config:
+            for key in sorted(set(saved) | set(self.config)):
+                if saved.get(key) != self.config.get(key):
+                    raise ValueError(
+                        f"checkpoint {str(path)!r} was made with {key}={saved.get(key)!r}, "
+                        f"this run has {key}={self.config.get(key)!r}"
+                    )
+        if "params" not in arrays:
+            raise ValueError(f"checkpoint {str(path)!r} has no params")
+        params = arrays["params"]
+        protocol = meta.get("protocol") or {k: meta[k] for k in ("times_asked", "last_applied") if k in meta}
+        copies = self._restore_copies(path, arrays, meta, params, protocol) if self.algorithm.memory else None
         self.session = str(meta["session"])
-        self.times_asked = np.asarray(meta["times_asked"], dtype=np.int64)
-        self.last_applied = np.asarray(meta["last_applied"], dtype=np.int64)
-        self._init_state(arrays["params"], new_copies=False)
+        self._init_state(params, copies)
         self.server_state = {g.removeprefix("server."): v for g, v in arrays.items() if g.startswith("server.")}
-        if self.algorithm.memory is not None:
-            name = meta.get("copies")
-            if name is None and "shadow.0" in arrays:  # written before the copies file: they are inside
-                self.copies = self._open_copies(self.params, create=True)
-                for i in range(self.num_clients):
-                    self.copies.put(i, arrays[f"shadow.{i}"], int(self.last_applied[i]))
-            elif name is None:
-                raise ValueError(f"checkpoint {str(path)!r} has no copies file of the clients' memories")
-            else:
-                source = MemoryCopies(Path(path).with_name(name), self.params, self.num_clients, slots=2, create=False)
-                if self.checkpoint is not None and source.path.resolve() == self._copies_path().resolve():
-                    self.copies = source  # carry on in the same file
-                else:  # carry on in a file of this strategy's own
-                    self.copies = self._open_copies(self.params, create=True)
-                    for i in range(self.num_clients):
-                        self.copies.put(i, source.get(i, int(self.last_applied[i])), int(self.last_applied[i]))
-                    source.close()
-        if self.audit:
-            self._audit_v = {i: self.server_copy(i) for i in range(self.num_clients)}
+        self.protocol.load_state_dict(protocol)
+        self.registry.load_state_dict(meta.get("registry", {}))
+        if self.audit_state is not None:
+            self.audit_state.memories = {i: self.server_copy(i) for i in range(self.num_clients)}
         self.round = int(meta["round"])
         self.history = list(meta["history"])
-        # A client may hold increments of rounds this checkpoint never saw.
-        self.needs_resync = set(range(self.num_clients)) if self.algorithm.memory is not None else set()
         return self.round
+
+    def _restore_copies(
+        self, path: Path, arrays: dict, meta: dict, params: dict[str, np.ndarray], protocol: dict
+    ) -> MemoryCopies:
+        """The copies file of this strategy, as of the checkpoint ``path``."""
+        last_applied = [int(r) for r in protocol["last_applied"]]
+        name = meta.get("copies")
+        if name is None and "shadow.0" in arrays:  # written before the copies file: they are inside
+            copies = self._open_copies(params, create=True)
+            for i in range(self.num_clients):
+                copies.put(i, arrays[f"shadow.{i}"], last_applied[i])
+            return copies
+        if name is None:
+            raise ValueError(f"checkpoint {str(path)!r} has no copies file of the clients' memories")
+        source = MemoryCopies(path.with_name(name), params, self.num_clients, slots=2, create=False)
+        if self.checkpoint is not None and source.path.resolve() == self._copies_path().resolve():
+            return source  # carry on in the same file
+        copies = self._open_copies(params, create=True)
+        for i in range(self.num_clients):
+            copies.put(i, source.get(i, last_applied[i]), last_applied[i])
+        source.close()
+        return copies
 
     # --- nodes ----------------------------------------------------------------
 
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.node_wait_timeout
-        while len(nodes := list(grid.get_node_ids())) < self.num_clients:
-            if time.monotonic() > deadline:
-                raise ClientSetupError(
-                    f"only {len(nodes)} of num-clients={self.num_clients} nodes registered "
-                    f"within {self.node_wait_timeout:.0f} s"
-                )
-            time.sleep(0.2)
-        return nodes
+    def _public_keys(self, grid: Grid, nodes: Iterable[int]) -> dict[int, bytes]:
+        """The canonical public key of each of ``nodes``, as the SuperLink authenticated it."""
+        if self.registry.node_keys is None:
+            return {}
+        from fl_clip21.flower.identity import normalise_public_key
+
+        wanted, out = set(nodes), {}
+        for info in grid.get_nodes():
+            if info.node_id in wanted and info.public_key:
+                try:
+                    out[info.node_id] = normalise_public_key(info.public_key)
+                except ValueError as e:
+                    log(WARNING, "node %d: its public key cannot be read (%s)", info.node_id, e)
+        return out
 
     def _query(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
+        """Ask ``nodes`` which partition they hold; returns the claims that decode (the rest are refused)."""
         # With the scenario, the nodes also build their problem now: a node's first
         # training round is then not slower than the others (round-timeout).
         query = {R.SCENARIO: self._scenario_json} if self._scenario_json is not None else {}
@@ -319,93 +352,104 @@ class Clip21Strategy(Strategy):
             Message(RecordDict({R.CONFIG: ConfigRecord(query)}), dst_node_id=nid, message_type=MessageType.QUERY)
             for nid in nodes
         ]
-        mapping: dict[int, int] = {}
+        claims: dict[int, int] = {}
         for reply in grid.send_and_receive(msgs, timeout=self.node_wait_timeout):
             nid = reply.metadata.src_node_id
+            if nid not in nodes or nid in claims:
+                continue
             if reply.has_error():
                 log(WARNING, "node %d failed the handshake: %s", nid, reply.error.reason)
+                self._refused.add(nid)
                 continue
-            cfg = reply.content[R.CONFIG]
-            i, n = int(cfg[PARTITION_ID]), int(cfg.get(NUM_PARTITIONS, -1))
-            if n not in (-1, self.num_clients) or not 0 <= i < self.num_clients:
-                raise ClientSetupError(
-                    f"node {nid} says partition-id={i} num-partitions={n}, but num-clients={self.num_clients}"
-                )
-            mapping[nid] = i
-        return mapping
+            try:
+                claims[nid] = V.decode_handshake(reply.content, self.num_clients)
+            except V.ReplyError as e:
+                log(WARNING, "refused node %d: its handshake reply is malformed: %s", nid, e)
+                self._refused.add(nid)
+        return claims
+
+    def _bind(self, grid: Grid, claims: dict[int, int], connected: set[int]) -> list[Binding]:
+        keys = self._public_keys(grid, claims)
+        bindings = []
+        for nid, c in claims.items():
+            try:
+                bindings.append(self.registry.claim(nid, c, connected, keys.get(nid)))
+            except Refused as e:
+                log(WARNING, "refused node %d: %s", nid, e)
+                self._refused.add(nid)
+        return bindings
+
+    def _took_over(self, binding: Binding) -> None:
+        """A node now holds ``binding.client``: it gets the server's copy, or, unproven, a reset."""
+        c, nid = binding.client, binding.node
+        if self.algorithm.memory is None or not binding.new or not self.protocol.has_history(c):
+            return
+        if binding.proven:
+            self.protocol.needs_resync.add(c)
+            log(INFO, "node %d now holds client %d: it is sent the server's copy of its memory", nid, c)
+            return
+        old = self.protocol.reset(c)
+        g = self.server_state["g"]
+        self.server_state = {**self.server_state, "g": core.add(g, old, -1.0 / self.num_clients)}
+        if self.audit_state is not None:
+            self.audit_state.memories[c] = core.zeros_like(old)
+        log(
+            WARNING,
+            "node %d took client %d over without proving it is that client (no SuperNode key, not the node it was "
+            "bound to): the client's memory is reset to zero and removed from g", nid, c,
+        )
+
+    def _sync_nodes(self, grid: Grid, connected: set[int] | None = None) -> list[Binding]:
+        """Follow nodes that left or joined; a node taking a client over is resynced or reset."""
+        trust = self.trust_partition_ids
+        self.registry.trust_claims = _on_simulation_engine(grid) if trust is None else trust
+        connected = set(grid.get_node_ids()) if connected is None else connected
+        for nid, c in self.registry.forget_gone(connected):
+            log(WARNING, "node %d (client %d) left", nid, c)
+        new = sorted(connected - set(self.registry.client_of_node) - self._refused)
+        if not new:
+            return []
+        if self._scenario_json is None:  # an app without the handshake: a new node takes a free index
+            bindings = self.registry.bind_numbered(new)
+        else:
+            bindings = self._bind(grid, self._query(grid, new), connected)
+        for b in bindings:
+            if self.params is not None:
+                self._took_over(b)
+        return bindings
 
     def handshake(self, grid: Grid) -> None:
-        """Learn which client index (partition-id) every node holds."""
-        nodes = self._wait_for_nodes(grid)
-        if self._scenario_json is None:  # a foreign ClientApp: no query handler, number the nodes
-            self.client_of_node = {nid: i for i, nid in enumerate(sorted(nodes)[: self.num_clients])}
-            return
-        mapping = self._query(grid, nodes)
-        ids = sorted(mapping.values())
-        if ids != list(range(self.num_clients)):
-            raise ClientSetupError(f"nodes must hold partition-id 0..{self.num_clients - 1} once each, got {ids}")
-        self.client_of_node = mapping
-        log(INFO, "fl-clip21: %d nodes hold clients 0..%d", len(mapping), self.num_clients - 1)
-
-    def _sync_nodes(self, grid: Grid) -> None:
-        """Follow nodes that left or (re)joined: a client on a new node is resynced."""
-        if not self.client_of_node:
-            self.handshake(grid)
-            return
-        nodes = set(grid.get_node_ids())
-        for nid in set(self.client_of_node) - nodes:
-            log(WARNING, "node %d (client %d) left", nid, self.client_of_node.pop(nid))
-        new = sorted(nodes - set(self.client_of_node))
-        if not new:
-            return
-        if self._scenario_json is None:  # numbered nodes: a new node takes a free index
-            free = sorted(set(range(self.num_clients)) - set(self.client_of_node.values()))
-            found = dict(zip(new, free))
-        else:
-            found = self._query(grid, new)
-        for nid, i in found.items():
-            for old in [o for o, c in self.client_of_node.items() if c == i]:
-                del self.client_of_node[old]
-            self.client_of_node[nid] = i
-            if self.last_applied[i] > 0:
-                self.needs_resync.add(i)
-            log(INFO, "node %d now holds client %d", nid, i)
+        """Wait until every client index (partition) is held by a node that claimed it."""
+        deadline = time.monotonic() + self.node_wait_timeout
+        next_note = time.monotonic() + PROGRESS_EVERY
+        while len(self.registry.bound_clients()) < self.num_clients:
+            connected = set(grid.get_node_ids())
+            if self._scenario_json is not None or len(connected) >= self.num_clients:
+                self._sync_nodes(grid, connected)
+            if len(self.registry.bound_clients()) == self.num_clients:
+                break
+            now = time.monotonic()
+            if now > deadline:
+                missing = sorted(set(range(self.num_clients)) - self.registry.bound_clients())
+                raise ClientSetupError(
+                    f"only {len(self.registry.bound_clients())} of num-clients={self.num_clients} partitions are "
+                    f"held by a node after {self.node_wait_timeout:.0f} s ({len(connected)} nodes connected, "
+                    f"{len(self._refused)} refused); no node holds partitions {missing[:20]}"
+                )
+            if now > next_note:
+                log(INFO, "fl-clip21: waiting for nodes: %d of %d partitions held, %d nodes connected",
+                    len(self.registry.bound_clients()), self.num_clients, len(connected))
+                next_note = now + PROGRESS_EVERY
+            time.sleep(0.2)
+        log(INFO, "fl-clip21: %d nodes hold clients 0..%d", len(self.registry.client_of_node), self.num_clients - 1)
 
     def sample_clients(self, server_round: int) -> list[int]:
         """The client indices that take part in ``server_round`` (seeded)."""
         return sample_clients(self.seed, server_round, self.num_clients, self.fraction, self.availability)
 
-    # --- late replies -----------------------------------------------------------
-
-    def _sent_messages(self, messages: list[Message]) -> list[Message]:
-        self._sent = messages
-        return messages
-
-    def _note_late(self, answered: set[str]) -> None:
-        """Remember this round's messages whose reply did not come (``answered``: ids replied to)."""
-        for msg in self._sent:
-            if msg.metadata.message_id and msg.metadata.message_id not in answered:
-                self._late[msg.metadata.dst_node_id] = msg.metadata.message_id
-        self._sent = []
-
     def await_late_replies(self, grid: Grid, nodes: Iterable[int] | None = None) -> None:
         """Wait until the late replies of ``nodes`` (default: all) came in, and drop them."""
-        wanted = set(self._late) if nodes is None else set(nodes)
-        waiting = {nid: mid for nid, mid in self._late.items() if nid in wanted}
-        if not waiting:
-            return
-        deadline = time.monotonic() + self.late_reply_wait
-        ids = set(waiting.values())
-        while ids and time.monotonic() < deadline:
-            for reply in grid.pull_messages(ids):
-                ids.discard(reply.metadata.reply_to_message_id)
-            if ids:
-                time.sleep(0.02)
-        for nid, mid in waiting.items():
-            del self._late[nid]
-            if mid in ids:
-                log(WARNING, "node %d: no reply to message %s within %.0f s; messaging it again", nid, mid,
-                    self.late_reply_wait)
+        self.late.await_nodes(grid, nodes)
 
     def start(
         self,
@@ -431,12 +475,14 @@ class Clip21Strategy(Strategy):
     ) -> Iterable[Message]:
         if self.params is None:
             self._init_state(R.from_record(arrays))
-        self._sync_nodes(grid)
+        if not self.registry.client_of_node:  # a new run, or a resumed one
+            self.handshake(grid)
+        else:
+            self._sync_nodes(grid)
         k = self.round + 1
-        node_of_client = {c: nid for nid, c in self.client_of_node.items()}
         clients = self.sample_clients(k)
-        self.times_asked[clients] += 1  # asked, whether or not its node is there: never undercount epsilon
-        self._asked = {node_of_client[c]: c for c in clients if c in node_of_client}
+        self.protocol.times_asked[clients] += 1  # asked, whether or not its node is there: never undercount epsilon
+        self._asked = {nid: c for c in clients if (nid := self.registry.node_of(c)) is not None}
         self.await_late_replies(grid, self._asked)
         self._expected = len(clients)
         self._round_start = time.perf_counter()
@@ -449,26 +495,39 @@ class Clip21Strategy(Strategy):
         model = R.to_record(self.params)
         messages = []
         for nid, c in self._asked.items():
-            content = RecordDict({R.ARRAYS: model, R.CONFIG: ConfigRecord({**base, R.ACK: int(self.last_applied[c])})})
-            if c in self.needs_resync:
+            content = RecordDict({R.ARRAYS: model, R.CONFIG: ConfigRecord({**base, R.ACK: self.protocol.ack(c)})})
+            if c in self.protocol.needs_resync:
                 content[R.RESYNC] = R.to_record(self.server_copy(c))
             messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
-        return self._sent_messages(messages)
+        return self.late.sending(messages)
+
+    def _decode(self, reply: Message, k: int, client: int, node: int) -> V.TrainReply:
+        """The reply of ``client`` (on ``node``) decoded and checked (:class:`ReplyError` if it cannot be used)."""
+        try:
+            decoded = V.decode_train_reply(reply.content, self.params, self._bound, self._sparse_k, self.audit)
+        except V.ReplyError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a client's bytes must never stop the server
+            log(ERROR, "round %d: node %d (client %d): reply could not be decoded", k, node, client, exc_info=True)
+            raise V.ReplyError(f"malformed reply ({type(e).__name__}: {e})") from None
+        if not decoded.needs_resync and decoded.round != k:
+            raise V.ReplyError(f"reply is for round {decoded.round}, this is round {k}")
+        return decoded
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        assert self.params is not None and self.server_state is not None
+        if self.params is None or self.server_state is None:
+            raise RuntimeError("aggregate_train before configure_train: the strategy has no model yet")
         k = self.round + 1
         accepted: list[dict[str, np.ndarray]] = []
         rejected = failed = clipped = bytes_up = resyncs = 0
         applied: set[int] = set()  # clients whose increment was applied
         responded: set[int] = set()
-        memory_gap = 0.0  # audit: largest |v_i - server's copy| of the memories clients started from
         answered: set[str] = set()
         # The SuperLink answers for a node that went away with an error reply of its
         # own (src_node_id is the SuperLink's): such a reply is the node's by its id.
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
+        sent_to = self.late.destinations()
         for reply in replies:
             nid = reply.metadata.src_node_id
             if reply.has_error():
@@ -481,49 +540,34 @@ class Clip21Strategy(Strategy):
                 failed += 1
                 log(WARNING, "round %d: node %d replied with an error: %s", k, nid, reply.error.reason)
                 continue
-            metrics = R.get_record(reply.content, R.METRICS, MetricRecord)
-            record = R.get_record(reply.content, R.ARRAYS, ArrayRecord)
-            if record is not None:
-                bytes_up += R.payload_bytes(record)
-            if c is not None and metrics is not None and int(metrics.get(R.NEEDS_RESYNC, 0)) and not duplicate:
+            bytes_up += V.payload_bytes(reply.content.get(R.ARRAYS))
+            try:
+                if c is None:
+                    raise V.ReplyError("node was not asked this round")
+                if duplicate:
+                    raise V.ReplyError("duplicate reply")
+                decoded = self._decode(reply, k, c, nid)
+            except V.ReplyError as e:
+                rejected += 1
+                log(WARNING, "round %d: rejected the reply of node %d (client %s): %s", k, nid, c, e)
+                continue
+            if self.audit_state is not None and decoded.audit_start is not None:
+                self.audit_state.started(c, decoded.audit_start, self.server_copy(c))
+            if decoded.needs_resync:
                 resyncs += 1
                 log(WARNING, "round %d: client %d (node %d) lost its memory: resync next time", k, c, nid)
                 continue
-            reply_round = int(metrics.get(R.ROUND, -1)) if metrics is not None else -1
-            if c is None:
-                arrays, reason = None, "node was not asked this round"
-            elif duplicate:
-                arrays, reason = None, "duplicate reply"
-            elif reply_round != k:
-                arrays, reason = None, f"reply is for round {reply_round}, this is round {k}"
-            else:
-                arrays, reason = check_message(record, self.params, self._bound, self.algorithm.sparse)
-            audit = self.audit and c is not None and not duplicate
-            start_record = R.get_record(reply.content, R.AUDIT_START, ArrayRecord) if audit else None
-            if start_record is not None:
-                start = R.from_record(start_record)
-                memory_gap = max(memory_gap, core.max_abs_diff(start, self.server_copy(c)))
-                self._audit_v[c] = start  # what it holds until it is resynced, if this reply is not applied
-            if arrays is None:
-                rejected += 1
-                log(WARNING, "round %d: rejected the message of node %d: %s", k, nid, reason)
-                continue
-            accepted.append(arrays)
-            clipped += int(metrics.get("clipped", 0)) if metrics is not None else 0
+            accepted.append(decoded.message)
+            clipped += int(decoded.clipped)
             if self.algorithm.memory is not None:
-                self.copies.add(c, arrays, int(self.last_applied[c]), k)
-                self.last_applied[c] = k
+                self.protocol.apply(c, decoded.message, k)
                 applied.add(c)
-                end_record = R.get_record(reply.content, R.AUDIT_END, ArrayRecord) if audit else None
-                if end_record is not None:
-                    self._audit_v[c] = R.from_record(end_record)
+                if self.audit_state is not None and decoded.audit_end is not None:
+                    self.audit_state.ended(c, decoded.audit_end)
         failed += self._expected - len(responded & set(self._asked))  # replies that never came
         if self.algorithm.memory is not None:
-            # A client asked this round whose increment was not applied may hold it in
-            # its memory: its next message carries the server's copy.
-            self.needs_resync -= applied
-            self.needs_resync |= set(self._asked.values()) - applied
-        self._note_late(answered)
+            self.protocol.end_round(set(self._asked.values()), applied)
+        self.late.round_over(answered)
         self.params, self.server_state = self.algorithm.server_update(
             self.params, self.server_state, accepted, self.num_clients
         )
@@ -539,10 +583,10 @@ class Clip21Strategy(Strategy):
             "bytes_up": bytes_up,
             "seconds": time.perf_counter() - self._round_start,
         }
-        if self.audit:
+        if self.audit_state is not None:
             record["invariant_gap"] = self.invariant_gap()
-            record["memory_gap"] = memory_gap
-        record.update(round_epsilon(self.algorithm, self.times_asked, self.delta))
+            record["memory_gap"] = self.audit_state.take_round()
+        record.update(round_epsilon(self.algorithm, self.protocol.times_asked, self.delta))
         if self.evaluate is not None:
             record.update(self.evaluate(self.params))
         self.history.append(record)
@@ -554,28 +598,29 @@ class Clip21Strategy(Strategy):
 
     def invariant_gap(self) -> float:
         """max |g - (1/n) sum_i v_i| over the memories the clients last reported."""
-        assert self.server_state is not None
-        return core.max_abs_diff(self.server_state["g"], core.mean(list(self._audit_v.values())))
+        if self.audit_state is None or self.server_state is None:
+            raise RuntimeError("invariant_gap needs an audited, started run")
+        return self.audit_state.invariant_gap(self.server_state["g"])
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.fraction_evaluate == 0 or not self.client_of_node:
+        if self.fraction_evaluate == 0 or not self.registry.client_of_node:
             return []
-        nodes = sorted(self.client_of_node)
+        nodes = sorted(self.registry.client_of_node)
         m = max(1, int(round(self.fraction_evaluate * len(nodes))))
         rng = np.random.default_rng([self.seed, 0xE7A1, self.round])
         chosen = sorted(int(nodes[j]) for j in rng.choice(len(nodes), size=m, replace=False))
         cfg = ConfigRecord({**dict(config), R.ROUND: self.round})
         self.await_late_replies(grid, chosen)
-        return self._sent_messages([
+        return self.late.sending([
             Message(RecordDict({R.ARRAYS: arrays, R.CONFIG: cfg}), dst_node_id=nid, message_type=MessageType.EVALUATE)
             for nid in chosen
         ])
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        self._note_late({r.metadata.reply_to_message_id for r in replies})
+        self.late.round_over({r.metadata.reply_to_message_id for r in replies})
         records = [r.content for r in replies if not r.has_error() and r.content.metric_records]
         if not records:
             return None

@@ -1,0 +1,64 @@
+"""Replies that missed their round, and why a node must not be messaged before they come.
+
+A reply later than the round's timeout is dropped like a lost one. The node
+may still be working on it, and Flower's simulation engine would then run the
+node's next message at the same time, from the same ``context.state``, and
+keep whichever state is written back last (``vce_api.worker``: no per-node
+lock). So a node is sent its next message only once its late reply has come in
+(or ``wait`` seconds have passed), and that reply is thrown away.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import WARNING
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+
+class LateReplies:
+    """The messages of a round whose replies did not come in time, per node."""
+
+    def __init__(self, wait: float) -> None:
+        if not wait >= 0:
+            raise ValueError(f"late_reply_wait must be >= 0 seconds, got {wait!r}")
+        self.wait = wait
+        self.sent: list[Message] = []  # this round's messages (their ids are set when pushed)
+        self.pending: dict[int, str] = {}  # node -> id of a message whose reply missed its round
+
+    def sending(self, messages: list[Message]) -> list[Message]:
+        """Remember ``messages`` as this round's; returns them."""
+        self.sent = messages
+        return messages
+
+    def destinations(self) -> dict[str, int]:
+        """Message id -> destination node of this round's pushed messages."""
+        return {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent if m.metadata.message_id}
+
+    def round_over(self, answered: set[str]) -> None:
+        """The round is over; ``answered`` are the ids of the messages that got a reply."""
+        for msg in self.sent:
+            if msg.metadata.message_id and msg.metadata.message_id not in answered:
+                self.pending[msg.metadata.dst_node_id] = msg.metadata.message_id
+        self.sent = []
+
+    def await_nodes(self, grid: Grid, nodes: Iterable[int] | None = None) -> None:
+        """Wait until the late replies of ``nodes`` (default: all) came in, and drop them."""
+        wanted = set(self.pending) if nodes is None else set(nodes)
+        waiting = {nid: mid for nid, mid in self.pending.items() if nid in wanted}
+        if not waiting:
+            return
+        deadline = time.monotonic() + self.wait
+        ids = set(waiting.values())
+        while ids and time.monotonic() < deadline:
+            for reply in grid.pull_messages(ids):
+                ids.discard(reply.metadata.reply_to_message_id)
+            if ids:
+                time.sleep(0.02)
+        for nid, mid in waiting.items():
+            del self.pending[nid]
+            if mid in ids:
+                log(WARNING, "node %d: no reply to message %s within %.0f s; messaging it again", nid, mid, self.wait)

@@ -1,0 +1,258 @@
+"""Clip21Strategy's configure and aggregate with mocked nodes and replies: hostile clients change nothing.
+
+Each test: Prepare (a strategy, a fake grid whose nodes claim partitions, round 1
+configured), Execute (replies built here, some of them hostile), Assert (records,
+the state of the server, what is sent to whom).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import numpy as np
+import pytest
+from fake_grid import FakeGrid, reply_from, train_reply
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fl_clip21 import core
+from fl_clip21.algorithms import make_algorithm
+from fl_clip21.flower import records as R
+from fl_clip21.flower import validation as V
+from fl_clip21.flower.strategy import Clip21Strategy
+
+pytestmark = pytest.mark.usefixtures("flower_task")
+
+D = 31
+TAU = 0.1
+SCENARIO = {"name": "unit"}  # what the clients would build their problem from; the fake nodes ignore it
+_SHAPES: collections.Counter = collections.Counter()  # reasons the property test's hostile replies got
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_hostile_shapes():
+    """``pytest tests/test_strategy.py -s`` prints the figures the closing note quotes."""
+    yield
+    if _SHAPES:
+        print(f"\nhostile replies generated: {sum(_SHAPES.values())}, rejected for {len(_SHAPES)} distinct reasons; "
+              f"most common: {_SHAPES.most_common(5)}")
+
+
+def _start(tmp_path, algorithm=None, n=3, trust=False, audit=False, claims=None):
+    strategy = Clip21Strategy(
+        algorithm=algorithm or make_algorithm("clip21-gd", lr=1.0, tau=TAU), scenario=SCENARIO, num_clients=n,
+        copies_dir=tmp_path, trust_partition_ids=trust, audit=audit,
+    )
+    grid = FakeGrid(claims or {10 + i: i for i in range(n)})
+    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, R.to_record({"w": np.zeros(D)}), ConfigRecord({}), grid)}
+    return strategy, grid, msgs
+
+
+def _round(strategy, grid):
+    k = strategy.round + 1
+    return k, {m.metadata.dst_node_id: m for m in strategy.configure_train(k, R.to_record(strategy.params), ConfigRecord({}), grid)}
+
+
+def _increment(seed):
+    v = np.random.default_rng(seed).normal(size=D)
+    return {"w": v * (TAU / 2 / np.linalg.norm(v))}
+
+
+def _copies_mean(strategy):
+    return core.mean([strategy.server_copy(i) for i in range(strategy.num_clients)])
+
+
+def _run_round_1(strategy, msgs):
+    replies = [train_reply(m, nid, _increment(nid), 1) for nid, m in msgs.items()]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["accepted"] == 3
+
+
+def test_every_partition_is_held_after_the_handshake(tmp_path):
+    strategy, grid, msgs = _start(tmp_path)
+    assert strategy.client_of_node == {10: 0, 11: 1, 12: 2} and sorted(msgs) == [10, 11, 12]
+    assert sorted(grid.queried) == [10, 11, 12]
+
+
+def test_a_node_claiming_a_connected_nodes_partition_is_refused_and_never_messaged(tmp_path, caplog):
+    # Prepare: round 1 done; then a fourth node claims partition 0 while node 10 is connected.
+    strategy, grid, msgs = _start(tmp_path)
+    _run_round_1(strategy, msgs)
+    grid.claims[99] = 0
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _, msgs2 = _round(strategy, grid)
+    # Assert
+    assert sorted(msgs2) == [10, 11, 12] and strategy.client_of_node == {10: 0, 11: 1, 12: 2}
+    assert "refused node 99: node 99 claims partition 0, which node 10 holds and is still connected" in caplog.text
+    _, msgs3 = _round(strategy, grid)
+    assert grid.queried.count(99) == 1  # a refused node is not asked again
+
+
+def test_a_node_taking_over_without_proof_gets_a_reset_never_the_memory(tmp_path, caplog):
+    # Prepare: round 1 applied every client's increment; node 10 leaves, node 99 claims partition 0.
+    strategy, grid, msgs = _start(tmp_path)
+    _run_round_1(strategy, msgs)
+    secret = strategy.server_copy(0)
+    assert core.global_norm(secret) > 0
+    del grid.claims[10]
+    grid.claims[99] = 0
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        k, msgs2 = _round(strategy, grid)
+    # Assert: node 99 holds client 0 and is sent zeros, not client 0's memory; g lost that copy.
+    assert strategy.client_of_node == {99: 0, 11: 1, 12: 2}
+    sent = R.from_record(msgs2[99].content[R.RESYNC])
+    assert core.global_norm(sent) == 0
+    assert R.RESYNC not in msgs2[11].content
+    assert core.max_abs_diff(strategy.server_state["g"], _copies_mean(strategy)) < 1e-15
+    assert "took client 0 over without proving it is that client" in caplog.text
+    # The node works from zero; g = mean(v_i) still holds after its increment.
+    strategy.aggregate_train(k, [train_reply(m, nid, _increment(nid + k), k) for nid, m in msgs2.items()])
+    assert core.max_abs_diff(strategy.server_state["g"], _copies_mean(strategy)) < 1e-15
+
+
+def test_a_proven_node_taking_over_is_resynced_with_the_copy(tmp_path):
+    strategy, grid, msgs = _start(tmp_path, trust=True)
+    _run_round_1(strategy, msgs)
+    secret = strategy.server_copy(0)
+    del grid.claims[10]
+    grid.claims[99] = 0
+    _, msgs2 = _round(strategy, grid)
+    np.testing.assert_array_equal(R.from_record(msgs2[99].content[R.RESYNC])["w"], secret["w"])
+
+
+def test_a_malformed_handshake_is_a_refusal_not_an_exception(tmp_path, caplog):
+    claims = {10: 0, 11: 1, 12: 2, 13: RecordDict({R.CONFIG: ConfigRecord({R.PARTITION_ID: "zero"})})}
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy, grid, msgs = _start(tmp_path, claims=claims)
+    assert sorted(msgs) == [10, 11, 12]
+    assert "refused node 13: its handshake reply is malformed: partition-id must be an integer" in caplog.text
+
+
+def _state(strategy):
+    return (
+        {k: v.copy() for k, v in strategy.params.items()},
+        {k: v.copy() for k, v in strategy.server_state["g"].items()},
+        strategy.protocol.last_applied.copy(),
+        set(strategy.protocol.needs_resync),
+        [strategy.server_copy(i) for i in range(strategy.num_clients)],
+    )
+
+
+def _same(a, b):
+    pa, ga, la, ra, ca = a
+    pb, gb, lb, rb, cb = b
+    assert core.max_abs_diff(pa, pb) == 0 and core.max_abs_diff(ga, gb) == 0
+    assert (la == lb).all() and ra == rb
+    assert all(core.max_abs_diff(x, y) == 0 for x, y in zip(ca, cb))
+
+
+def test_a_topk_reply_with_more_than_k_entries_is_rejected_and_g_stays_the_mean(tmp_path):
+    # Prepare: EF21 with Top-3 over 31 coordinates.
+    algo = make_algorithm("ef21-topk", lr=1.0, topk=3)
+    strategy, grid, msgs = _start(tmp_path, algorithm=algo)
+    before = _state(strategy)
+    # Execute: node 10 sends 5 entries, the others exactly 3.
+    def sparse(idx):
+        return ArrayRecord({R.SPARSE_INDICES: Array(np.asarray(idx, np.int32)),
+                            R.SPARSE_VALUES: Array(np.full(len(idx), 0.01))})
+    replies = []
+    for nid, m in msgs.items():
+        content = RecordDict({R.ARRAYS: sparse([0, 1, 2, 3, 4] if nid == 10 else [0, 1, 2]),
+                              R.METRICS: MetricRecord({R.ROUND: 1, "clipped": 1})})
+        replies.append(reply_from(nid, m, content))
+    _, metrics = strategy.aggregate_train(1, replies)
+    # Assert
+    assert metrics["rejected"] == 1 and metrics["accepted"] == 2
+    assert strategy.protocol.ack(0) == 0 and before[2][0] == 0
+    assert core.max_abs_diff(strategy.server_state["g"], _copies_mean(strategy)) < 1e-15
+
+
+def test_bytes_up_counts_the_bytes_received_not_the_headers(tmp_path):
+    strategy, grid, msgs = _start(tmp_path)
+    forged = ArrayRecord({"w": Array(dtype="float64", shape=(D,), stype=V.NUMPY_STYPE, data=Array(np.zeros(1)).data)})
+    replies = [reply_from(10, msgs[10], RecordDict({R.ARRAYS: forged, R.METRICS: MetricRecord({R.ROUND: 1, "clipped": 0})}))]
+    replies += [train_reply(msgs[nid], nid, _increment(nid), 1) for nid in (11, 12)]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["rejected"] == 1 and metrics["bytes_up"] == 8 + 2 * D * 8
+
+
+def test_replies_from_nodes_not_asked_and_duplicates_are_rejected(tmp_path):
+    strategy, grid, msgs = _start(tmp_path)
+    good = train_reply(msgs[10], 10, _increment(1), 1)
+    stranger = train_reply(msgs[10], 77, _increment(2), 1)
+    _, metrics = strategy.aggregate_train(1, [good, good, stranger])
+    assert metrics["accepted"] == 1 and metrics["rejected"] == 2
+
+
+# --- the property test ---------------------------------------------------------------
+
+_numbers = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(allow_nan=True, allow_infinity=True),
+    st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=3),
+    st.lists(st.floats(allow_nan=True), max_size=3),
+)
+_dtypes = st.sampled_from(["float64", "float32", "int64", "int32", "<f8", ">f8", "object", "bool", "complex128", "", "f8x"])
+_shapes = st.lists(st.integers(min_value=-2, max_value=40), max_size=3).map(tuple)
+
+
+@st.composite
+def _arrays(draw):
+    kind = draw(st.sampled_from(["raw", "numpy", "valid-scaled"]))
+    if kind == "raw":
+        return Array(dtype=draw(_dtypes), shape=draw(_shapes), stype=draw(st.sampled_from([V.NUMPY_STYPE, "torch", ""])),
+                     data=draw(st.binary(max_size=400)))
+    if kind == "numpy":
+        shape = draw(st.lists(st.integers(0, 40), max_size=2).map(tuple))
+        dtype = draw(st.sampled_from([np.float64, np.float32, np.int32, np.int64, np.complex128, np.bool_]))
+        return Array(np.full(shape, draw(st.floats(-1e3, 1e3)) if dtype is not np.bool_ else True).astype(dtype))
+    scale = draw(st.sampled_from([1e6, float("nan"), float("inf"), 1e308, -1e-320]))
+    return Array(np.full(D, 0.01) * scale)
+
+
+@st.composite
+def _contents(draw):
+    metrics = {R.ROUND: 1, "clipped": 0}
+    if draw(st.sampled_from(range(3))) == 1:
+        for key in draw(st.lists(st.sampled_from([R.ROUND, "clipped", R.NEEDS_RESYNC, "other"]), max_size=3)):
+            metrics[key] = draw(_numbers)
+    if draw(st.sampled_from(range(10))) == 7:
+        metrics.pop(draw(st.sampled_from([R.ROUND, "clipped"])))
+    content = RecordDict({R.METRICS: MetricRecord(metrics)})
+    arrays_kind = draw(st.sampled_from(["hostile", "hostile", "none", "config", "valid"]))
+    if arrays_kind == "hostile":
+        keys = draw(st.lists(st.sampled_from(["w", "v", R.SPARSE_INDICES, R.SPARSE_VALUES]), min_size=1, max_size=3, unique=True))
+        content[R.ARRAYS] = ArrayRecord({k: draw(_arrays()) for k in keys})
+    elif arrays_kind == "config":
+        content[R.ARRAYS] = ConfigRecord({"w": draw(st.binary(max_size=50))})
+    elif arrays_kind == "valid":
+        content[R.ARRAYS] = R.to_record({"w": np.full(D, 0.001)})
+    for key in draw(st.lists(st.sampled_from([R.AUDIT_START, R.AUDIT_END]), max_size=2, unique=True)):
+        content[key] = ArrayRecord({"w": draw(_arrays())})
+    if draw(st.sampled_from(range(20))) == 7:
+        content[R.METRICS] = ConfigRecord({R.ROUND: 1})
+    return content
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=_contents(), audit=st.booleans(), name=st.sampled_from(["clip21-gd", "ef21-topk"]))
+def test_any_reply_content_is_never_an_exception_and_a_rejected_reply_changes_nothing(tmp_path, content, audit, name):
+    # Prepare: two identical servers after round 1's configure; one gets the hostile reply, one gets none.
+    hyper = {"tau": TAU} if name == "clip21-gd" else {"topk": 3}
+    hostile, _, msgs = _start(tmp_path, algorithm=make_algorithm(name, lr=1.0, **hyper), audit=audit)
+    quiet, _, _ = _start(tmp_path, algorithm=make_algorithm(name, lr=1.0, **hyper), audit=audit)
+    # Execute: never raises
+    _, metrics = hostile.aggregate_train(1, [reply_from(10, msgs[10], content)])
+    quiet.aggregate_train(1, [])
+    # Assert: a reply that was not accepted left the server exactly as no reply does.
+    if metrics["accepted"] == 0:
+        _same(_state(hostile), _state(quiet))
+        try:
+            V.decode_train_reply(content, hostile.params, hostile._bound, hostile._sparse_k, audit)
+            _SHAPES["resync request" if metrics["resyncs"] else "accepted by decoding"] += 1
+        except V.ReplyError as e:
+            _SHAPES[str(e).split(",")[0][:48]] += 1
+    assert core.max_abs_diff(hostile.server_state["g"], _copies_mean(hostile)) < 1e-15
