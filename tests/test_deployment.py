@@ -571,11 +571,13 @@ def test_supernode_killed_and_restarted_mid_run_keeps_the_invariant(tmp_path):
     """SIGKILL a SuperNode (and its ClientApp processes) mid-round, start a new one for the same partition.
 
     The server loses that round's reply once the SuperLink sees the node is gone
-    (its heartbeat expires). The new node has empty state. The server sees a new node holding a known
-    partition and sends it its copy of v_i; the audit (clients report the memory
+    (its heartbeat expires). The new node has empty state and a new node id, and
+    without SuperNode authentication it cannot prove it is client 1: the server
+    resets client 1 (takes its copy out of g, resyncs the node to zero memory)
+    instead of sending it client 1's memory. The audit (clients report the memory
     each round starts from and ends with) shows g == mean(v_i) and every client
-    starting from the server's copy in every round, and the run reaches the
-    fault-free run's tolerance.
+    starting from the server's copy in every round, and the run still reaches
+    the fault-free run's tolerance.
     """
     cfg, _ = reference(KILL_OVERRIDES)
     fault_free = run_local(cfg, "clip21-gd")["records"]
@@ -632,7 +634,7 @@ def test_supernode_killed_and_restarted_mid_run_keeps_the_invariant(tmp_path):
     assert any(r["accepted"] == NUM_NODES for r in recs if r["round"] > lost[-1])
     assert _trains_done(logs / "supernode-1-restarted.log") >= 1
     assert max(r["invariant_gap"] for r in recs) < 1e-12
-    assert max(r["memory_gap"] for r in recs) < 1e-12  # the new node started from the server's copy
+    assert max(r["memory_gap"] for r in recs) < 1e-12  # the new node started from the server's (zero) copy
     assert recs[-1]["grad_norm_sq"] <= cfg["target"]
     print(
         f"\n[deployment kill] rounds that lost a reply: {lost}; largest |g - mean v_i| "
