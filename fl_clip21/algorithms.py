@@ -1,4 +1,4 @@
-"""Every algorithm of ALGORITHMS.md as a value that every engine takes.
+"""Every algorithm of docs/algorithms.md as a value that every engine takes.
 
 An :class:`Algorithm` is a pair of client functions and a pair of server
 functions (fedjax's ``init``/``apply`` split), closed over frozen

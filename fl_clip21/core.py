@@ -1,7 +1,7 @@
 """Pure array maths shared by every engine: norms, clipping, error feedback.
 
 A model is a ``Params`` mapping of array names to numpy arrays; norms are the
-global L2 norm over every array of the model (ALGORITHMS.md). Nothing here
+global L2 norm over every array of the model (docs/algorithms.md). Nothing here
 imports Flower, and no function changes its inputs in place.
 """
 

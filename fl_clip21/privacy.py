@@ -1,6 +1,6 @@
 """Privacy accounting of the local Gaussian mechanism, with dp-accounting.
 
-Adjacency and claim (ALGORITHMS.md): one client's local dataset is replaced by
+Adjacency and claim (docs/algorithms.md, Privacy): one client's local dataset is replaced by
 a neighbouring one. Each message ``clip_tau(.) + N(0, sigma^2 I)`` then moves
 by at most 2 tau in L2 for any fixed history of public messages, so a round is
 a Gaussian mechanism with noise multiplier ``z = sigma / (2 tau)``, and T rounds

@@ -1,6 +1,6 @@
 """Core maths (clipping, Top-k, error feedback) and the algorithm update rules.
 
-The reference for every expected value is /work/shared/ALGORITHMS.md.
+The reference for every expected value is docs/algorithms.md.
 """
 
 from __future__ import annotations
@@ -466,7 +466,7 @@ def test_clip21_with_huge_tau_is_gd_on_logreg():
     assert problem.loss(xs_gd[-1]) < problem.loss(x0)
 
 
-# --- the ALGORITHMS.md example: Clip-GD stalls, Clip21-GD does not ------------------
+# --- the docs/algorithms.md example: Clip-GD stalls, Clip21-GD does not ------------------
 
 
 def test_clip_gd_stalls_and_clip21_reaches_the_mean():
