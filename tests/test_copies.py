@@ -289,3 +289,33 @@ def test_a_checkpoint_with_the_copies_inside_it_still_resumes(tmp_path):
     for i in range(n):
         _equal(strategy.server_copy(i), shadows[i])
     assert strategy.copies.path == tmp_path / "new.npz.copies"
+
+
+def test_a_resume_from_a_corrupted_copies_file_or_checkpoint_is_refused_naming_it(tmp_path):
+    """The strategy's resume reads both through the verified readers: no trajectory from wrong copies."""
+    from fl_clip21 import checkpoint as ckpt
+    from fl_clip21.algorithms import make_algorithm
+    from fl_clip21.flower.strategy import Clip21Strategy
+
+    n = 2
+    params = {"w": np.zeros(4), "b": np.zeros(1)}
+    copies = MemoryCopies(tmp_path / "run.npz.copies", params, num_clients=n, slots=2)
+    copies.put(0, {"w": np.ones(4), "b": np.ones(1)}, round_=3)
+    copies.close()
+    meta = {"algorithm": "clip21-gd", "hyper": {}, "num_clients": n, "seed": 0, "session": "s", "round": 3,
+            "times_asked": [3, 0], "last_applied": [3, 0], "history": [], "copies": "run.npz.copies"}
+    ckpt.save(tmp_path / "run.npz", {"params": params, "server.g": {"w": np.full(4, 0.5), "b": np.full(1, 0.5)}}, meta)
+
+    def resume():
+        strategy = Clip21Strategy(algorithm=make_algorithm("clip21-gd", lr=1.0, tau=1.0), scenario=None,
+                                  num_clients=n, checkpoint=tmp_path / "run.npz")
+        return strategy.resume(tmp_path / "run.npz")
+
+    assert resume() == 3
+    _flip(tmp_path / "run.npz.copies", HEADER_ALIGN + 16 + 3, 0x40)  # client 0 slot 0, in w[0]
+    with pytest.raises(CopiesError, match=r"copies file '.*run.npz.copies', client 0 slot 0: checksum mismatch"):
+        resume()
+    params["w"][2] = np.nan
+    ckpt.save(tmp_path / "run.npz", {"params": params, "server.g": {"w": np.full(4, 0.5), "b": np.full(1, 0.5)}}, meta)
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint '.*run.npz': array 'params/w' holds 1 non-finite"):
+        resume()
