@@ -267,41 +267,40 @@ class Clip21Strategy(Strategy):
 
         The checkpoint must have been made by this algorithm with the same
         hyper-parameters, clients, seed and configuration: any difference is a
-        :class:`ValueError` naming the key and both values. Every client is
+        :class:`~fl_clip21.checkpoint.CheckpointError` (a ValueError) naming the
+        key and both values, as is a corrupted file. Every client is
         resynced on its next round: it may have lost its state with the old
         run, or hold increments of rounds after the checkpoint.
         """
         path = Path(path)
         arrays, meta = ckpt.load(path)
-        expected = {
+        what = f"checkpoint {str(path)!r}"
+        current = {
             "algorithm": self.algorithm.name, "hyper": dict(self.algorithm.hyper),
             "num_clients": self.num_clients, "seed": self.seed,
         }
-        for key, value in expected.items():
-            if key in meta and meta[key] != value:
-                raise ValueError(f"checkpoint {str(path)!r} has {key}={meta[key]!r}, this run has {value!r}")
-        saved = meta.get("config")
-        if saved and self.config:
-            for key in sorted(set(saved) | set(self.config)):
-                if saved.get(key) != self.config.get(key):
-                    raise ValueError(
-                        f"checkpoint {str(path)!r} was made with {key}={saved.get(key)!r}, "
-                        f"this run has {key}={self.config.get(key)!r}"
-                    )
-        if "params" not in arrays:
-            raise ValueError(f"checkpoint {str(path)!r} has no params")
-        params = arrays["params"]
-        protocol = meta.get("protocol") or {k: meta[k] for k in ("times_asked", "last_applied") if k in meta}
-        copies = self._restore_copies(path, arrays, meta, params, protocol) if self.algorithm.memory else None
-        self.session = str(meta["session"])
-        self._init_state(params, copies)
-        self.server_state = {g.removeprefix("server."): v for g, v in arrays.items() if g.startswith("server.")}
-        self.protocol.load_state_dict(protocol)
-        self.registry.load_state_dict(meta.get("registry", {}))
+        made = {k: meta[k] for k in current if k in meta}
+        ckpt.compare_config(made, {k: current[k] for k in made}, what)
+        if meta.get("config") and self.config:
+            ckpt.compare_config(meta["config"], self.config, what)
+        try:
+            params = arrays["params"]
+            protocol = meta.get("protocol") or {k: meta[k] for k in ("times_asked", "last_applied")}
+            session, done, history = str(meta["session"]), int(meta["round"]), list(meta["history"])
+            copies = self._restore_copies(path, arrays, meta, params, protocol) if self.algorithm.memory else None
+            self.session = session
+            self._init_state(params, copies)
+            self.server_state = {g.removeprefix("server."): v for g, v in arrays.items() if g.startswith("server.")}
+            self.protocol.load_state_dict(protocol)
+            self.registry.load_state_dict(meta.get("registry", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ckpt.CheckpointError):
+                raise
+            raise ckpt.CheckpointError(f"{what} is incomplete or malformed ({type(e).__name__}: {e})") from None
         if self.audit_state is not None:
             self.audit_state.memories = {i: self.server_copy(i) for i in range(self.num_clients)}
-        self.round = int(meta["round"])
-        self.history = list(meta["history"])
+        self.round = done
+        self.history = history
         return self.round
 
     def _restore_copies(
@@ -316,7 +315,7 @@ class Clip21Strategy(Strategy):
                 copies.put(i, arrays[f"shadow.{i}"], last_applied[i])
             return copies
         if name is None:
-            raise ValueError(f"checkpoint {str(path)!r} has no copies file of the clients' memories")
+            raise ckpt.CheckpointError(f"checkpoint {str(path)!r} has no copies file of the clients' memories")
         source = MemoryCopies(path.with_name(name), params, self.num_clients, slots=2, create=False)
         if self.checkpoint is not None and source.path.resolve() == self._copies_path().resolve():
             return source  # carry on in the same file
