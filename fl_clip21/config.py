@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl_clip21.algorithms import ALGORITHMS, FLOWER_BASELINES
+from fl_clip21.algorithms import ALGORITHMS, FLOWER_BASELINES, MESSAGE_NORM_CAP
 
 
 class ConfigError(ValueError):
@@ -103,6 +103,7 @@ SCHEMA: dict[str, Key] = {
     "target-epsilon": Key("floats", None, "Calibrate sigma to these epsilons over all rounds (comma-separated: a grid).", lambda v: None if v and all(e > 0 for e in v) else "must be numbers > 0"),
     "topk": Key("float", 0.1, "ef21-topk / clip21-topk: k as a count (>= 1) or a fraction of the model (< 1).", _topk),
     "local-steps": Key("int", 1, "celgc, flower-dp-fixed: local steps per round.", _at_least(1)),
+    "message-norm-cap": Key("float", MESSAGE_NORM_CAP, "gd, sgd, server-clip-gd, ef21-topk: the largest global norm a message of an algorithm without a clipping bound may have; the server rejects larger ones.", _positive),
     "availability": Key("float", 1.0, "Probability that a client is online in a round (seeded); rounds sample among online clients.", _fraction),
     "straggler-fraction": Key("float", 0.0, "Probability that a sampled client is slow in a round (seeded).", _unit_interval),
     "straggler-delay": Key("float", 0.0, "Seconds a slow client's reply comes late.", _non_negative),
