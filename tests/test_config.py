@@ -430,6 +430,9 @@ CLI_HOSTILE = [
     ("sigma=1e308", "sigma", "1e+308"),
     ("num-cpus=1e-9", "num-cpus", "1e-09"),
     ("rounds=" + str(10**23), "rounds", str(10**23)),
+    ("problem.dim=100000000", "problem.dim", "100000000"),
+    ("problem.name=os:system", "problem.name", "os:system"),
+    ("problem.name=builtins:print", "problem.name", "builtins:print"),
     ("problem.name=:", "problem.name", "':'"),
     ("target-epsilon=1e300", "target-epsilon", "1e+300"),
     ("seeds=0,0,1", "seeds", "[0, 0, 1]"),
@@ -453,9 +456,9 @@ def test_cli_bad_input_exits_2_before_running(case, tmp_path):
 @pytest.mark.parametrize("item,key,value", CLI_HOSTILE, ids=[c[0][:40] for c in CLI_HOSTILE])
 def test_cli_hostile_input_exits_2_naming_key_and_value(item, key, value, tmp_path):
     out = tmp_path / "o"
-    proc = _cli(
-        "run", str(SCENARIO.relative_to(REPO)), "--set", item, "--engine", "vectorized", "--out", str(out), timeout=60
-    )
+    # centres drawn from problem.dim (1000 clients) in the memory benchmark's scenario
+    scenario = "scenarios/bench/memory.toml" if key == "problem.dim" else str(SCENARIO.relative_to(REPO))
+    proc = _cli("run", scenario, "--set", item, "--engine", "vectorized", "--out", str(out), timeout=60)
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert key in proc.stderr and value in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
