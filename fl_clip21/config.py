@@ -146,8 +146,18 @@ INT64 = (-(2**63), 2**63 - 1)
 PARTITION_SIZES = ("equal", "linear", "square", "exponential")
 
 
-# SuperNode node-config key: the folder where this node keeps the scenario's data files.
+# SuperNode node-config keys: the folder where this node keeps the scenario's data files,
+# and the modules (or packages) whose plug-in problems it runs.
 DATA_DIR = "data-dir"
+PLUGIN_MODULES = "plugin-modules"
+
+PLUGINS_ARE_CODE = (
+    'Plug-ins are code: problem.name = "module.path:factory" imports module.path and runs\n'
+    "factory(scenario), in the driver and in every SuperNode the run reaches. A SuperNode runs\n"
+    "whatever problem and data-file paths the server's scenario names unless its node config\n"
+    f"restricts them: {DATA_DIR}=DIR opens the scenario's data files by file name in DIR only;\n"
+    f"{PLUGIN_MODULES}=MOD,PKG runs plug-ins from those modules (and the modules under them) only."
+)
 
 SCHEMA: dict[str, Key] = {
     "name": Key("str", "scenario", "Scenario name, used in titles and as the folder results/NAME.", _file_name),
@@ -176,7 +186,7 @@ SCHEMA: dict[str, Key] = {
     "straggler-fraction": Key("float", 0.0, "Probability that a sampled client is slow in a round (seeded).", _unit_interval),
     "straggler-delay": Key("float", 0.0, f"Seconds a slow client's reply comes late (at most {MAX_SECONDS:g}).", _rules(_non_negative, _at_most(MAX_SECONDS))),
     "round-timeout": Key("float", 0.0, f"Seconds the server waits for replies; later ones are dropped (0: up to an hour; at most {MAX_SECONDS:g}).", _rules(_non_negative, _at_most(MAX_SECONDS))),
-    "problem.name": Key("str", "mean-estimation", "mean-estimation | logreg | mlp | module.path:factory."),
+    "problem.name": Key("str", "mean-estimation", "mean-estimation | logreg | mlp | module.path:factory (a plug-in runs code: see below)."),
     "problem.centers": Key("path-or-list", None, "mean-estimation: .npy file (n x d, real numbers) or inline list; unset: drawn from seed."),
     "problem.dim": Key("int", 10, f"mean-estimation: dimension when centres are drawn (at most {MAX_DIM}).", _rules(_at_least(1), _at_most(MAX_DIM))),
     "problem.spread": Key("float", 1.0, f"mean-estimation: std of drawn centres (at most {MAX_DATA_SCALE:g}).", _rules(_positive, _at_most(MAX_DATA_SCALE))),
@@ -421,6 +431,47 @@ def with_data_dir(cfg: dict[str, Any], data_dir: Any) -> dict[str, Any]:
     return out
 
 
+def _allowed_plugin_modules(value: Any) -> tuple[str, ...]:
+    """The modules a node's ``plugin-modules`` value names (empty: the key is unset)."""
+    if value is None or value == "":
+        return ()
+    modules = tuple(m.strip() for m in str(value).split(","))
+    if not all(m and all(part.isidentifier() for part in m.split(".")) for m in modules):
+        raise ConfigError(
+            f"node config {PLUGIN_MODULES} must be comma-separated module names (a.b,c), got {str(value)!r}"
+        )
+    return modules
+
+
+def with_node_config(cfg: dict[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` as a SuperNode with ``node_config`` runs it: the node's two restrictions applied.
+
+    - ``plugin-modules`` (comma-separated module names): when set, a plug-in
+      problem from a module that is neither one of them nor under one of them
+      (``pkg`` allows ``pkg`` and ``pkg.sub``) is a :class:`ConfigError`, raised
+      before anything is imported. Unset or empty: any plug-in runs.
+    - ``data-dir``: data files are looked up there by file name (:func:`with_data_dir`).
+
+    Parameters
+    ----------
+    cfg:
+        The scenario the server sent (not changed).
+    node_config:
+        The node's config (Flower's ``context.node_config``); other keys are ignored.
+    """
+    allowed = _allowed_plugin_modules(node_config.get(PLUGIN_MODULES))
+    name = str(cfg.get("problem.name", ""))
+    if allowed and name not in _BUILTIN_PROBLEMS:
+        parts = plugin_parts(name)
+        module = parts[0] if parts else name
+        if not any(module == m or module.startswith(f"{m}.") for m in allowed):
+            raise ConfigError(
+                f"problem.name {name!r}: module {module!r} is not allowed on this node "
+                f"(node config {PLUGIN_MODULES}={node_config[PLUGIN_MODULES]!r})"
+            )
+    return with_data_dir(cfg, node_config.get(DATA_DIR))
+
+
 def _check_heterogeneity(cfg: dict[str, Any]) -> None:
     """Rules that tie the system-heterogeneity keys to other keys."""
     if cfg["straggler-fraction"] > 0 and cfg["straggler-delay"] == 0:
@@ -522,9 +573,9 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def keys_help() -> str:
-    """One line per key, for ``fl-clip21 run --help``."""
+    """One line per key, for ``fl-clip21 run --help``, then what a plug-in problem may do."""
     lines = []
     for k, spec in SCHEMA.items():
         default = ",".join(spec.default) if isinstance(spec.default, list) else spec.default
         lines.append(f"  {k:<30} {spec.help} [default: {default}]")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + PLUGINS_ARE_CODE

@@ -475,6 +475,14 @@ def test_cli_binary_scenario_exits_2(tmp_path):
     assert not out.exists()
 
 
+def test_cli_run_help_says_plugins_are_code_and_names_the_node_restrictions():
+    proc = _cli("run", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert 'problem.name = "module.path:factory" imports module.path and runs factory(scenario)' in text
+    assert "data-dir" in text and "plugin-modules" in text
+
+
 def test_cli_run_help_lists_keys():
     proc = _cli("run", "--help")
     assert proc.returncode == 0, proc.stderr
