@@ -112,7 +112,11 @@ def _file_name(v: Any) -> str | None:
 
 
 def _num_gpus(v: Any) -> str | None:
-    return None if v == 0 else _rules(_at_least(MIN_GPUS), _at_most(MAX_RESOURCES))(v)
+    if v < 0:
+        return "must be >= 0"
+    if 0 < v < MIN_GPUS:
+        return f"must be 0 or >= {MIN_GPUS:g}"
+    return _at_most(MAX_RESOURCES)(v)
 
 
 # Bounds on a run's scales and length. A round moves the model by at most lr times a
@@ -221,17 +225,15 @@ def _int(item: Any, from_text: bool) -> int | None:
 
 
 def _float(item: Any, from_text: bool) -> float | None:
-    """``item`` as a finite float, or None: no bools, no text from a TOML file."""
-    try:
-        if from_text:
-            value = float(str(item).strip())
-        elif isinstance(item, (int, float)) and not isinstance(item, bool):
-            value = float(item)
-        else:
-            return None
-    except (ValueError, OverflowError):
+    """``item`` as a float (inf for an integer beyond float64), or None: no bools, no text from a TOML file."""
+    if not from_text and (isinstance(item, bool) or not isinstance(item, (int, float))):
         return None
-    return value if math.isfinite(value) else None
+    try:
+        return float(str(item).strip()) if from_text else float(item)
+    except ValueError:
+        return None
+    except OverflowError:
+        return math.inf
 
 
 def _items(value: Any, from_text: bool) -> tuple[list[Any], bool]:
@@ -265,7 +267,9 @@ def _coerce(key: str, spec: Key, value: Any, from_text: bool) -> Any:
     if kind == "float":
         out = _float(value, from_text)
         if out is None:
-            raise bad("must be a finite number (not a bool)")
+            raise bad("must be a number (not a bool)")
+        if not math.isfinite(out):
+            raise bad("must be finite")
         return out
     if kind == "bool":
         if from_text:
@@ -292,8 +296,10 @@ def _coerce(key: str, spec: Key, value: Any, from_text: bool) -> Any:
         if any(x is None for x in out):
             raise bad(
                 "must be integers (whole numbers in 64 bits, not floats or bools)" if kind == "ints"
-                else "must be finite numbers (not bools)"
+                else "must be numbers (not bools)"
             )
+        if not all(math.isfinite(x) for x in out):
+            raise bad("must be finite")
         return out
     if kind == "path-or-list":
         if value is None or isinstance(value, (str, list)):
