@@ -6,7 +6,9 @@ problem is named ``module:factory``; ``factory(cfg)`` gets the resolved
 scenario dict and returns an object with the :class:`Problem` methods.
 
 Everything here is deterministic in the scenario (seed included), so the
-server and every client build the same problem independently.
+server and every client build the same problem independently. Sizes are
+checked before anything is allocated (:func:`check_memory`), data files before
+their data is read, and a plug-in's import, factory and result before it is used.
 """
 
 from __future__ import annotations
