@@ -11,6 +11,7 @@ memory v_i, ``g`` the server aggregate, ``lr`` the server step gamma.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -53,8 +54,9 @@ class Algorithm:
         accepted replies of this round, ``n`` the number of all clients.
     message_bound:
         ``d -> bound``: the largest global norm a valid message of a model with
-        ``d`` entries may have (None: unbounded). The server rejects a message
-        above ``bound * (1 + 1e-6)``.
+        ``d`` entries may have. The server rejects a message above
+        ``bound * (1 + 1e-6)``. Every registered algorithm has one: its clipping
+        bound, or ``message-norm-cap`` for those that do not clip (None: unbounded).
     stochastic:
         Whether clients use minibatch gradients.
     memory:
@@ -216,19 +218,33 @@ def _noise_z(sigma: float, tau: float) -> float | None:
     return sigma / (2 * tau) if sigma > 0 else None
 
 
+# The bound of a message of an algorithm that does not clip: without one, a single
+# client's 1e308 would overflow the server's aggregate.
+MESSAGE_NORM_CAP = 1e6
+
+
+def _cap(value: object) -> Callable[[int], float]:
+    cap = _positive("message-norm-cap", value)
+    return lambda d: cap
+
+
 # --- the registry ----------------------------------------------------------
 
 
-def gd(*, lr: float, stochastic: bool = False, **_: object) -> Algorithm:
-    """Distributed (S)GD: clients send gradients, the server averages them."""
-    lr = _positive("lr", lr)
+def gd(*, lr: float, stochastic: bool = False, message_norm_cap: float = MESSAGE_NORM_CAP) -> Algorithm:
+    """Distributed (S)GD: clients send gradients, the server averages them.
+
+    The server rejects a message whose norm is above ``message_norm_cap``.
+    """
+    lr, bound = _positive("lr", lr), _cap(message_norm_cap)
     return Algorithm(
         "sgd" if stochastic else "gd", _no_state, _gradient_client(), _no_state,
-        _averaging_server(lr), stochastic=stochastic, hyper={"lr": lr},
+        _averaging_server(lr), message_bound=bound, stochastic=stochastic,
+        hyper={"lr": lr, "message-norm-cap": bound(0)},
     )
 
 
-def clip_gd(*, lr: float, tau: float, sigma: float = 0.0, stochastic: bool = False, **_: object) -> Algorithm:
+def clip_gd(*, lr: float, tau: float, sigma: float = 0.0, stochastic: bool = False) -> Algorithm:
     """Naive client-side clipping: clients send ``clip_tau(grad) + N(0, sigma^2)``."""
     lr, tau, sigma = _positive("lr", lr), _positive("tau", tau), _sigma(sigma)
     return Algorithm(
@@ -239,16 +255,17 @@ def clip_gd(*, lr: float, tau: float, sigma: float = 0.0, stochastic: bool = Fal
     )
 
 
-def server_clip_gd(*, lr: float, tau: float, **_: object) -> Algorithm:
-    """Server-side clipping of the averaged gradient."""
-    lr, tau = _positive("lr", lr), _positive("tau", tau)
+def server_clip_gd(*, lr: float, tau: float, message_norm_cap: float = MESSAGE_NORM_CAP) -> Algorithm:
+    """Server-side clipping of the averaged gradient; clients' messages are bounded by ``message_norm_cap``."""
+    lr, tau, bound = _positive("lr", lr), _positive("tau", tau), _cap(message_norm_cap)
     return Algorithm(
         "server-clip-gd", _no_state, _gradient_client(), _no_state,
-        _averaging_server(lr, core.clip_operator(tau)), hyper={"lr": lr, "tau": tau},
+        _averaging_server(lr, core.clip_operator(tau)), message_bound=bound,
+        hyper={"lr": lr, "tau": tau, "message-norm-cap": bound(0)},
     )
 
 
-def clip21(*, lr: float, tau: float, stochastic: bool = False, **_: object) -> Algorithm:
+def clip21(*, lr: float, tau: float, stochastic: bool = False) -> Algorithm:
     """Clip21-GD / Clip21-SGD: error feedback with ``C = clip_tau``."""
     lr, tau = _positive("lr", lr), _positive("tau", tau)
     op = core.clip_operator(tau)
@@ -262,7 +279,7 @@ def clip21(*, lr: float, tau: float, stochastic: bool = False, **_: object) -> A
 
 
 def clip21_sgd2m(
-    *, lr: float, tau: float, beta1: float = 1.0, beta2: float = 1.0, sigma: float = 0.0, **_: object
+    *, lr: float, tau: float, beta1: float = 1.0, beta2: float = 1.0, sigma: float = 0.0
 ) -> Algorithm:
     """Clip21-SGD2M: client momentum beta1, error-feedback step beta2, local noise sigma."""
     lr, tau = _positive("lr", lr), _positive("tau", tau)
@@ -278,11 +295,17 @@ def clip21_sgd2m(
     )
 
 
-def ef21_topk(*, lr: float, topk: float, tau: float | None = None, **_: object) -> Algorithm:
-    """EF21 with Top-k; with ``tau``, Clip21-TopK (Top-k, then clipping)."""
+def ef21_topk(
+    *, lr: float, topk: float, tau: float | None = None, message_norm_cap: float = MESSAGE_NORM_CAP
+) -> Algorithm:
+    """EF21 with Top-k; with ``tau``, Clip21-TopK (Top-k, then clipping).
+
+    Messages are bounded by ``tau`` (Clip21-TopK) or else by ``message_norm_cap``.
+    """
     lr = _positive("lr", lr)
     topk_count(topk, 1)  # checks the value
     clip = core.clip_operator(_positive("tau", tau)) if tau is not None else None
+    bound = (lambda d: tau) if clip else _cap(message_norm_cap)
 
     def make_operator(d: int):
         op = core.topk_operator(topk_count(topk, d))
@@ -292,13 +315,13 @@ def ef21_topk(*, lr: float, topk: float, tau: float | None = None, **_: object) 
     s_init, s_update = _ef_server(lr)
     return Algorithm(
         "clip21-topk" if clip else "ef21-topk", c_init, c_update, s_init, s_update,
-        message_bound=(lambda d: tau) if clip else None, memory="v", sparse=True,
+        message_bound=bound, memory="v", sparse=True,
         sparse_entries=lambda d: min(topk_count(topk, d), d),
-        hyper={"lr": lr, "topk": topk, **({"tau": tau} if clip else {})},
+        hyper={"lr": lr, "topk": topk, **({"tau": tau} if clip else {"message-norm-cap": bound(0)})},
     )
 
 
-def celgc(*, lr: float, tau: float, local_steps: int = 1, **_: object) -> Algorithm:
+def celgc(*, lr: float, tau: float, local_steps: int = 1) -> Algorithm:
     """CELGC: I local steps ``y <- y - min(eta, gamma_c / ||g||) g`` from x, then model averaging.
 
     With eta = lr and gamma_c = lr * tau each local step is ``y - lr * clip_tau(g)``.
@@ -323,37 +346,67 @@ def celgc(*, lr: float, tau: float, local_steps: int = 1, **_: object) -> Algori
     )
 
 
-ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
-    "gd": gd,
-    "sgd": lambda **kw: gd(stochastic=True, **kw),
-    "clip-gd": clip_gd,
-    "clip-sgd": lambda **kw: clip_gd(stochastic=True, **kw),
-    "server-clip-gd": server_clip_gd,
-    "clip21-gd": clip21,
-    "clip21-sgd": lambda **kw: clip21(stochastic=True, **kw),
-    "clip21-sgd2m": clip21_sgd2m,
-    "ef21-topk": lambda **kw: ef21_topk(**{**kw, "tau": None}),
-    "clip21-topk": ef21_topk,
-    "celgc": celgc,
+# name -> (factory, the scenario keys it takes; a key's keyword is its name with "_" for "-").
+_REGISTRY: dict[str, tuple[Callable[..., Algorithm], tuple[str, ...]]] = {
+    "gd": (gd, ("lr", "message-norm-cap")),
+    "sgd": (functools.partial(gd, stochastic=True), ("lr", "message-norm-cap")),
+    "clip-gd": (clip_gd, ("lr", "tau", "sigma")),
+    "clip-sgd": (functools.partial(clip_gd, stochastic=True), ("lr", "tau", "sigma")),
+    "server-clip-gd": (server_clip_gd, ("lr", "tau", "message-norm-cap")),
+    "clip21-gd": (clip21, ("lr", "tau")),
+    "clip21-sgd": (functools.partial(clip21, stochastic=True), ("lr", "tau")),
+    "clip21-sgd2m": (clip21_sgd2m, ("lr", "tau", "beta1", "beta2", "sigma")),
+    "ef21-topk": (functools.partial(ef21_topk, tau=None), ("lr", "topk", "message-norm-cap")),
+    "clip21-topk": (ef21_topk, ("lr", "topk", "tau")),
+    "celgc": (celgc, ("lr", "tau", "local-steps")),
 }
+ALGORITHMS: dict[str, Callable[..., Algorithm]] = {name: factory for name, (factory, _) in _REGISTRY.items()}
+# The scenario keys each algorithm takes: algorithm_from_config passes it these and no others.
+HYPER_KEYS: dict[str, tuple[str, ...]] = {name: keys for name, (_, keys) in _REGISTRY.items()}
 # Run by Flower's own strategy (fl_clip21.flower.dp_baseline), not an Algorithm value.
 FLOWER_BASELINES = ("flower-dp-fixed",)
 
 
+def _keyword(key: str) -> str:
+    return key.replace("-", "_")
+
+
 def make_algorithm(name: str, **hyper: object) -> Algorithm:
-    """Build the algorithm registered as ``name`` from hyper-parameters."""
+    """Build the algorithm registered as ``name`` from hyper-parameters.
+
+    Parameters
+    ----------
+    name:
+        A name of :data:`ALGORITHMS`.
+    **hyper:
+        The keywords of the scenario keys :data:`HYPER_KEYS` lists for ``name``
+        (``local_steps`` for ``local-steps``); any other one is an error.
+
+    Raises
+    ------
+    ValueError
+        For an unknown algorithm, a hyper-parameter ``name`` does not take, or a bad value.
+    """
     try:
         factory = ALGORITHMS[name]
     except KeyError:
         raise ValueError(
             f"algorithms: unknown algorithm {name!r}; known: {', '.join(sorted(ALGORITHMS))}"
         ) from None
+    takes = [_keyword(k) for k in HYPER_KEYS[name]]
+    unknown = sorted(set(hyper) - set(takes))
+    if unknown:
+        raise ValueError(
+            f"{name} takes no hyper-parameter {unknown[0]!r} (got {hyper[unknown[0]]!r}); "
+            f"it takes {', '.join(takes)}"
+        )
     return factory(**hyper)
 
 
 def algorithm_from_config(name: str, cfg: Mapping[str, object]) -> Algorithm:
-    """The algorithm ``name`` with the hyper-parameters of a resolved scenario."""
-    return make_algorithm(
-        name, lr=cfg["lr"], tau=cfg["tau"], beta1=cfg.get("beta1", 1.0), beta2=cfg.get("beta2", 1.0),
-        sigma=cfg.get("sigma", 0.0), topk=cfg.get("topk", 1), local_steps=cfg.get("local-steps", 1),
-    )
+    """The algorithm ``name`` with the hyper-parameters of a resolved scenario (only the keys it takes).
+
+    A key missing from ``cfg`` (a scenario saved before the key existed) takes the factory's default.
+    """
+    keys = HYPER_KEYS.get(name, ())
+    return make_algorithm(name, **{_keyword(k): cfg[k] for k in keys if k in cfg})

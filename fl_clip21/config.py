@@ -10,13 +10,14 @@ naming the key and the value.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl_clip21.algorithms import ALGORITHMS, FLOWER_BASELINES
+from fl_clip21.algorithms import ALGORITHMS, FLOWER_BASELINES, HYPER_KEYS, MESSAGE_NORM_CAP
 
 
 class ConfigError(ValueError):
@@ -33,12 +34,25 @@ class Key:
     check: Callable[[Any], str | None] | None = None  # returns the broken rule, or None
 
 
+def _show(x: int | float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _positive(v: Any) -> str | None:
     return None if v > 0 else "must be > 0"
 
 
-def _at_least(lo: int) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= lo else f"must be >= {lo}"
+def _at_least(lo: int | float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= lo else f"must be >= {_show(lo)}"
+
+
+def _at_most(hi: int | float) -> Callable[[Any], str | None]:
+    return lambda v: None if v <= hi else f"must be <= {_show(hi)}"
+
+
+def _rules(*checks: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """The first rule of ``checks`` that the value breaks, or None."""
+    return lambda v: next((rule for check in checks if (rule := check(v))), None)
 
 
 def _fraction(v: Any) -> str | None:
@@ -77,45 +91,114 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+def _each(check: Callable[[Any], str | None], what: str) -> Callable[[Any], str | None]:
+    """A rule for a list key: not empty, no value twice, every value passes ``check``."""
+
+    def rule(values: Any) -> str | None:
+        if not values:
+            return f"must list at least one {what}"
+        if len(set(values)) != len(values):
+            return f"must not repeat a {what}"
+        return next((f"has {_show(x)}: each {broken}" for x in values if (broken := check(x))), None)
+
+    return rule
+
+
+def _file_name(v: Any) -> str | None:
+    # The name is the folder results/NAME: one plain path component, on any OS.
+    if v in ("", ".", "..") or any(c in v for c in "/\\\0"):
+        return "must be a plain file name (not empty, '.' or '..', no '/', '\\' or NUL)"
+    return None
+
+
+def _num_gpus(v: Any) -> str | None:
+    if v < 0:
+        return "must be >= 0"
+    if 0 < v < MIN_GPUS:
+        return f"must be 0 or >= {MIN_GPUS:g}"
+    return _at_most(MAX_RESOURCES)(v)
+
+
+# Bounds on a run's scales and length. A round moves the model by at most lr times a
+# message bound (tau, or message-norm-cap where nothing clips), so within MAX_ROUNDS
+# rounds the model and its squared norm stay inside float64's range.
+MAX_LR = 1e6
+MAX_SCALE = 1e12  # tau, sigma, message-norm-cap
+MAX_ROUNDS = 10**6
+MAX_LOCAL_STEPS = 10**4
+MAX_SECONDS = 86400.0  # a day (straggler-delay, round-timeout): time.sleep overflows on huge values
+MAX_DATA_SCALE = 1e6  # problem.spread, problem.reg
+MAX_CLIENTS = 10**6
+MAX_DIM = 10**8
+MAX_ROWS = 10**7
+MAX_FEATURES = 10**6
+MAX_HIDDEN = 10**6
+# scikit-learn's random_state (make_classification, train_test_split) takes seeds below 2**32.
+MAX_SEED = 2**32 - 1
+# Ray starts about CPUs / num-cpus actors: at most 10 per CPU, and 100 clients per GPU.
+MIN_CPUS = 0.1
+MIN_GPUS = 0.01
+MAX_RESOURCES = 1e4
+# Below 0.001 the accountant's root finder takes tens of seconds; above 1000, epsilon means nothing.
+EPSILON_RANGE = (1e-3, 1e3)
+# Below this noise multiplier sigma / (2 tau) the accountant's epsilon leaves the float range.
+MIN_NOISE_MULTIPLIER = 1e-6
+INT64 = (-(2**63), 2**63 - 1)
+
+
 # Relative client data sizes (flwr-datasets' size partitioners; "equal": the partition kind's own).
 PARTITION_SIZES = ("equal", "linear", "square", "exponential")
 
 
+# SuperNode node-config keys: the folder where this node keeps the scenario's data files,
+# and the modules (or packages) whose plug-in problems it runs.
+DATA_DIR = "data-dir"
+PLUGIN_MODULES = "plugin-modules"
+
+PLUGINS_ARE_CODE = (
+    'Plug-ins are code: problem.name = "module.path:factory" imports module.path and runs\n'
+    "factory(scenario), in the driver and in every SuperNode the run reaches. A SuperNode runs\n"
+    "whatever problem and data-file paths the server's scenario names unless its node config\n"
+    f"restricts them: {DATA_DIR}=DIR opens the scenario's data files by file name in DIR only;\n"
+    f"{PLUGIN_MODULES}=MOD,PKG runs plug-ins from those modules (and the modules under them) only."
+)
+
 SCHEMA: dict[str, Key] = {
-    "name": Key("str", "scenario", "Scenario name, used in titles."),
+    "name": Key("str", "scenario", "Scenario name, used in titles and as the folder results/NAME.", _file_name),
     "algorithms": Key("list", ["gd", "clip-gd", "clip21-gd"], "Algorithms to run, comma-separated.", _algorithms),
-    "rounds": Key("int", 100, "Communication rounds per algorithm.", _at_least(1)),
-    "lr": Key("float", 0.1, "Server step size gamma.", _positive),
-    "tau": Key("float", 1.0, "Clipping threshold tau.", _positive),
-    "seed": Key("int", 0, "Seed of data split, model init, sampling and minibatches.", _at_least(0)),
-    "num-clients": Key("int", 10, "Number of clients n.", _at_least(1)),
+    "rounds": Key("int", 100, f"Communication rounds per algorithm (at most {MAX_ROUNDS}).", _rules(_at_least(1), _at_most(MAX_ROUNDS))),
+    "lr": Key("float", 0.1, f"Server step size gamma (at most {MAX_LR:g}).", _rules(_positive, _at_most(MAX_LR))),
+    "tau": Key("float", 1.0, f"Clipping threshold tau (at most {MAX_SCALE:g}).", _rules(_positive, _at_most(MAX_SCALE))),
+    "seed": Key("int", 0, f"Seed of data split, model init, sampling and minibatches (0 to {MAX_SEED}).", _rules(_at_least(0), _at_most(MAX_SEED))),
+    "num-clients": Key("int", 10, f"Number of clients n (at most {MAX_CLIENTS}).", _rules(_at_least(1), _at_most(MAX_CLIENTS))),
     "fraction": Key("float", 1.0, "Share of clients sampled per round (partial participation).", _fraction),
     "batch-size": Key("int", 32, "Minibatch size of the stochastic algorithms (*-sgd).", _at_least(1)),
     "target": Key("float", 1e-8, "grad_norm_sq target for 'rounds to target'.", _positive),
-    "seeds": Key("ints", None, "Run once per seed (comma-separated); the summary averages over them.", lambda v: None if v and all(x >= 0 for x in v) else "must be integers >= 0"),
+    "seeds": Key("ints", None, "Run once per seed (comma-separated, distinct); the summary averages over them.", _each(_rules(_at_least(0), _at_most(MAX_SEED)), "seed")),
     "audit": Key("bool", False, "Clients also report v_i so the server checks g == mean(v_i) each round."),
-    "num-cpus": Key("float", 1.0, "CPUs reserved per simulated client (Ray).", _positive),
-    "num-gpus": Key("float", 0.0, "GPUs reserved per simulated client (Ray; a fraction shares a GPU).", lambda v: None if v >= 0 else "must be >= 0"),
+    "num-cpus": Key("float", 1.0, f"CPUs reserved per simulated client (Ray; {MIN_CPUS:g} to {MAX_RESOURCES:g}).", _rules(_at_least(MIN_CPUS), _at_most(MAX_RESOURCES))),
+    "num-gpus": Key("float", 0.0, f"GPUs reserved per simulated client (Ray; 0, or {MIN_GPUS:g} to {MAX_RESOURCES:g}: a fraction shares a GPU).", _num_gpus),
     "beta1": Key("float", 1.0, "clip21-sgd2m: client momentum beta1.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
     "beta2": Key("float", 1.0, "clip21-sgd2m: error-feedback step beta2.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
-    "sigma": Key("float", 0.0, "Std of the Gaussian noise clients add after clipping (clip-*, clip21-sgd2m, flower-dp-fixed).", lambda v: None if v >= 0 else "must be >= 0"),
+    "sigma": Key("float", 0.0, f"Std of the Gaussian noise clients add after clipping (clip-*, clip21-sgd2m, flower-dp-fixed; 0, or sigma / (2 tau) >= {MIN_NOISE_MULTIPLIER:g}; at most {MAX_SCALE:g}).", _rules(_non_negative, _at_most(MAX_SCALE))),
     "delta": Key("float", 1e-5, "delta of the reported (epsilon, delta) local DP.", lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
-    "target-epsilon": Key("floats", None, "Calibrate sigma to these epsilons over all rounds (comma-separated: a grid).", lambda v: None if v and all(e > 0 for e in v) else "must be numbers > 0"),
+    "target-epsilon": Key("floats", None, f"Calibrate sigma to these epsilons over all rounds (comma-separated, distinct, each in [{EPSILON_RANGE[0]:g}, {EPSILON_RANGE[1]:g}]: a grid).", _each(_rules(_at_least(EPSILON_RANGE[0]), _at_most(EPSILON_RANGE[1])), "epsilon")),
     "topk": Key("float", 0.1, "ef21-topk / clip21-topk: k as a count (>= 1) or a fraction of the model (< 1).", _topk),
-    "local-steps": Key("int", 1, "celgc, flower-dp-fixed: local steps per round.", _at_least(1)),
+    "local-steps": Key("int", 1, f"celgc, flower-dp-fixed: local steps per round (at most {MAX_LOCAL_STEPS}).", _rules(_at_least(1), _at_most(MAX_LOCAL_STEPS))),
+    "message-norm-cap": Key("float", MESSAGE_NORM_CAP, f"gd, sgd, server-clip-gd, ef21-topk: the largest global norm a message of an algorithm without a clipping bound may have; the server rejects larger ones (at most {MAX_SCALE:g}).", _rules(_positive, _at_most(MAX_SCALE))),
     "availability": Key("float", 1.0, "Probability that a client is online in a round (seeded); rounds sample among online clients.", _fraction),
     "straggler-fraction": Key("float", 0.0, "Probability that a sampled client is slow in a round (seeded).", _unit_interval),
-    "straggler-delay": Key("float", 0.0, "Seconds a slow client's reply comes late.", _non_negative),
-    "round-timeout": Key("float", 0.0, "Seconds the server waits for replies; later ones are dropped (0: up to an hour).", _non_negative),
-    "problem.name": Key("str", "mean-estimation", "mean-estimation | logreg | mlp | module:factory."),
-    "problem.centers": Key("path-or-list", None, "mean-estimation: .npy file (n x d) or inline list; unset: drawn from seed."),
-    "problem.dim": Key("int", 10, "mean-estimation: dimension when centres are drawn.", _at_least(1)),
-    "problem.spread": Key("float", 1.0, "mean-estimation: std of drawn centres.", _positive),
+    "straggler-delay": Key("float", 0.0, f"Seconds a slow client's reply comes late (at most {MAX_SECONDS:g}).", _rules(_non_negative, _at_most(MAX_SECONDS))),
+    "round-timeout": Key("float", 0.0, f"Seconds the server waits for replies; later ones are dropped (0: up to an hour; at most {MAX_SECONDS:g}).", _rules(_non_negative, _at_most(MAX_SECONDS))),
+    "problem.name": Key("str", "mean-estimation", "mean-estimation | logreg | mlp | module.path:factory (a plug-in runs code: see below)."),
+    "problem.centers": Key("path-or-list", None, "mean-estimation: .npy file (n x d, real numbers) or inline list; unset: drawn from seed."),
+    "problem.dim": Key("int", 10, f"mean-estimation: dimension when centres are drawn (at most {MAX_DIM}).", _rules(_at_least(1), _at_most(MAX_DIM))),
+    "problem.spread": Key("float", 1.0, f"mean-estimation: std of drawn centres (at most {MAX_DATA_SCALE:g}).", _rules(_positive, _at_most(MAX_DATA_SCALE))),
     "problem.dataset": Key("str", "breast_cancer", "logreg: breast_cancer, synthetic or a LibSVM file path; mlp: digits."),
-    "problem.rows": Key("int", 20000, "logreg on synthetic data: rows (scikit-learn's make_classification, seeded by seed).", _at_least(1)),
-    "problem.features": Key("int", 30, "logreg on synthetic data: features (the model has one more, the bias).", _at_least(1)),
-    "problem.reg": Key("float", 0.1, "logreg: lambda of the non-convex regulariser.", lambda v: None if v >= 0 else "must be >= 0"),
-    "problem.hidden": Key("int", 32, "mlp: hidden units.", _at_least(1)),
+    "problem.rows": Key("int", 20000, f"logreg on synthetic data: rows (scikit-learn's make_classification, seeded by seed; at most {MAX_ROWS}).", _rules(_at_least(1), _at_most(MAX_ROWS))),
+    "problem.features": Key("int", 30, f"logreg on synthetic data: features (the model has one more, the bias; at most {MAX_FEATURES}).", _rules(_at_least(1), _at_most(MAX_FEATURES))),
+    "problem.reg": Key("float", 0.1, f"logreg: lambda of the non-convex regulariser (at most {MAX_DATA_SCALE:g}).", _rules(_non_negative, _at_most(MAX_DATA_SCALE))),
+    "problem.hidden": Key("int", 32, f"mlp: hidden units (at most {MAX_HIDDEN}).", _rules(_at_least(1), _at_most(MAX_HIDDEN))),
     "problem.test-fraction": Key("float", 0.2, "mlp: share of rows held out for test accuracy.", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
     "partition.kind": Key("str", "iid", "iid | dirichlet | label-sorted | pathological.", _one_of("iid", "dirichlet", "label-sorted", "pathological")),
     "partition.alpha": Key("float", 0.5, "dirichlet: concentration alpha.", _positive),
@@ -127,6 +210,48 @@ _BUILTIN_PROBLEMS = ("mean-estimation", "logreg", "mlp")
 BUILTIN_DATASETS = ("breast_cancer", "digits", "synthetic")  # problem.dataset values that are not files
 
 
+# An integer written in --set text: digits, an optional sign, TOML's underscores.
+_INT_TEXT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*")
+
+
+def _int(item: Any, from_text: bool) -> int | None:
+    """``item`` as an int64, or None: no bools, no floats (not even 3.0), no truncation."""
+    if from_text:
+        text = str(item).strip()
+        value = int(text) if _INT_TEXT.fullmatch(text) else None
+    else:
+        value = item if isinstance(item, int) and not isinstance(item, bool) else None
+    return value if value is not None and INT64[0] <= value <= INT64[1] else None
+
+
+def _float(item: Any, from_text: bool) -> float | None:
+    """``item`` as a float (inf for an integer beyond float64), or None: no bools, no text from a TOML file."""
+    if not from_text and (isinstance(item, bool) or not isinstance(item, (int, float))):
+        return None
+    try:
+        return float(str(item).strip()) if from_text else float(item)
+    except ValueError:
+        return None
+    except OverflowError:
+        return math.inf
+
+
+def _items(value: Any, from_text: bool) -> tuple[list[Any], bool]:
+    """The items of a list key, and whether they are text (from --set or a comma-separated string)."""
+    if from_text or isinstance(value, str):
+        return [x for x in str(value).split(",") if x.strip()], True
+    return (list(value) if isinstance(value, list) else [value]), False
+
+
+def _json_value(v: Any) -> bool:
+    """Whether ``v`` is made of str, int, float, bool, lists and tables (what a scenario's JSON can carry)."""
+    if isinstance(v, (str, int, float)):
+        return True
+    if isinstance(v, list):
+        return all(_json_value(x) for x in v)
+    return isinstance(v, dict) and all(isinstance(k, str) and _json_value(x) for k, x in v.items())
+
+
 def _coerce(key: str, spec: Key, value: Any, from_text: bool) -> Any:
     """Convert ``value`` to the key's type, or raise naming key and value."""
 
@@ -135,27 +260,17 @@ def _coerce(key: str, spec: Key, value: Any, from_text: bool) -> Any:
 
     kind = spec.kind
     if kind == "int":
-        if from_text:
-            try:
-                return int(value)
-            except ValueError:
-                raise bad("must be an integer") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("must be an integer")
-        return value
+        out = _int(value, from_text)
+        if out is None:
+            raise bad("must be an integer (a whole number in 64 bits, not a float or a bool)")
+        return out
     if kind == "float":
-        if from_text:
-            try:
-                value_f = float(value)
-            except ValueError:
-                raise bad("must be a number") from None
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("must be a number")
-        else:
-            value_f = float(value)
-        if not math.isfinite(value_f):
+        out = _float(value, from_text)
+        if out is None:
+            raise bad("must be a number (not a bool)")
+        if not math.isfinite(out):
             raise bad("must be finite")
-        return value_f
+        return out
     if kind == "bool":
         if from_text:
             low = str(value).lower()
@@ -175,22 +290,14 @@ def _coerce(key: str, spec: Key, value: Any, from_text: bool) -> Any:
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
             raise bad("must be a list of names")
         return list(value)
-    if kind == "ints":
-        items = str(value).split(",") if (from_text or isinstance(value, str)) else value
-        if not isinstance(items, list):
-            items = [items]
-        try:
-            return [int(x) for x in items if str(x).strip()]
-        except (TypeError, ValueError):
-            raise bad("must be integers") from None
-    if kind == "floats":
-        items = str(value).split(",") if (from_text or isinstance(value, str)) else value
-        if not isinstance(items, list):
-            items = [items]
-        try:
-            out = [float(x) for x in items if str(x).strip()]
-        except (TypeError, ValueError):
-            raise bad("must be numbers") from None
+    if kind in ("ints", "floats"):
+        items, text = _items(value, from_text)
+        out = [(_int if kind == "ints" else _float)(x, text) for x in items]
+        if any(x is None for x in out):
+            raise bad(
+                "must be integers (whole numbers in 64 bits, not floats or bools)" if kind == "ints"
+                else "must be numbers (not bools)"
+            )
         if not all(math.isfinite(x) for x in out):
             raise bad("must be finite")
         return out
@@ -219,6 +326,28 @@ def _plugin_problem(flat: Mapping[str, Any]) -> bool:
     return ":" in str(flat.get("problem.name", ""))
 
 
+def plugin_parts(name: str) -> tuple[str, str] | None:
+    """``("module.path", "factory")`` of a plug-in problem name, or None if ``name`` is not one."""
+    module, sep, attr = name.partition(":")
+    if not sep or not attr.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
+        return None
+    return module, attr
+
+
+def _noisy(cfg: Mapping[str, Any]) -> bool:
+    """Whether an algorithm of ``cfg`` adds the Gaussian noise ``sigma`` (and reports epsilon)."""
+    return any(a in FLOWER_BASELINES or "sigma" in HYPER_KEYS.get(a, ()) for a in cfg["algorithms"])
+
+
+def _check_noise(cfg: Mapping[str, Any]) -> None:
+    if cfg["sigma"] > 0 and _noisy(cfg) and cfg["sigma"] / (2 * cfg["tau"]) < MIN_NOISE_MULTIPLIER:
+        raise ConfigError(
+            f"sigma must be 0 or >= {2 * MIN_NOISE_MULTIPLIER:g} * tau (a noise multiplier sigma / (2 tau) "
+            f">= {MIN_NOISE_MULTIPLIER:g}, below which epsilon is beyond the float range), "
+            f"got sigma={cfg['sigma']!r} with tau={cfg['tau']!r}"
+        )
+
+
 def resolve(
     scenario: Mapping[str, Any],
     overrides: Mapping[str, str] | None = None,
@@ -238,6 +367,10 @@ def resolve(
             spec = SCHEMA.get(key)
             if spec is None:
                 if plugin and key.startswith("problem."):
+                    if not _json_value(value):
+                        raise ConfigError(
+                            f"{key} must be a string, number, bool, list or table, got {value!r}"
+                        )
                     cfg[key] = value
                     continue
                 raise ConfigError(
@@ -250,10 +383,12 @@ def resolve(
             if rule:
                 raise ConfigError(f"{key} {rule}, got {cfg[key]!r}")
     name = cfg["problem.name"]
-    if name not in _BUILTIN_PROBLEMS and ":" not in name:
+    if name not in _BUILTIN_PROBLEMS and plugin_parts(name) is None:
         raise ConfigError(
-            f"problem.name must be one of {', '.join(_BUILTIN_PROBLEMS)} or 'module:factory', got {name!r}"
+            f"problem.name must be one of {', '.join(_BUILTIN_PROBLEMS)} or 'module.path:factory' "
+            f"(Python identifiers), got {name!r}"
         )
+    _check_noise(cfg)
     _check_heterogeneity(cfg)
     if base_dir is not None:
         for key, v in data_files(cfg).items():
@@ -264,8 +399,6 @@ def resolve(
 
 # Scenario keys that may name a data file, and the values that name built-in data instead.
 DATA_FILE_KEYS = ("problem.centers", "problem.dataset")
-# SuperNode node-config key: the folder where this node keeps the scenario's data files.
-DATA_DIR = "data-dir"
 
 
 def data_files(cfg: Mapping[str, Any]) -> dict[str, str]:
@@ -304,6 +437,47 @@ def with_data_dir(cfg: dict[str, Any], data_dir: Any) -> dict[str, Any]:
     return out
 
 
+def _allowed_plugin_modules(value: Any) -> tuple[str, ...]:
+    """The modules a node's ``plugin-modules`` value names (empty: the key is unset)."""
+    if value is None or value == "":
+        return ()
+    modules = tuple(m.strip() for m in str(value).split(","))
+    if not all(m and all(part.isidentifier() for part in m.split(".")) for m in modules):
+        raise ConfigError(
+            f"node config {PLUGIN_MODULES} must be comma-separated module names (a.b,c), got {str(value)!r}"
+        )
+    return modules
+
+
+def with_node_config(cfg: dict[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` as a SuperNode with ``node_config`` runs it: the node's two restrictions applied.
+
+    - ``plugin-modules`` (comma-separated module names): when set, a plug-in
+      problem from a module that is neither one of them nor under one of them
+      (``pkg`` allows ``pkg`` and ``pkg.sub``) is a :class:`ConfigError`, raised
+      before anything is imported. Unset or empty: any plug-in runs.
+    - ``data-dir``: data files are looked up there by file name (:func:`with_data_dir`).
+
+    Parameters
+    ----------
+    cfg:
+        The scenario the server sent (not changed).
+    node_config:
+        The node's config (Flower's ``context.node_config``); other keys are ignored.
+    """
+    allowed = _allowed_plugin_modules(node_config.get(PLUGIN_MODULES))
+    name = str(cfg.get("problem.name", ""))
+    if allowed and name not in _BUILTIN_PROBLEMS:
+        parts = plugin_parts(name)
+        module = parts[0] if parts else name
+        if not any(module == m or module.startswith(f"{m}.") for m in allowed):
+            raise ConfigError(
+                f"problem.name {name!r}: module {module!r} is not allowed on this node "
+                f"(node config {PLUGIN_MODULES}={node_config[PLUGIN_MODULES]!r})"
+            )
+    return with_data_dir(cfg, node_config.get(DATA_DIR))
+
+
 def _check_heterogeneity(cfg: dict[str, Any]) -> None:
     """Rules that tie the system-heterogeneity keys to other keys."""
     if cfg["straggler-fraction"] > 0 and cfg["straggler-delay"] == 0:
@@ -333,11 +507,33 @@ def _check_heterogeneity(cfg: dict[str, Any]) -> None:
 
 
 def with_epsilon(cfg: dict[str, Any], target: float) -> dict[str, Any]:
-    """``cfg`` with ``sigma`` calibrated so that every client's epsilon after all rounds is ``target``."""
+    """``cfg`` with ``sigma`` calibrated so that every client's epsilon after all rounds is ``target``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``target-epsilon`` and ``target`` when it is out of range, the
+        accountant cannot calibrate it, or the calibrated sigma is above its cap.
+    """
     from fl_clip21.privacy import calibrate_noise_multiplier
 
-    z = calibrate_noise_multiplier(target, cfg["rounds"], cfg["delta"])
-    return {**cfg, "target-epsilon": [target], "sigma": 2 * cfg["tau"] * z}
+    rule = SCHEMA["target-epsilon"].check([target])
+    if rule:
+        raise ConfigError(f"target-epsilon {rule}, got {target!r}")
+    rounds, delta = cfg["rounds"], cfg["delta"]
+    try:
+        z = calibrate_noise_multiplier(target, rounds, delta)
+    except (ValueError, ArithmeticError, RuntimeError) as e:
+        raise ConfigError(
+            f"target-epsilon={target!r} cannot be calibrated over rounds={rounds!r} at delta={delta!r} ({e})"
+        ) from None
+    sigma = 2 * cfg["tau"] * z
+    if sigma > MAX_SCALE:
+        raise ConfigError(
+            f"target-epsilon={target!r} needs sigma={sigma:g} over rounds={rounds!r} with tau={cfg['tau']!r}, "
+            f"but sigma must be <= {MAX_SCALE:g}: use a larger target-epsilon, fewer rounds or a smaller tau"
+        )
+    return {**cfg, "target-epsilon": [target], "sigma": sigma}
 
 
 def expand_runs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -352,12 +548,20 @@ def expand_runs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def load_scenario(path: str | Path, overrides: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Read a scenario TOML file and resolve it (see :func:`resolve`)."""
+    """Read a scenario TOML file (UTF-8) and resolve it (see :func:`resolve`)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"scenario file not found: {str(p)!r}")
     try:
-        data = tomllib.loads(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"scenario {str(p)!r} cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"scenario {str(p)!r} is not UTF-8 text (TOML): byte {e.object[e.start]:#04x} at offset {e.start}"
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"scenario {str(p)!r} is not valid TOML: {e}") from None
     return resolve(data, overrides, base_dir=p.parent.resolve())
@@ -375,9 +579,9 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def keys_help() -> str:
-    """One line per key, for ``fl-clip21 run --help``."""
+    """One line per key, for ``fl-clip21 run --help``, then what a plug-in problem may do."""
     lines = []
     for k, spec in SCHEMA.items():
         default = ",".join(spec.default) if isinstance(spec.default, list) else spec.default
         lines.append(f"  {k:<30} {spec.help} [default: {default}]")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + PLUGINS_ARE_CODE

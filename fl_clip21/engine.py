@@ -215,7 +215,9 @@ def round_epsilon(algorithm: Algorithm, times_asked: np.ndarray, delta: float) -
 
 def evaluate(problem: Problem, params: core.Params) -> dict[str, float]:
     """Global metrics at ``params``: loss, grad_norm_sq (on all data), accuracy."""
-    out = {"loss": problem.loss(params), "grad_norm_sq": core.global_norm(problem.grad(params)) ** 2}
+    norm = core.global_norm(problem.grad(params))
+    # A product overflows to inf where ``norm ** 2`` raises: a diverging run is reported, not a crash.
+    out = {"loss": problem.loss(params), "grad_norm_sq": norm * norm}
     acc = problem.accuracy(params)
     if acc is not None:
         out["accuracy"] = acc

@@ -6,7 +6,9 @@ problem is named ``module:factory``; ``factory(cfg)`` gets the resolved
 scenario dict and returns an object with the :class:`Problem` methods.
 
 Everything here is deterministic in the scenario (seed included), so the
-server and every client build the same problem independently.
+server and every client build the same problem independently. Sizes are
+checked before anything is allocated (:func:`check_memory`), data files before
+their data is read, and a plug-in's import, factory and result before it is used.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fl_clip21.config import ConfigError
+from fl_clip21.config import MAX_DIM, MAX_FEATURES, MAX_ROWS, ConfigError, plugin_parts
 from fl_clip21.core import Params
 
 
@@ -179,6 +181,49 @@ def _partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarr
     return out
 
 
+# --- sizes, checked before anything is allocated -----------------------------
+
+# Arrays of d float64 values per client that a run holds at once: the round's message
+# (the server gathers every reply) and the client's memory v_i.
+CLIENT_ARRAYS = 2
+
+
+def _size(nbytes: float) -> str:
+    units = ("B", "kB", "MB", "GB", "TB", "PB")
+    power = 0
+    while nbytes >= 1000 and power < len(units) - 1:
+        nbytes, power = nbytes / 1000, power + 1
+    return f"{nbytes:.3g} {units[power]}"
+
+
+def check_memory(what: str, cfg: dict[str, Any], data_bytes: int, d: int) -> None:
+    """Raise :class:`ConfigError` if a problem's data and its clients' state would not fit in memory.
+
+    Parameters
+    ----------
+    what:
+        The keys and values that set the size (``"problem.dim=100000"``), for the message.
+    cfg:
+        The scenario (its ``num-clients``).
+    data_bytes:
+        The bytes the problem's data takes while it is built.
+    d:
+        The model's number of entries.
+    """
+    import psutil
+
+    n = cfg["num-clients"]
+    clients = CLIENT_ARRAYS * n * d * 8
+    need = data_bytes + clients
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise ConfigError(
+            f"{what} with num-clients={n} needs about {_size(need)} of memory ({_size(data_bytes)} of data, "
+            f"{_size(clients)} for {CLIENT_ARRAYS} x num-clients x d x 8 B of messages and client memories, "
+            f"d = {d}), more than the {_size(available)} available"
+        )
+
+
 # --- mean estimation -------------------------------------------------------
 
 
@@ -212,38 +257,79 @@ class MeanEstimation:
 
 def _load_centers(cfg: dict[str, Any]) -> np.ndarray:
     src = cfg["problem.centers"]
+    n = cfg["num-clients"]
     if src is None:
+        d = cfg["problem.dim"]
+        check_memory(f"problem.dim={d}", cfg, n * d * 8, d)
         rng = np.random.default_rng(cfg["seed"])
-        return rng.normal(0.0, cfg["problem.spread"], size=(cfg["num-clients"], cfg["problem.dim"]))
+        return rng.normal(0.0, cfg["problem.spread"], size=(n, d))
     if isinstance(src, list):
+        if not all(isinstance(row, list) for row in src) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for row in src for x in row
+        ):
+            raise ConfigError(
+                f"problem.centers must be a list of rows of numbers (not bools or strings), got {src!r}"
+            )
         try:
             arr = np.asarray(src, dtype=np.float64)
-        except (ValueError, TypeError):
-            raise ConfigError(f"problem.centers must be a list of equal-length rows of numbers, got {src!r}") from None
+        except (ValueError, OverflowError):
+            raise ConfigError(
+                f"problem.centers must be a list of equal-length rows of finite numbers, got {src!r}"
+            ) from None
+        _check_centers_shape(arr.shape, src, n)
     else:
-        path = Path(src)
-        if not path.is_file():
-            raise ConfigError(f"problem.centers file not found: {src!r}")
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as e:  # noqa: BLE001 - numpy raises many kinds here
-            raise ConfigError(f"problem.centers could not be read as .npy ({e}): {src!r}") from None
-    if arr.ndim != 2:
-        raise ConfigError(f"problem.centers must be 2-D (n x d), got shape {arr.shape} from {src!r}")
+        arr = _read_centers(cfg, src)
     if not np.all(np.isfinite(arr)):
         raise ConfigError(f"problem.centers must be finite, got non-finite values in {src!r}")
-    if arr.shape[0] != cfg["num-clients"]:
-        raise ConfigError(
-            f"num-clients must equal the {arr.shape[0]} rows of problem.centers, got {cfg['num-clients']}"
-        )
     return arr
+
+
+def _check_centers_shape(shape: tuple[int, ...], src: Any, n: int) -> None:
+    if len(shape) != 2:
+        raise ConfigError(f"problem.centers must be 2-D (n x d), got shape {shape} from {src!r}")
+    if shape[1] < 1:
+        raise ConfigError(f"problem.centers must have at least one column (d >= 1), got shape {shape} from {src!r}")
+    if shape[1] > MAX_DIM:
+        raise ConfigError(f"problem.centers must have at most {MAX_DIM} columns (d), got shape {shape} from {src!r}")
+    if shape[0] != n:
+        raise ConfigError(f"num-clients must equal the {shape[0]} rows of problem.centers, got {n}")
+
+
+def _read_centers(cfg: dict[str, Any], src: str) -> np.ndarray:
+    """The centres of a .npy file of real numbers, checked from its header before its data is read."""
+    path = Path(src)
+    if not path.is_file():
+        raise ConfigError(f"problem.centers file not found: {src!r}")
+    try:
+        # Memory-mapped: only the header is read until the checks below pass.
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy raises many kinds here
+        raise ConfigError(f"problem.centers could not be read as .npy ({e}): {src!r}") from None
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        arr.close()
+        raise ConfigError(
+            f"problem.centers must be one array saved with numpy.save (.npy), got a .npz archive: {src!r}"
+        )
+    if arr.dtype.kind not in "iuf":
+        raise ConfigError(
+            f"problem.centers must hold real numbers (integers or floats), got dtype {arr.dtype} in {src!r}"
+        )
+    _check_centers_shape(arr.shape, src, cfg["num-clients"])
+    rows, d = arr.shape
+    check_memory(f"problem.centers={src!r} ({rows} x {d})", cfg, rows * d * (8 + arr.dtype.itemsize), d)
+    with np.errstate(over="ignore"):  # a long double beyond float64's range becomes inf, refused next
+        return np.array(arr, dtype=np.float64)
 
 
 # --- logistic regression with a non-convex regulariser ----------------------
 
 
-def load_libsvm(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read a LibSVM file with scikit-learn, dense features, labels as given."""
+def load_libsvm(path: str, cfg: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Read a LibSVM file with scikit-learn: dense finite features, labels as given.
+
+    Its size is checked (:func:`check_memory`, the caps of ``problem.rows`` and
+    ``problem.features``) on the sparse matrix, before it is made dense.
+    """
     from sklearn.datasets import load_svmlight_file
 
     p = Path(path)
@@ -253,7 +339,25 @@ def load_libsvm(path: str) -> tuple[np.ndarray, np.ndarray]:
         X, y = load_svmlight_file(str(p))
     except ValueError as e:
         raise ConfigError(f"problem.dataset is not a LibSVM file ({e}): {path!r}") from None
-    return np.asarray(X.todense()), np.asarray(y)
+    rows, cols = X.shape
+    if rows > MAX_ROWS or cols > MAX_FEATURES:
+        raise ConfigError(
+            f"problem.dataset must have at most {MAX_ROWS} rows and {MAX_FEATURES} features, "
+            f"got {rows} rows x {cols} features (largest feature index) in {path!r}"
+        )
+    check_memory(
+        f"problem.dataset={path!r} ({rows} rows x {cols} features)", cfg,
+        LOGREG_COPIES * rows * (cols + 1) * 8, cols + 1,
+    )
+    bad = int(np.count_nonzero(~np.isfinite(X.data)) + np.count_nonzero(~np.isfinite(y)))
+    if bad:
+        raise ConfigError(f"problem.dataset must hold finite numbers, got {bad} nan or inf values in {path!r}")
+    return X.toarray(), np.asarray(y)
+
+
+# Copies of the (rows x d) design matrix LogReg holds while it is built: the raw data,
+# the standardised one with its bias column, and the clients' rows stacked in order.
+LOGREG_COPIES = 3
 
 
 class _ClientData:
@@ -285,13 +389,16 @@ class LogReg(_ClientData):
         elif src == "synthetic":
             from sklearn.datasets import make_classification
 
-            f = cfg["problem.features"]
+            f, rows = cfg["problem.features"], cfg["problem.rows"]
+            check_memory(
+                f"problem.rows={rows}, problem.features={f}", cfg, LOGREG_COPIES * rows * (f + 1) * 8, f + 1
+            )
             X, y = make_classification(
-                n_samples=cfg["problem.rows"], n_features=f, n_informative=max(1, f // 2),
+                n_samples=rows, n_features=f, n_informative=max(1, f // 2),
                 n_redundant=0, n_clusters_per_class=1, random_state=cfg["seed"],
             )
         else:
-            X, y = load_libsvm(src)
+            X, y = load_libsvm(src, cfg)
         classes = np.unique(y)
         if classes.size != 2:
             raise ConfigError(f"problem.dataset must have 2 classes for logreg, got {classes.size} in {src!r}")
@@ -363,6 +470,14 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 # --- a small torch MLP on digits --------------------------------------------
 
 
+_DIGITS_ROWS = 1797  # scikit-learn's digits
+
+
+def _mlp_size(hidden: int) -> int:
+    """d of the 64 -> hidden -> 10 MLP: its weights and biases."""
+    return 64 * hidden + hidden + hidden * 10 + 10
+
+
 class DigitsMLP(_ClientData):
     """64 -> hidden -> 10 MLP with cross-entropy on scikit-learn's digits."""
 
@@ -375,6 +490,9 @@ class DigitsMLP(_ClientData):
 
         if cfg["problem.dataset"] not in ("digits", "breast_cancer"):
             raise ConfigError(f"problem.dataset must be 'digits' for mlp, got {cfg['problem.dataset']!r}")
+        h = cfg["problem.hidden"]
+        # The hidden activations of every digits row, their tanh and their gradient (float32).
+        check_memory(f"problem.hidden={h}", cfg, _DIGITS_ROWS * h * 4 * 3, _mlp_size(h))
         X, y = load_digits(return_X_y=True)
         X = X / 16.0
         if cfg["problem.test-fraction"] > 0:
@@ -449,6 +567,11 @@ class DigitsMLP(_ClientData):
 # --- building ---------------------------------------------------------------
 
 
+# What the engines use of a problem (the Problem protocol): attributes, then methods.
+PROBLEM_ATTRIBUTES = ("num_clients", "classification")
+PROBLEM_METHODS = ("init_params", "client_grad", "loss", "grad", "accuracy")
+
+
 def _build(cfg: dict[str, Any]) -> Problem:
     name = cfg["problem.name"]
     if name == "mean-estimation":
@@ -457,17 +580,60 @@ def _build(cfg: dict[str, Any]) -> Problem:
         return LogReg(cfg)
     if name == "mlp":
         return DigitsMLP(cfg)
-    module_name, _, attr = name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"problem.name {name!r} could not be imported: {e}") from None
-    problem = factory(cfg)
+    problem = _plugin(cfg, name)
     if problem.num_clients != cfg["num-clients"]:
         raise ConfigError(
             f"num-clients must equal the {problem.num_clients} clients of problem {name!r}, got {cfg['num-clients']}"
         )
     return problem
+
+
+def _plugin(cfg: dict[str, Any], name: str) -> Problem:
+    """``factory(cfg)`` of the plug-in ``module.path:factory``, checked to be a :class:`Problem`.
+
+    Importing the module and calling the factory run its code: whatever they
+    raise (SystemExit too) becomes a :class:`ConfigError` naming ``problem.name``.
+    """
+    parts = plugin_parts(name)
+    if parts is None:
+        raise ConfigError(f"problem.name must be mean-estimation, logreg, mlp or 'module.path:factory', got {name!r}")
+    module_name, attr = parts
+    try:
+        module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code ran
+        raise ConfigError(
+            f"problem.name {name!r}: module {module_name!r} could not be imported ({_why(e)})"
+        ) from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ConfigError(f"problem.name {name!r}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise ConfigError(f"problem.name {name!r}: {attr!r} must be callable, got a {type(factory).__name__}")
+    try:
+        problem = factory(cfg)
+    except ConfigError:
+        raise
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the plug-in's own code ran
+        raise ConfigError(f"problem.name {name!r}: the factory raised {_why(e)}") from None
+    missing = [a for a in PROBLEM_ATTRIBUTES if not hasattr(problem, a)]
+    missing += [m for m in PROBLEM_METHODS if not callable(getattr(problem, m, None))]
+    if missing:
+        raise ConfigError(
+            f"problem.name {name!r}: the factory returned a {type(problem).__name__}, which lacks "
+            f"{', '.join(missing)} of the Problem protocol (fl_clip21.problems.Problem)"
+        )
+    n = problem.num_clients
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ConfigError(f"problem.name {name!r}: num_clients must be an integer >= 1, got {n!r}")
+    if not isinstance(problem.classification, (bool, np.bool_)):
+        raise ConfigError(
+            f"problem.name {name!r}: classification must be True or False, got {problem.classification!r}"
+        )
+    return problem
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 @functools.lru_cache(maxsize=4)

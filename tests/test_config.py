@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fl_clip21 import config, problems
 from fl_clip21.config import ConfigError
@@ -108,6 +110,45 @@ BAD_OVERRIDES = [
     (["num-clients=0"], "num-clients", "0"),
     (["audit=maybe"], "audit", "maybe"),
     (["partition.alpha=0"], "partition.alpha", "0"),
+    # bounds that keep the arithmetic finite and a run finite in time
+    (["lr=1e308"], "lr", "1e+308"),
+    (["sigma=1e308"], "sigma", "1e+308"),
+    (["tau=1e308"], "tau", "1e+308"),
+    (["message-norm-cap=1e308"], "message-norm-cap", "1e+308"),
+    (["message-norm-cap=0"], "message-norm-cap", "0"),
+    (["straggler-delay=1e300"], "straggler-delay", "1e+300"),
+    (["round-timeout=1e300"], "round-timeout", "1e+300"),
+    (["problem.spread=1e300"], "problem.spread", "1e+300"),
+    (["problem.reg=1e300"], "problem.reg", "1e+300"),
+    (["rounds=" + str(10**23)], "rounds", str(10**23)),
+    (["rounds=1000001"], "rounds", "1000001"),
+    (["local-steps=100000"], "local-steps", "100000"),
+    (["num-cpus=1e-9"], "num-cpus", "1e-09"),
+    (["num-cpus=1e300"], "num-cpus", "1e+300"),
+    (["num-gpus=1e-9"], "num-gpus", "1e-09"),
+    (["seed=4294967296"], "seed", "4294967296"),
+    (["num-clients=10000000"], "num-clients", "10000000"),
+    (["problem.dim=1000000000000"], "problem.dim", "1000000000000"),
+    (["problem.rows=1000000000000"], "problem.rows", "1000000000000"),
+    (["problem.features=1000000000000"], "problem.features", "1000000000000"),
+    (["problem.hidden=1000000000000"], "problem.hidden", "1000000000000"),
+    (["target-epsilon=1e300"], "target-epsilon", "1e+300"),
+    (["target-epsilon=1e-9"], "target-epsilon", "1e-09"),
+    # integers are integers, lists hold no value twice
+    (["rounds=1e3"], "rounds", "1e3"),
+    (["rounds=true"], "rounds", "true"),
+    (["seeds=0,0,1"], "seeds", "[0, 0, 1]"),
+    (["seeds=1.7,2.2"], "seeds", "1.7,2.2"),
+    (["seeds=-1"], "seeds", "-1"),
+    (["target-epsilon=3,3.0"], "target-epsilon", "[3.0, 3.0]"),
+    (["target-epsilon=true"], "target-epsilon", "true"),
+    # plug-ins are module.path:factory
+    (["problem.name=:"], "problem.name", "':'"),
+    (["problem.name=os:"], "problem.name", "'os:'"),
+    (["problem.name=a b:c"], "problem.name", "'a b:c'"),
+    (["problem.name=a..b:c"], "problem.name", "'a..b:c'"),
+    # sigma too small for the accountant's epsilon
+    (["sigma=1e-300", "algorithms=clip-gd"], "sigma", "1e-300"),
 ]
 
 
@@ -134,6 +175,22 @@ BAD_SCENARIO = [
     ({"algorithms": []}, "algorithms", "[]"),
     ({"partition": {"kind": "stripes"}}, "partition.kind", "stripes"),
     ({"problem": {"centers": 3}}, "problem.centers", "3"),
+    ({"seeds": [1.7, 2.2]}, "seeds", "[1.7, 2.2]"),
+    ({"seeds": True}, "seeds", "True"),
+    ({"seeds": [0, True]}, "seeds", "[0, True]"),
+    ({"seeds": ["0", "1"]}, "seeds", "['0', '1']"),
+    ({"seeds": [0, 0, 1]}, "seeds", "[0, 0, 1]"),
+    ({"target-epsilon": True}, "target-epsilon", "True"),
+    ({"target-epsilon": [3, 3.0]}, "target-epsilon", "[3.0, 3.0]"),
+    ({"target-epsilon": 1e300}, "target-epsilon", "1e+300"),
+    ({"rounds": 1.5}, "rounds", "1.5"),
+    ({"rounds": 3.0}, "rounds", "3.0"),
+    ({"rounds": 10**23}, "rounds", str(10**23)),
+    ({"lr": True}, "lr", "True"),
+    ({"lr": 10**400}, "lr", "1000000"),
+    ({"lr": 1e308}, "lr", "1e+308"),
+    ({"problem": {"dim": 2.0}}, "problem.dim", "2.0"),
+    ({"problem": {"name": "builtins:print", "when": __import__("datetime").date(2020, 1, 1)}}, "problem.when", "2020"),
 ]
 
 
@@ -142,6 +199,115 @@ def test_bad_scenario_value_names_key_and_value(scenario, key, value):
     with pytest.raises(ConfigError) as ei:
         config.resolve(scenario)
     _assert_names(ei.value, key, value)
+
+
+# --- coercion: integers are integers, numbers are not bools --------------------------------
+
+INT_KEYS = [k for k, spec in config.SCHEMA.items() if spec.kind == "int"]
+FLOAT_KEYS = [k for k, spec in config.SCHEMA.items() if spec.kind == "float"]
+
+
+@given(key=st.sampled_from(INT_KEYS), x=st.floats(allow_nan=True, allow_infinity=True))
+def test_any_float_is_refused_for_an_int_key_from_toml(key, x):
+    with pytest.raises(ConfigError) as ei:
+        config.resolve(_nested(key, x))
+    assert key in str(ei.value)
+
+
+@given(key=st.sampled_from(INT_KEYS), x=st.floats(allow_nan=False, allow_infinity=False).filter(lambda v: v != int(v)))
+def test_a_float_that_is_not_an_integer_is_refused_for_an_int_key_from_text(key, x):
+    with pytest.raises(ConfigError) as ei:
+        config.resolve({}, {key: repr(x)})
+    _assert_names(ei.value, key, repr(x))
+
+
+@given(n=st.integers(min_value=1, max_value=config.MAX_ROUNDS))
+def test_any_integer_in_range_is_taken_as_is_from_toml_and_from_text(n):
+    assert config.resolve({"rounds": n})["rounds"] == n
+    got = config.resolve({}, {"rounds": str(n)})["rounds"]
+    assert got == n and type(got) is int
+
+
+@pytest.mark.parametrize("key", [*INT_KEYS, *FLOAT_KEYS, "seeds", "target-epsilon"])
+@pytest.mark.parametrize("flag", [True, False])
+def test_a_bool_is_no_number(key, flag):
+    with pytest.raises(ConfigError) as ei:
+        config.resolve(_nested(key, flag))
+    _assert_names(ei.value, key, repr(flag))
+
+
+@given(seeds=st.lists(st.integers(min_value=0, max_value=config.MAX_SEED), min_size=1, max_size=6, unique=True))
+def test_distinct_seeds_are_kept_in_order_and_a_repeated_one_is_refused(seeds):
+    assert config.resolve({"seeds": seeds})["seeds"] == seeds
+    assert config.resolve({}, {"seeds": ",".join(map(str, seeds))})["seeds"] == seeds
+    with pytest.raises(ConfigError) as ei:
+        config.resolve({"seeds": [*seeds, seeds[0]]})
+    assert "seeds" in str(ei.value) and "repeat" in str(ei.value)
+
+
+def _nested(key: str, value: object) -> dict:
+    """``{"problem": {"dim": v}}`` for ``problem.dim``: a scenario as TOML gives it."""
+    table, _, leaf = key.rpartition(".")
+    return {table: {leaf: value}} if table else {key: value}
+
+
+# --- the name key names a folder -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/abs", "..\\up", "a\x00b"])
+def test_name_must_be_a_plain_file_name(name):
+    with pytest.raises(ConfigError) as ei:
+        config.resolve({"name": name})
+    _assert_names(ei.value, "name", repr(name))
+
+
+@pytest.mark.parametrize("name", ["logreg-nonconvex", "a=b", "run 1", ".hidden", "ε-grid"])
+def test_a_plain_file_name_is_a_good_name(name):
+    assert config.resolve({"name": name})["name"] == name
+
+
+# --- target-epsilon --------------------------------------------------------------------------
+
+
+def test_with_epsilon_names_target_epsilon_when_out_of_range():
+    cfg = config.resolve({"rounds": 10})
+    with pytest.raises(ConfigError) as ei:
+        config.with_epsilon(cfg, 1e300)
+    _assert_names(ei.value, "target-epsilon", "1e+300")
+
+
+def test_with_epsilon_names_target_epsilon_when_sigma_would_pass_its_cap():
+    cfg = config.resolve({"rounds": 10**6, "tau": 1e12})
+    with pytest.raises(ConfigError) as ei:
+        config.with_epsilon(cfg, 0.01)
+    _assert_names(ei.value, "target-epsilon", "0.01")
+    assert "sigma" in str(ei.value)
+
+
+def test_a_calibrated_epsilon_keeps_its_run():
+    runs = config.expand_runs(config.resolve({"rounds": 10, "target-epsilon": [3, 9], "seeds": [0, 1]}))
+    assert [(r["target-epsilon"], r["seed"]) for r in runs] == [([3.0], 0), ([3.0], 1), ([9.0], 0), ([9.0], 1)]
+    assert all(0 < r["sigma"] <= config.MAX_SCALE for r in runs)
+
+
+def test_a_diverging_run_within_the_bounds_reports_inf_instead_of_crashing():
+    from fl_clip21.engine import run_local
+
+    # lr = 3 on f_i(x) = |x - a_i|^2 / 2: x - a doubles every round and passes 1e154 (whose square overflows)
+    cfg = config.resolve({"lr": 3.0, "rounds": 600, "num-clients": 3, "problem": {"centers": [[-1.0], [-1.0], [10.0]]}})
+    last = run_local(cfg, "gd")["records"][-1]
+    assert last["grad_norm_sq"] == np.inf and last["loss"] == np.inf
+
+
+# --- scenario files ----------------------------------------------------------------------------
+
+
+def test_binary_scenario_file_is_a_config_error(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_bytes(b"rounds = 3\n\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError) as ei:
+        config.load_scenario(path)
+    assert str(path) in str(ei.value) and "UTF-8" in str(ei.value)
 
 
 def test_config_error_is_a_value_error():
@@ -258,6 +424,20 @@ def _bad_input(case: str, tmp_path: Path) -> tuple[str, str, str]:
 
 
 CLI_CASES = ["tau=-1", "lr=0", "rounds=0", "bogus=1", "algorithms=gd,nope", "centers-missing", "centers-1d", "rounds=abc"]
+# Each seen as a traceback, a hang or a partial output before it was checked.
+CLI_HOSTILE = [
+    ("lr=1e308", "lr", "1e+308"),
+    ("sigma=1e308", "sigma", "1e+308"),
+    ("num-cpus=1e-9", "num-cpus", "1e-09"),
+    ("rounds=" + str(10**23), "rounds", str(10**23)),
+    ("problem.dim=100000000", "problem.dim", "100000000"),
+    ("problem.name=os:system", "problem.name", "os:system"),
+    ("problem.name=builtins:print", "problem.name", "builtins:print"),
+    ("problem.name=:", "problem.name", "':'"),
+    ("target-epsilon=1e300", "target-epsilon", "1e+300"),
+    ("seeds=0,0,1", "seeds", "[0, 0, 1]"),
+    ("name=..", "name", "'..'"),
+]
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
@@ -271,6 +451,36 @@ def test_cli_bad_input_exits_2_before_running(case, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()
     assert "round" not in proc.stdout  # nothing was simulated
+
+
+@pytest.mark.parametrize("item,key,value", CLI_HOSTILE, ids=[c[0][:40] for c in CLI_HOSTILE])
+def test_cli_hostile_input_exits_2_naming_key_and_value(item, key, value, tmp_path):
+    out = tmp_path / "o"
+    # centres drawn from problem.dim (1000 clients) in the memory benchmark's scenario
+    scenario = "scenarios/bench/memory.toml" if key == "problem.dim" else str(SCENARIO.relative_to(REPO))
+    proc = _cli("run", scenario, "--set", item, "--engine", "vectorized", "--out", str(out), timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert key in proc.stderr and value in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_cli_binary_scenario_exits_2(tmp_path):
+    scenario, out = tmp_path / "s.toml", tmp_path / "o"
+    scenario.write_bytes(bytes(range(256)))
+    proc = _cli("run", str(scenario), "--engine", "vectorized", "--out", str(out))
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert str(scenario) in proc.stderr and "UTF-8" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_cli_run_help_says_plugins_are_code_and_names_the_node_restrictions():
+    proc = _cli("run", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert 'problem.name = "module.path:factory" imports module.path and runs factory(scenario)' in text
+    assert "data-dir" in text and "plugin-modules" in text
 
 
 def test_cli_run_help_lists_keys():

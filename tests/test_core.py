@@ -533,6 +533,88 @@ def test_make_algorithm_unknown_name():
     assert "nope" in str(ei.value)
 
 
+def _hyper(name: str) -> dict[str, object]:
+    """Valid keywords for every hyper-parameter ``name`` takes."""
+    values = {"lr": 0.1, "tau": 1.0, "sigma": 0.0, "beta1": 0.9, "beta2": 0.5, "topk": 2, "local-steps": 2,
+              "message-norm-cap": 7.0}
+    return {k.replace("-", "_"): values[k] for k in algorithms.HYPER_KEYS[name]}
+
+
+@pytest.mark.parametrize("name", list(algorithms.ALGORITHMS))
+def test_make_algorithm_rejects_a_misspelled_hyper_parameter(name):
+    with pytest.raises(ValueError) as ei:
+        algorithms.make_algorithm(name, **_hyper(name), tua=1.0)
+    assert "'tua'" in str(ei.value) and name in str(ei.value) and "1.0" in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    "name,key", [("gd", "tau"), ("clip21-gd", "sigma"), ("ef21-topk", "tau"), ("clip21-gd", "message_norm_cap")]
+)
+def test_make_algorithm_rejects_a_hyper_parameter_the_algorithm_does_not_use(name, key):
+    with pytest.raises(ValueError) as ei:
+        algorithms.make_algorithm(name, **_hyper(name), **{key: 1.0})
+    assert repr(key) in str(ei.value) and name in str(ei.value)
+
+
+def test_every_algorithm_takes_exactly_the_keys_of_its_table():
+    assert set(algorithms.HYPER_KEYS) == set(algorithms.ALGORITHMS)
+    for name in algorithms.ALGORITHMS:
+        assert set(algorithms.HYPER_KEYS[name]) <= set(config.SCHEMA), name
+        alg = algorithms.make_algorithm(name, **_hyper(name))
+        assert alg.name == name
+        assert set(alg.hyper) <= set(algorithms.HYPER_KEYS[name]), name
+
+
+def test_algorithm_from_config_gives_each_algorithm_only_its_keys():
+    cfg = config.resolve({"lr": 0.3, "tau": 0.2, "topk": 3, "message-norm-cap": 50.0, "local-steps": 2})
+    for name in algorithms.ALGORITHMS:
+        alg = algorithms.algorithm_from_config(name, cfg)
+        assert alg.name == name  # ef21-topk is not turned into clip21-topk by the scenario's tau
+        assert {k: cfg[k] for k in alg.hyper} == dict(alg.hyper), name
+
+
+@pytest.mark.parametrize("name", list(algorithms.ALGORITHMS))
+def test_every_algorithm_has_a_finite_message_bound(name):
+    alg = algorithms.algorithm_from_config(name, config.resolve({"sigma": 0.5, "topk": 2}))
+    assert alg.message_bound is not None
+    for d in (1, 10**6):
+        assert 0 < alg.message_bound(d) < math.inf
+
+
+@pytest.mark.parametrize("name", ["gd", "sgd", "server-clip-gd", "ef21-topk"])
+def test_message_norm_cap_is_the_bound_of_the_algorithms_that_do_not_clip(name):
+    default = algorithms.algorithm_from_config(name, config.resolve({}))
+    capped = algorithms.algorithm_from_config(name, config.resolve({"message-norm-cap": 5.0}))
+    assert default.message_bound(100) == algorithms.MESSAGE_NORM_CAP == config.SCHEMA["message-norm-cap"].default
+    assert capped.message_bound(100) == 5.0 and capped.hyper["message-norm-cap"] == 5.0
+
+
+@pytest.mark.parametrize("name", ["clip-gd", "clip21-gd", "clip21-sgd2m", "clip21-topk", "celgc"])
+def test_clipping_algorithms_keep_their_own_bound(name):
+    alg = algorithms.algorithm_from_config(name, config.resolve({"tau": 0.25, "message-norm-cap": 1e9, "topk": 2}))
+    assert alg.message_bound(4) <= 0.25  # tau (celgc: local-steps * lr * tau), not the cap of 1e9
+    assert "message-norm-cap" not in alg.hyper
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan, True])
+def test_message_norm_cap_must_be_a_positive_finite_number(bad):
+    with pytest.raises(ValueError) as ei:
+        algorithms.make_algorithm("gd", lr=0.1, message_norm_cap=bad)
+    assert "message-norm-cap" in str(ei.value) and repr(bad) in str(ei.value)
+
+
+def test_the_server_rejects_a_huge_gd_message():
+    from fl_clip21.flower import records as R
+    from fl_clip21.flower import validation as V
+
+    alg = algorithms.make_algorithm("gd", lr=0.1)
+    model = {"x": np.zeros(2)}
+    bound = alg.message_bound(2)
+    with pytest.raises(V.ReplyError, match="exceeds the bound 1e"):
+        V.check_values(V.decode_arrays(R.to_record({"x": np.array([1e308, 1e308])}), model), bound)
+    V.check_values(V.decode_arrays(R.to_record({"x": np.array([3.0, 4.0])}), model), bound)
+
+
 # --- partial participation: the server still divides by n ---------------------------
 
 

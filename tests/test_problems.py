@@ -334,3 +334,225 @@ def test_libsvm_missing_file_is_config_error(tmp_path):
     with pytest.raises(ConfigError) as ei:
         problems.build_problem(cfg)
     assert "problem.dataset" in str(ei.value) and str(missing) in str(ei.value)
+
+
+def _libsvm(path, lines: list[str]):
+    path.write_text("\n".join(lines) + "\n")
+    return _cfg(**{"num-clients": 2, "problem": {"name": "logreg", "dataset": str(path)}})
+
+
+def test_libsvm_feature_index_beyond_the_cap_is_refused_before_densifying(tmp_path):
+    path = tmp_path / "wide.svm"
+    cfg = _libsvm(path, ["1 1:0.5 300000000:1.0", "-1 2:1.0", "1 1:2.0"])
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(cfg)
+    assert "problem.dataset" in str(ei.value) and str(path) in str(ei.value) and "300000000" in str(ei.value)
+
+
+def test_libsvm_too_large_for_memory_is_refused_before_densifying(tmp_path):
+    path = tmp_path / "tall.svm"
+    rows = 100_000
+    cfg = _libsvm(path, [f"{1 if i % 2 else -1} {1 + i % 7}:1.0" for i in range(rows - 1)] + ["1 1000000:1.0"])
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(cfg)
+    msg = str(ei.value)
+    assert "problem.dataset" in msg and str(path) in msg and "100000 rows x 1000000 features" in msg
+    assert "2.4 TB of data" in msg  # 3 copies of rows x (features + 1) x 8 B
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_libsvm_with_non_finite_features_is_refused(tmp_path, bad):
+    path = tmp_path / "bad.svm"
+    cfg = _libsvm(path, [f"1 1:{bad} 2:1.0", "-1 1:1.0 2:3.0", "1 1:2.0"])
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(cfg)
+    assert "problem.dataset" in str(ei.value) and str(path) in str(ei.value) and "finite" in str(ei.value)
+
+
+# --- centres files: real numbers, one array, n x d with d >= 1 --------------------------------
+
+
+BAD_CENTERS = {
+    "strings": np.array([["a"], ["b"], ["c"]]),
+    "structured": np.zeros((3, 2), dtype=[("a", "f8"), ("b", "i4")]),
+    "complex": np.ones((3, 2), dtype=complex),
+    "datetimes": np.array([["2020-01-01"]] * 3, dtype="datetime64[D]"),
+    "bools": np.ones((3, 2), dtype=bool),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CENTERS))
+def test_centers_file_of_no_real_numbers_is_refused(tmp_path, kind):
+    path = tmp_path / f"{kind}.npy"
+    np.save(path, BAD_CENTERS[kind])
+    cfg = _cfg(**{"num-clients": 3, "problem": {"centers": str(path)}})
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(cfg)
+    msg = str(ei.value)
+    assert "problem.centers" in msg and str(path) in msg and str(BAD_CENTERS[kind].dtype) in msg
+
+
+def test_npz_saved_under_a_npy_name_is_refused(tmp_path):
+    path = tmp_path / "c.npy"
+    with path.open("wb") as f:
+        np.savez(f, centers=np.zeros((3, 2)))
+    cfg = _cfg(**{"num-clients": 3, "problem": {"centers": str(path)}})
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(cfg)
+    assert "problem.centers" in str(ei.value) and str(path) in str(ei.value) and ".npz" in str(ei.value)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.int8, np.uint16, np.int64])
+def test_centers_file_of_ints_or_floats_becomes_float64(tmp_path, dtype):
+    path = tmp_path / "c.npy"
+    np.save(path, np.array([[1], [1], [10]], dtype=dtype))
+    problem = problems.build_problem(_cfg(**{"num-clients": 3, "problem": {"centers": str(path)}}))
+    assert problem.centers.dtype == np.float64
+    np.testing.assert_array_equal(problem.centers, [[1.0], [1.0], [10.0]])
+
+
+def test_centers_file_beyond_float64_is_refused(tmp_path):
+    path = tmp_path / "c.npy"
+    np.save(path, np.full((3, 1), 1e4000, dtype=np.longdouble))
+    cfg = _cfg(**{"num-clients": 3, "problem": {"centers": str(path)}})
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(cfg)
+    assert "problem.centers" in str(ei.value) and "finite" in str(ei.value)
+
+
+def test_centers_without_columns_are_refused(tmp_path):
+    path = tmp_path / "c.npy"
+    np.save(path, np.zeros((3, 0)))
+    for centers in (str(path), [[], [], []]):
+        cfg = _cfg(**{"num-clients": 3, "problem": {"centers": centers}})
+        with pytest.raises(ConfigError) as ei:
+            problems.build_problem(cfg)
+        assert "problem.centers" in str(ei.value) and "at least one column" in str(ei.value)
+    with pytest.raises(ConfigError):
+        problems.build_problem(_cfg(**{"num-clients": 1, "problem": {"centers": [[]]}}))
+
+
+@pytest.mark.parametrize("centers", [[[True], [False], [True]], [["1"], ["2"], ["3"]], [1.0, 2.0, 3.0], [[10**400]] * 3])
+def test_inline_centers_must_be_rows_of_finite_numbers(centers):
+    cfg = _cfg(**{"num-clients": 3, "problem": {"centers": centers}})
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(cfg)
+    assert "problem.centers" in str(ei.value)
+
+
+def test_centers_file_too_large_for_memory_is_refused_from_its_header(tmp_path):
+    path = tmp_path / "huge.npy"
+    # A sparse file: its header says 10,000 x 10,000,000 (800 GB); no data block is written.
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(10**4, 10**7)).flush()
+    cfg = _cfg(**{"num-clients": 10**4, "problem": {"centers": str(path)}})
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(cfg)
+    msg = str(ei.value)
+    assert "problem.centers" in msg and str(path) in msg and "10000 x 10000000" in msg and "TB" in msg
+
+
+# --- sizes: checked before anything is allocated ------------------------------------------------
+
+
+SIZES = [
+    ({"num-clients": 10**4, "problem": {"dim": 10**8}}, ["problem.dim=100000000", "num-clients=10000"]),
+    (
+        {"num-clients": 10, "problem": {"name": "logreg", "dataset": "synthetic", "rows": 10**7, "features": 10**6}},
+        ["problem.rows=10000000", "problem.features=1000000"],
+    ),
+    ({"num-clients": 10**5, "problem": {"name": "mlp", "dataset": "digits", "hidden": 10**6}}, ["problem.hidden=1000000"]),
+]
+
+
+@pytest.mark.parametrize("scenario,named", SIZES, ids=["dim", "rows-features", "hidden"])
+def test_a_problem_too_large_for_memory_is_refused_naming_keys_values_and_estimate(scenario, named):
+    cfg = _cfg(**scenario)
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(cfg)
+    msg = str(ei.value)
+    for item in named:
+        assert item in msg, msg
+    assert "needs about" in msg and "available" in msg and ("TB" in msg)
+
+
+def test_the_memory_estimate_counts_data_and_every_clients_state():
+    cfg = _cfg(**{"num-clients": 1000, "problem": {"dim": 10**8}})
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(cfg)
+    # 0.8 TB of centres (1000 x 1e8 x 8 B) and 2 x 1000 x 1e8 x 8 B of messages and memories
+    assert "needs about 2.4 TB" in str(ei.value) and "800 GB of data, 1.6 TB" in str(ei.value)
+
+
+# --- plug-in problems: code, checked at every step ----------------------------------------------
+
+PLUGIN_SOURCE = '''
+import numpy as np
+from fl_clip21.problems import MeanEstimation
+
+def good(cfg):
+    return MeanEstimation(np.zeros((cfg["num-clients"], 2)))
+
+def raises(cfg):
+    raise RuntimeError("boom")
+
+def half(cfg):
+    class Half:
+        num_clients = cfg["num-clients"]
+        def loss(self, params):
+            return 0.0
+    return Half()
+
+def odd_count(cfg):
+    problem = good(cfg)
+    problem.num_clients = "3"
+    return problem
+
+not_callable = 3
+'''
+
+
+@pytest.fixture()
+def plugins(tmp_path, monkeypatch):
+    (tmp_path / "fl21_plugins_under_test.py").write_text(PLUGIN_SOURCE)
+    (tmp_path / "fl21_broken_plugin.py").write_text("raise ImportError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "fl21_plugins_under_test"
+
+
+def _plugin_cfg(name: str, n: int = 3) -> dict:
+    return _cfg(**{"num-clients": n, "problem": {"name": name}})
+
+
+def test_a_plugin_problem_builds(plugins):
+    problem = problems.build_problem(_plugin_cfg(f"{plugins}:good"))
+    assert problem.num_clients == 3 and problem.init_params()["x"].shape == (2,)
+
+
+PLUGIN_ERRORS = [
+    ("os:system", "TypeError"),
+    ("builtins:print", "lacks num_clients, classification, init_params, client_grad, loss, grad, accuracy"),
+    ("sys:exit", "SystemExit"),
+    ("{m}:raises", "RuntimeError: boom"),
+    ("{m}:half", "lacks classification, init_params, client_grad, grad, accuracy"),
+    ("{m}:odd_count", "num_clients must be an integer"),
+    ("{m}:not_callable", "must be callable"),
+    ("{m}:missing", "has no attribute 'missing'"),
+    ("fl21_broken_plugin:make", "ImportError: no GPU here"),
+    ("fl21_no_such_module:make", "could not be imported"),
+]
+
+
+@pytest.mark.parametrize("name,why", PLUGIN_ERRORS, ids=[n for n, _ in PLUGIN_ERRORS])
+def test_a_bad_plugin_is_a_config_error_naming_problem_name(plugins, name, why):
+    name = name.format(m=plugins)
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(_plugin_cfg(name))
+    msg = str(ei.value)
+    assert "problem.name" in msg and repr(name) in msg and why in msg, msg
+
+
+def test_a_malformed_plugin_name_sent_to_a_node_is_a_config_error():
+    cfg = {**_cfg(), "problem.name": ":"}  # not resolved: as a node receives it
+    with pytest.raises(ConfigError) as ei:
+        problems.build_problem(cfg)
+    assert "problem.name" in str(ei.value) and "':'" in str(ei.value)

@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fl_clip21.algorithms import Algorithm, algorithm_from_config, model_size
-from fl_clip21.config import DATA_DIR, with_data_dir
+from fl_clip21.config import DATA_DIR, PLUGIN_MODULES, with_node_config
 from fl_clip21.engine import client_round, straggler_delay
 from fl_clip21.flower import records as R
 from fl_clip21.problems import Problem, build_problem
@@ -106,15 +106,16 @@ def sync_memory(context: Context, scope: str, memory: str, msg: Message, ack: in
 
 
 @functools.lru_cache(maxsize=4)
-def run_setup(scenario: str, name: str, data_dir=None) -> tuple[dict, Algorithm, Problem]:
+def run_setup(scenario: str, name: str, data_dir=None, plugin_modules=None) -> tuple[dict, Algorithm, Problem]:
     """(scenario, algorithm, problem) of a train message's scenario JSON and algorithm name.
 
-    ``data_dir`` is the node's ``data-dir`` (:func:`~fl_clip21.config.with_data_dir`).
+    ``data_dir`` and ``plugin_modules`` are the node's ``data-dir`` and ``plugin-modules``
+    (:func:`~fl_clip21.config.with_node_config`).
     Every message of a run carries the same scenario: a process serving many
     clients (a Ray actor) parses it and builds the algorithm once. The
     scenario dict is shared: read it, never change it.
     """
-    cfg = with_data_dir(json.loads(scenario), data_dir)
+    cfg = with_node_config(json.loads(scenario), {DATA_DIR: data_dir, PLUGIN_MODULES: plugin_modules})
     return cfg, algorithm_from_config(name, cfg), build_problem(cfg)
 
 
@@ -130,7 +131,8 @@ def train(msg: Message, context: Context) -> Message:
         return dp_baseline.local_training(msg, context)
     config = msg.content[R.CONFIG]
     cfg, algorithm, problem = run_setup(
-        str(config[R.SCENARIO]), str(config[R.ALGORITHM]), context.node_config.get(DATA_DIR)
+        str(config[R.SCENARIO]), str(config[R.ALGORITHM]),
+        context.node_config.get(DATA_DIR), context.node_config.get(PLUGIN_MODULES),
     )
     server_round = int(config[R.ROUND])
     i = partition_of(context)
@@ -169,7 +171,7 @@ def query(msg: Message, context: Context) -> Message:
     """Handshake: tell the server which client index this node holds (and build the scenario's problem)."""
     config = R.get_record(msg.content, R.CONFIG, ConfigRecord)
     if config is not None and R.SCENARIO in config:
-        build_problem(with_data_dir(json.loads(str(config[R.SCENARIO])), context.node_config.get(DATA_DIR)))
+        build_problem(with_node_config(json.loads(str(config[R.SCENARIO])), context.node_config))
     i = partition_of(context)
     n = int(context.node_config.get(NUM_PARTITIONS, -1))
     return Message(

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
 from fl_clip21 import core
-from fl_clip21.config import DATA_DIR, with_data_dir
+from fl_clip21.config import with_node_config
 from fl_clip21.engine import client_rng, evaluate
 from fl_clip21.flower import records as R
 from fl_clip21.flower.client import partition_of
@@ -52,7 +52,7 @@ def is_flower_message(msg: Message) -> bool:
 def local_training(msg: Message, context: Context) -> Message:
     """Plain Flower client training: ``local-steps`` SGD steps from the received model."""
     config = msg.content[R.CONFIG]
-    cfg = with_data_dir(json.loads(str(config[R.SCENARIO])), context.node_config.get(DATA_DIR))
+    cfg = with_node_config(json.loads(str(config[R.SCENARIO])), context.node_config)
     problem = build_problem(cfg)
     i = partition_of(context)
     server_round = int(config.get(R.ROUND, 0))
