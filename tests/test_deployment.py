@@ -10,6 +10,11 @@ engine. Once without TLS (15 rounds, absolute ``out``), once with a CA and a ser
 certificate made here (5 rounds, relative ``out``: it must land in the SuperLink's
 working directory, where the ServerApp process runs).
 
+``test_authenticated_supernodes_over_tls`` runs SuperNodes that authenticate with
+registered key pairs (``--enable-supernode-auth``), one with an unregistered key and
+one without a key (both refused), and an authenticated node restarted mid-run (same
+node id).
+
 Slow: a deployment round takes seconds (a new ClientApp process per node and round,
 3 s polling loops; the test prints where the time goes with ``-s``), and 10-30 s on a
 busy 2-core machine. Run with ``pytest -m slow -s tests/test_deployment.py``.
@@ -429,9 +434,13 @@ def report_timing(label: str, elapsed: float, metrics: dict, logs: Path) -> floa
 
 def start_supernode(
     procs: Processes, tmp_path: Path, i: int, link_port: int, ca: Path | None, name: str | None = None,
-    extra_config: str = "",
+    extra_config: str = "", private_key: Path | None = None,
 ) -> tuple[int, subprocess.Popen]:
-    """Start a SuperNode holding partition ``i`` (``extra_config``: more node config); returns (its Runtime API port, its process)."""
+    """Start a SuperNode holding partition ``i``; returns (its Runtime API port, its process).
+
+    ``extra_config``: more node config. ``private_key``: authenticate with this key
+    (see :func:`make_supernode_keys`; needs TLS, ``ca``).
+    """
     name = name or f"supernode-{i}"
     node_dir = tmp_path / name
     (node_dir / "home").mkdir(parents=True)
@@ -444,6 +453,8 @@ def start_supernode(
     ]
     if ca:
         cmd += ["--root-certificates", str(ca)]
+    if private_key:
+        cmd += ["--auth-supernode-private-key", str(private_key)]
     return port, procs.start(name, cmd, base_env(node_dir / "home"), cwd=node_dir)
 
 
@@ -457,8 +468,15 @@ def start_supernodes(
     return nodes
 
 
-def start_superlink(procs: Processes, tmp_path: Path, tls_files: tuple[Path, Path, Path] | None) -> tuple[Path, int]:
-    """Start a SuperLink in ``tmp_path/superlink`` (its working directory); returns (that folder, its port)."""
+def start_superlink(
+    procs: Processes, tmp_path: Path, tls_files: tuple[Path, Path, Path] | None, supernode_auth: bool = False
+) -> tuple[Path, int]:
+    """Start a SuperLink in ``tmp_path/superlink`` (its working directory); returns (that folder, its port).
+
+    ``supernode_auth``: ``--enable-supernode-auth`` (needs ``tls_files``): only SuperNodes
+    whose public key was registered (:func:`register_supernode`) may join.
+    """
+    assert tls_files or not supernode_auth, "flower-superlink refuses --enable-supernode-auth with --insecure"
     link_dir = tmp_path / "superlink"
     (link_dir / "home").mkdir(parents=True)
     link_port = free_port()
@@ -471,6 +489,8 @@ def start_superlink(procs: Processes, tmp_path: Path, tls_files: tuple[Path, Pat
     if tls_files:
         ca, cert, key = tls_files
         cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
     superlink = procs.start("superlink", cmd, base_env(link_dir / "home"), cwd=link_dir)
     wait_for_health(link_port, tls_files[0] if tls_files else None, superlink, procs, "superlink")
     return link_dir, link_port
@@ -691,3 +711,216 @@ def test_supernodes_read_data_files_from_their_data_dir(tmp_path):
     assert [(r["accepted"], r["failed"]) for r in recs] == [(NUM_NODES, 0)] * 2, recs
     with np.load(out / "final_params.npz") as npz:
         np.testing.assert_allclose(npz["gd/x"], [3.0], rtol=1e-12)  # mean of 1, 2, 6: the nodes' files
+
+
+# --- authenticated SuperNodes ---------------------------------------------------------
+
+
+def make_supernode_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode key pair ``folder/NAME``, ``folder/NAME.pub``; returns (private, public).
+
+    ECDSA on P-384 in OpenSSH format, what ``ssh-keygen -t ecdsa -b 384 -N "" -f NAME``
+    writes: ``flower-supernode --auth-supernode-private-key`` reads only an OpenSSH EC
+    private key, ``flwr supernode register`` only an OpenSSH EC public key on a NIST curve.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        + f" {name}\n".encode()
+    )
+    return private, public
+
+
+def register_supernode(cli_home: Path, public_key: Path) -> int:
+    """``flwr supernode register PUBLIC_KEY deploy-test``: the node id the SuperLink gives that key."""
+    reg = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "register", str(public_key), "deploy-test", "--format", "json"],
+        env=base_env(cli_home), capture_output=True, text=True, timeout=START_TIMEOUT,
+    )
+    assert reg.returncode == 0, (reg.stdout, reg.stderr)
+    # A refused key (already registered, ...) exits 0 too, with {"success": false, "error-message": ...}.
+    answer = json.loads(reg.stdout)
+    assert answer["success"], answer
+    return int(answer["node-id"])
+
+
+def supernode_id(log: Path) -> int | None:
+    """The node id a SuperNode logged once the SuperLink accepted it (``SuperNode ID: N``), or None."""
+    found = re.search(r"SuperNode ID: (\d+)", log.read_text()) if log.exists() else None
+    return int(found.group(1)) if found else None
+
+
+# flwr 1.41 (flwr/common/constant.py HEARTBEAT_*): the SuperLink counts a node online until
+# 2 x 30 s after its last heartbeat, sent every (30 - 5) x 0.7..0.9 s, so a killed node counts
+# as online for another 37.5 to 60 s.
+STILL_ONLINE_AFTER_KILL = (37.5, 60.0)
+
+
+def start_supernode_once_accepted(
+    procs: Processes, tmp_path: Path, i: int, link_port: int, ca: Path, private_key: Path, name: str,
+    killed_at: float, retry: float = 3.0,
+) -> tuple[subprocess.Popen, int]:
+    """Start an authenticated SuperNode again after its process was killed at ``killed_at``.
+
+    The SuperLink refuses a key whose node it still counts as online (``[code: 2004]
+    Failed to activate SuperNode.``; the SuperNode exits). One attempt at once (refused
+    unless the old node is already offline), then again from ``STILL_ONLINE_AFTER_KILL[0]``
+    seconds after the kill, every ``retry`` seconds. Attempt ``k`` logs to ``NAME-k.log``.
+    Returns (the accepted SuperNode's process, attempts refused).
+    """
+    deadline = killed_at + STILL_ONLINE_AFTER_KILL[1] + 2 * START_TIMEOUT
+    refused = 0
+    while True:
+        _, node = start_supernode(procs, tmp_path, i, link_port, ca, name=f"{name}-{refused}", private_key=private_key)
+        log = procs.logs / f"{name}-{refused}.log"
+        while node.poll() is None and supernode_id(log) is None:
+            assert time.monotonic() < deadline, f"{name} not accepted {deadline - killed_at:.0f} s after the kill"
+            time.sleep(0.2)
+        if node.poll() is None:
+            return node, refused
+        while "[code: 2004] Failed to activate SuperNode." not in log.read_text():
+            if time.monotonic() > deadline:  # gone for another reason
+                pytest.fail(f"{name} exited with code {node.returncode}:\n{procs.log_tail(log.stem)}")
+            time.sleep(0.2)
+        refused += 1
+        time.sleep(max(retry, killed_at + STILL_ONLINE_AFTER_KILL[0] - time.monotonic()))
+
+
+AUTH_OVERRIDES = ("rounds=5", "num-clients=3", "algorithms=clip21-gd")
+RESTART_OVERRIDES = ("rounds=7", "num-clients=3", "algorithms=clip21-gd", "audit=true")
+RESTART_AFTER = 2  # train messages of the second run node 1 answers before it is killed
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT + 600)
+def test_authenticated_supernodes_over_tls(tmp_path):
+    """SuperNode authentication: only registered keys join, and a restarted node keeps its node id.
+
+    A SuperLink with TLS and ``--enable-supernode-auth``; three key pairs registered
+    with ``flwr supernode register``; three SuperNodes started with their private keys.
+    Two more claim clients 0 and 1: one with a key nobody registered, one with no key.
+    The SuperLink refuses both (they exit), and the first run ends with the reference
+    engine's model, every round answered by the three registered nodes only. In a
+    second run node 1 is killed (SIGKILL) mid-round and started again with its key:
+    the SuperLink refuses it while the dead node still counts as online, then gives it
+    the same node id, and the run completes with g == mean(v_i) in every round.
+    """
+    cfg, expected = reference(AUTH_OVERRIDES)
+    restart_cfg, _ = reference(RESTART_OVERRIDES)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = Processes(logs, home=tmp_path)
+    tls_files = make_certificates(tmp_path / "certs")
+    ca = tls_files[0]
+    keys = [make_supernode_keys(tmp_path / "keys", f"supernode-{i}") for i in range(NUM_NODES)]
+    intruder_key, _ = make_supernode_keys(tmp_path / "keys", "intruder")  # never registered
+    out, restart_out = tmp_path / "out", tmp_path / "out-restart"
+    try:
+        _, link_port = start_superlink(procs, tmp_path, tls_files, supernode_auth=True)
+        cli_home = cli_home_for(tmp_path, link_port, ca)
+        node_ids = [register_supernode(cli_home, public) for _, public in keys]
+        nodes = [
+            start_supernode(procs, tmp_path, i, link_port, ca, private_key=keys[i][0]) for i in range(NUM_NODES)
+        ]
+        _, intruder = start_supernode(procs, tmp_path, 0, link_port, ca, name="intruder", private_key=intruder_key)
+        _, keyless = start_supernode(procs, tmp_path, 1, link_port, ca, name="keyless")
+        for i, (port, node) in enumerate(nodes):
+            wait_for_port(port, node, f"flower-supernode {i}", procs, f"supernode-{i}")
+
+        start = time.monotonic()
+        run_config = f"scenario='{SCENARIO}' out='{out}' overrides='{' '.join(AUTH_OVERRIDES)}'"
+        try:
+            run = subprocess.run(
+                [str(BIN / "flwr"), "run", str(ROOT), "deploy-test", "--stream", "--run-config", run_config],
+                env=base_env(cli_home), cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+            )
+        finally:
+            procs.note_spawned()
+        elapsed = time.monotonic() - start
+        assert run.returncode == 0, (run.stdout[-4000:], run.stderr[-4000:], procs.log_tail("superlink"))
+        assert intruder.wait(timeout=START_TIMEOUT) == 1 and keyless.wait(timeout=START_TIMEOUT) == 1
+        report_timing("auth", elapsed, json.loads((out / "metrics.json").read_text())["algorithms"], logs)
+
+        # Second run: kill node 1 while it works on a train message, start it again with its key.
+        victim_log = logs / "supernode-1.log"
+        trains_before = _trains_received(victim_log)
+        run_config = f"scenario='{SCENARIO}' out='{restart_out}' overrides='{' '.join(RESTART_OVERRIDES)}'"
+        run = procs.start(
+            "flwr-run-restart",
+            [str(BIN / "flwr"), "run", str(ROOT), "deploy-test", "--stream", "--run-config", run_config],
+            base_env(cli_home), cwd=tmp_path,
+        )
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while _trains_received(victim_log) <= trains_before + RESTART_AFTER:
+            assert run.poll() is None and time.monotonic() < deadline, procs.log_tail("flwr-run-restart")
+            time.sleep(0.05)
+        procs.note_spawned()
+        victim = nodes[1][1]
+        tree = _descendants(victim.pid)
+        victim.kill()
+        for p in tree:
+            _signal(p, signal.SIGKILL)
+        victim.wait(timeout=30)
+        killed_at = time.monotonic()
+        _, refused = start_supernode_once_accepted(
+            procs, tmp_path, 1, link_port, ca, keys[1][0], name="supernode-1-restarted", killed_at=killed_at
+        )
+        back_after = time.monotonic() - killed_at
+        try:
+            run.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            procs.note_spawned()
+        assert run.returncode == 0, procs.log_tail("flwr-run-restart")
+    finally:
+        procs.stop_all()
+    assert not procs.left(), f"processes still running: {sorted(procs.left())}"
+
+    # Each registered node got the node id registered for its key.
+    assert [supernode_id(logs / f"supernode-{i}.log") for i in range(NUM_NODES)] == node_ids
+    # The intruders: refused by the SuperLink, never a node id, never a message.
+    link_log = (logs / "superlink.log").read_text()
+    assert "[code: 2004] Failed to activate SuperNode." in (logs / "intruder.log").read_text()
+    assert "[code: 2001] SuperNode authentication is enabled." in (logs / "keyless.log").read_text()
+    assert supernode_id(logs / "intruder.log") is None and supernode_id(logs / "keyless.log") is None
+    assert re.search(r"\[/v1/fleet/activate-node\]\[ApiError:2004\].*No SuperNode found with the given public", link_log)
+    assert "[/v1/fleet/register-node][ApiError:2001]" in link_log
+    assert {int(n) for n in re.findall(r"\[Fleet\.ActivateNode\] Activated node_id=(\d+)", link_log)} == set(node_ids)
+    assert {int(n) for n in re.findall(r"Push replies from node_id=(\d+)", link_log)} == set(node_ids)
+
+    # First run: the reference model, every round answered by the three registered nodes.
+    with np.load(out / "final_params.npz") as npz:
+        got = {k: npz[k] for k in npz.files}
+    assert set(got) == {f"{name}/{key}" for name, params in expected.items() for key in params}
+    for name, params in expected.items():
+        for key, arr in params.items():
+            np.testing.assert_allclose(got[f"{name}/{key}"], arr, rtol=1e-12, atol=0, err_msg=name)
+    recs = json.loads((out / "metrics.json").read_text())["algorithms"]["clip21-gd"]
+    assert [(r["round"], r["participants"], r["accepted"]) for r in recs] == [
+        (k, NUM_NODES, NUM_NODES) for k in range(1, cfg["rounds"] + 1)
+    ]
+
+    # Second run: the restarted node came back with node 1's id and took part again.
+    assert refused >= 1, "the SuperLink let a second process in with the key of a node it still counted as online"
+    assert f"SuperNode with node ID {node_ids[1]} could not be activated." in link_log
+    restarted = logs / f"supernode-1-restarted-{refused}.log"
+    assert supernode_id(restarted) == node_ids[1]
+    assert _trains_done(restarted) >= 1
+    recs = json.loads((restart_out / "metrics.json").read_text())["algorithms"]["clip21-gd"]
+    assert [r["round"] for r in recs] == list(range(1, restart_cfg["rounds"] + 1))
+    assert recs[-1]["accepted"] == NUM_NODES
+    assert max(r["invariant_gap"] for r in recs) < 1e-12
+    print(
+        f"\n[deployment auth] node 1 killed mid-round, refused {refused} time(s), back with node id "
+        f"{node_ids[1]} {back_after:.0f} s after the kill; rounds that lost a reply: "
+        f"{[r['round'] for r in recs if r['failed']]}; resyncs: {[r['resyncs'] for r in recs]}"
+    )
