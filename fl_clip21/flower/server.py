@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ def run_algorithm(
     on_round: OnRound | None = None,
     timeout: float | None = None,
     checkpoint: Path | None = None,
+    node_keys: Mapping[bytes, int] | None = None,
 ) -> dict[str, Any]:
     """Run one algorithm for ``cfg['rounds']`` rounds; returns its records and final model.
 
@@ -33,7 +34,9 @@ def run_algorithm(
     ``round-timeout``, see :func:`~fl_clip21.engine.reply_timeout`) are dropped.
 
     With ``checkpoint``, the server's state is saved there after every round,
-    and a run whose checkpoint already exists continues from it.
+    and a run whose checkpoint already exists continues from it. ``node_keys``
+    (:func:`~fl_clip21.flower.identity.load_node_keys`) binds each partition to
+    the authenticated SuperNode key that may hold it.
     """
     problem = build_problem(cfg)
     strategy = Clip21Strategy(
@@ -47,6 +50,7 @@ def run_algorithm(
         audit=cfg["audit"],
         delta=cfg["delta"],
         checkpoint=checkpoint,
+        node_keys=node_keys,
         evaluate=lambda params: evaluate(problem, params),
         on_round=(lambda rec: on_round(name, rec, cfg["rounds"])) if on_round is not None else None,
     )
@@ -68,7 +72,8 @@ def run_algorithm(
 
 
 def run_scenario(
-    grid: Grid, cfg: dict[str, Any], on_round: OnRound | None = None, checkpoint_dir: Path | None = None
+    grid: Grid, cfg: dict[str, Any], on_round: OnRound | None = None, checkpoint_dir: Path | None = None,
+    node_keys: Mapping[bytes, int] | None = None,
 ) -> dict[str, dict]:
     """Run every algorithm the scenario lists, one after the other, on ``grid``.
 
@@ -83,5 +88,5 @@ def run_scenario(
             results[name] = dp_baseline.run_flower_dp(grid, cfg, on_round)
         else:
             ckpt = checkpoint_dir / f"{name}.npz" if checkpoint_dir is not None else None
-            results[name] = run_algorithm(grid, cfg, name, on_round, checkpoint=ckpt)
+            results[name] = run_algorithm(grid, cfg, name, on_round, checkpoint=ckpt, node_keys=node_keys)
     return results
