@@ -365,11 +365,29 @@ def claim(
 ) -> Output:
     """Take an output folder for a run, before the run starts; OutputError says why it cannot.
 
-    ``out`` None claims :func:`new_folder` ``(root, name)``. ``planned`` are the
-    files (relative paths) the run may write, ``checkpoint`` whether it writes
-    :data:`CHECKPOINT`; ``resume`` takes the folder's interrupted run, whose
-    checkpoint must be recorded in the manifest. A refused folder is left as it
-    was. See the module docstring for the rules.
+    A refused folder is left as it was. See the module docstring for the rules.
+
+    Parameters
+    ----------
+    out:
+        The folder asked for (``--out``); None claims :func:`new_folder` ``(root, name)``.
+    name:
+        The scenario's name, for the new folder.
+    planned:
+        Every file the run may write, relative to the folder (optional ones
+        included): a file of the user's at one of them, or where a folder above
+        one goes, refuses the folder.
+    overwrite:
+        Take a non-empty folder, replacing what its manifest records, and
+        discarding an interrupted run's checkpoint.
+    resume:
+        Take the folder's interrupted run, whose checkpoint the manifest must record.
+    checkpoint:
+        The run writes :data:`CHECKPOINT` in the folder as it goes (kept if it fails).
+    root:
+        Where new folders go.
+    wording:
+        How messages name the setting and the flags.
     """
     if out is None:
         folder = new_folder(Path(root), name)
@@ -484,7 +502,17 @@ class StagedFile:
 
 
 def stage_file(path: Path | str, *, overwrite: bool = False, wording: Wording = Wording()) -> StagedFile:
-    """Reserve an output file before a run: a temporary file beside it; OutputError says why it cannot be."""
+    """Reserve an output file before a run: a temporary file beside it; OutputError says why it cannot be.
+
+    Parameters
+    ----------
+    path:
+        The file asked for (``--out``); its folder must exist.
+    overwrite:
+        Replace an existing file; without it an existing file is refused.
+    wording:
+        How messages name the setting and the flag.
+    """
     shown, target = str(path), Path(os.path.abspath(path))
     if target.is_dir():
         raise OutputError(f"{wording.param} {shown!r} is a folder, not a file: name a file")
