@@ -322,12 +322,13 @@ class Output:
     def abort(self) -> None:
         """Remove the staged outputs and release the folder; keep an interrupted run's checkpoint.
 
-        A folder this run created is removed again when nothing is kept in it.
+        A folder left with nothing fl-clip21 wrote loses its manifest too, and
+        is removed if this run created it.
         """
         self._remove(STAGING)
         keep = frozenset(t for t in self.manifest.trees - {STAGING} if _is_dir(self.folder / t))
         self.manifest = replace(self.manifest, files=self.manifest.files - {LOCK}, trees=keep)
-        if self.created and self.manifest == Manifest():
+        if self.manifest == Manifest():
             (self.folder / MANIFEST).unlink(missing_ok=True)
             self._release()
             _remove_created(self.created)

@@ -147,12 +147,14 @@ def test_overwrite_discards_an_interrupted_runs_checkpoint(tmp_path):
         output.commit()
 
 
-def test_a_failed_run_in_a_new_folder_leaves_nothing(tmp_path):
-    with pytest.raises(ValueError):
-        with claim(tmp_path / "a" / "b", name="x", planned=["metrics.json"]) as output:
-            output.write(lambda staging: _write(staging, {"metrics.json": "half"}))
-            raise ValueError
-    assert list(tmp_path.iterdir()) == []
+def test_a_failed_run_leaves_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "a" / "b", tmp_path / "empty"):
+        with pytest.raises(ValueError):
+            with claim(out, name="x", planned=["metrics.json"]) as output:
+                output.write(lambda staging: _write(staging, {"metrics.json": "half"}))
+                raise ValueError
+    assert _tree(tmp_path) == {"empty": None}
 
 
 @pytest.mark.parametrize("where", ["file", "proc", "under-a-file"])
