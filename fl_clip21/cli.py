@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
+from fl_clip21 import outputs
 from fl_clip21.config import ConfigError, expand_runs, keys_help, load_scenario, parse_sets
+from fl_clip21.outputs import CHECKPOINT
 
 
 def _progress(stream=sys.stderr):
@@ -35,16 +37,13 @@ def _progress(stream=sys.stderr):
     return on_round
 
 
-CHECKPOINTS = "checkpoint"
-
-
 def _load_resume(folder: Path) -> dict:
     """The resolved scenario an interrupted run saved in ``folder``."""
     if not folder.is_dir():
         raise ConfigError(f"--resume: folder {str(folder)!r} does not exist")
-    saved = folder / CHECKPOINTS / "config.json"
+    saved = folder / CHECKPOINT / "config.json"
     if not saved.is_file():
-        raise ConfigError(f"--resume: {str(folder)!r} holds no interrupted run (no {CHECKPOINTS}/config.json)")
+        raise ConfigError(f"--resume: {str(folder)!r} holds no interrupted run (no {CHECKPOINT}/config.json)")
     try:
         cfg = json.loads(saved.read_text())
     except (OSError, ValueError) as e:
@@ -52,6 +51,20 @@ def _load_resume(folder: Path) -> dict:
     if not isinstance(cfg, dict):
         raise ConfigError(f"--resume: {str(saved)!r} holds no scenario, got {type(cfg).__name__}")
     return cfg
+
+
+def _check_resume(ckpt_root: Path, runs: list[dict]) -> None:
+    """Every checkpoint in ``ckpt_root`` that the runs will resume from can be read."""
+    from fl_clip21 import checkpoint
+
+    for j, cfg in enumerate(runs):
+        for name in cfg["algorithms"]:
+            path = ckpt_root / f"run-{j}" / f"{name}.npz"
+            if path.exists():
+                try:
+                    checkpoint.load(path)
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                    raise ConfigError(f"--resume: checkpoint {str(path)!r} cannot be read ({e})") from None
 
 
 def _resume_line(runs: list[dict], results: list[dict]) -> str:
@@ -67,63 +80,81 @@ def _resume_line(runs: list[dict], results: list[dict]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        if args.ray_address and args.engine != "flower":
-            raise ConfigError(f"--ray-address works with --engine flower, got --engine {args.engine}")
-        if args.resume:
-            if args.engine != "flower":
-                raise ConfigError(f"--resume works with --engine flower, got --engine {args.engine}")
-            if args.scenario or args.set:
-                raise ConfigError("--resume takes the scenario and keys of the interrupted run: give no SCENARIO or --set")
-            cfg = _load_resume(Path(args.resume))
-        elif not args.scenario:
-            raise ConfigError("run needs a SCENARIO file (or --resume DIR)")
-        else:
-            cfg = load_scenario(args.scenario, parse_sets(args.set or []))
-        from fl_clip21.problems import build_problem
+    """``fl-clip21 run``: check the scenario and the output folder, run, write the outputs."""
+    if args.ray_address and args.engine != "flower":
+        raise ConfigError(f"--ray-address works with --engine flower, got --engine {args.engine}")
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out must name a folder, got ''")
+    if args.resume:
+        if args.engine != "flower":
+            raise ConfigError(f"--resume works with --engine flower, got --engine {args.engine}")
+        if args.scenario or args.set:
+            raise ConfigError("--resume takes the scenario and keys of the interrupted run: give no SCENARIO or --set")
+        if args.out is not None:
+            raise ConfigError("--resume writes into the folder of the interrupted run: give no --out")
+        if args.overwrite:
+            raise ConfigError("--resume continues the run in its folder, --overwrite discards it: give one of them")
+        cfg = _load_resume(Path(args.resume))
+    elif not args.scenario:
+        raise ConfigError("run needs a SCENARIO file (or --resume DIR)")
+    else:
+        cfg = load_scenario(args.scenario, parse_sets(args.set or []))
+    from fl_clip21.problems import build_problem
 
-        build_problem(cfg)  # data errors surface here, before anything starts
-        if args.engine == "flower":
-            from fl_clip21.flower.simulation import backend_config, check_cluster_fits
+    build_problem(cfg)  # data errors surface here, before anything starts
+    flower = args.engine == "flower"
+    if flower:
+        from fl_clip21.flower.simulation import backend_config, check_cluster_fits
 
-            # and resources the machine or cluster cannot give, before the simulation starts
-            check_cluster_fits(backend_config(cfg, args.ray_address))
-    except ConfigError as e:
-        print(f"fl-clip21: error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.resume or args.out or Path("results") / cfg["name"])
-    from fl_clip21.report import summary_markdown, write_outputs
-
+        # and resources the machine or cluster cannot give, before the simulation starts
+        check_cluster_fits(backend_config(cfg, args.ray_address))
     try:
         runs = expand_runs(cfg)
-        if args.engine == "vectorized":
+        if not flower:
             from fl_clip21.engine import check_vectorized
 
             check_vectorized(cfg)
-    except ValueError as e:
-        print(f"fl-clip21: error: {e}", file=sys.stderr)
-        return 2
-    if args.engine == "vectorized":
-        from fl_clip21.engine import run_vectorized
+    except ValueError as e:  # ConfigError, or an epsilon the accountant cannot reach
+        raise ConfigError(str(e)) from None
+    from fl_clip21.report import output_paths, summary_markdown, write_outputs
 
-        results = [run_vectorized(c, on_round=_progress()) for c in runs]
-    else:
-        from fl_clip21.flower.simulation import simulate
+    target = args.resume or args.out
+    output = outputs.claim(
+        Path(target) if target else None, name=cfg["name"], planned=output_paths(runs), overwrite=args.overwrite,
+        resume=bool(args.resume), checkpoint=flower,
+        wording=outputs.Wording(param="--resume" if args.resume else "--out"),
+    )
+    with output:
+        if flower:
+            from fl_clip21.flower.simulation import simulate
 
-        ckpt_root = out / CHECKPOINTS
-        if not args.resume:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-            ckpt_root.mkdir(parents=True)
-            (ckpt_root / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
-        dirs = [ckpt_root / f"run-{j}" for j in range(len(runs))]
-        results = simulate(
-            runs, on_round=_progress(), verbose=args.verbose, checkpoint_dirs=dirs, ray_address=args.ray_address
-        )
-    if args.resume:
-        print(_resume_line(runs, results), file=sys.stderr)
-    rows = write_outputs(out, list(zip(runs, results)))
+            ckpt_root = output.folder / CHECKPOINT
+            if args.resume:
+                _check_resume(ckpt_root, runs)
+            else:
+                ckpt_root.mkdir()
+                (ckpt_root / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
+            dirs = [ckpt_root / f"run-{j}" for j in range(len(runs))]
+            try:
+                results = simulate(
+                    runs, on_round=_progress(), verbose=args.verbose, checkpoint_dirs=dirs, ray_address=args.ray_address
+                )
+            except BaseException:
+                print(
+                    f"fl-clip21: the checkpoint is kept: continue with fl-clip21 run --resume {output.shown}",
+                    file=sys.stderr,
+                )
+                raise
+        else:
+            from fl_clip21.engine import run_vectorized
+
+            results = [run_vectorized(c, on_round=_progress()) for c in runs]
+        if args.resume:
+            print(_resume_line(runs, results), file=sys.stderr)
+        rows = output.write(lambda folder: write_outputs(folder, list(zip(runs, results))))
+        written = output.commit()
     print(summary_markdown(rows, cfg["name"], cfg["target"]))
-    print(f"wrote {out}/ (metrics.json, config.json, summary.md, summary.csv, plots)")
+    print(output.wrote(written))
     return 0
 
 
@@ -151,20 +182,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if path is not None and not path.is_file():
             print(f"fl-clip21: error: scenario file not found: {str(path)!r}", file=sys.stderr)
             return 2
+    staged = outputs.stage_file(args.out, overwrite=args.overwrite)
     try:
-        run_bench(clients, args.rounds, args.repeats, scenario, Path(args.out), args.soak_rounds, memory)
-    except ConfigError as e:
-        print(f"fl-clip21: error: {e}", file=sys.stderr)
-        return 2
+        run_bench(clients, args.rounds, args.repeats, scenario, staged.tmp, args.soak_rounds, memory)
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit()
     print(f"wrote {args.out}")
     return 0
 
 
+DEBUG_HELP = "show the traceback of an error"
+OVERWRITE_HELP = (
+    "write into a non-empty --out, replacing the outputs an earlier fl-clip21 run wrote there "
+    "(as its manifest records them) and leaving every other file alone"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``fl-clip21``: exit 0 when done, 2 on bad input (one line, no traceback), 1 on anything else."""
     parser = argparse.ArgumentParser(prog="fl-clip21", description="Clip21 and its baselines on Flower.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # Also after the command; SUPPRESS keeps the subcommand from resetting a --debug given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
+        parents=[common],
         help="run every algorithm of a scenario on Flower's simulation engine",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="scenario keys (--set KEY=VALUE):\n" + keys_help(),
@@ -176,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         "flower-dp-fixed restarts from round 1)",
     )
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
-    run.add_argument("--out", help="output folder (default: results/<scenario name>)")
+    run.add_argument(
+        "--out", help="output folder, new or empty (default: a new folder results/<scenario name>, else "
+        "results/<scenario name>-2, -3, ...)",
+    )
+    run.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     run.add_argument("--verbose", action="store_true", help="show Flower's logs")
     run.add_argument(
         "--engine", choices=("flower", "vectorized"), default="flower",
@@ -191,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench = sub.add_parser(
         "bench",
+        parents=[common],
         help="the Flower engine's cost: clip21-gd vs Flower's FedAvg in one simulation, bytes, memory, "
         "and the vectorized engine's speed-up (about 25 minutes with the defaults)",
     )
@@ -206,24 +257,49 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-scenario", help="scenario of the memory-per-client figure (default: scenarios/bench/memory.toml)"
     )
     bench.add_argument("--no-memory", action="store_true", help="skip the memory-per-client figure")
-    bench.add_argument("--out", default="bench.json", help="JSON output file")
+    bench.add_argument("--out", default="bench.json", help="JSON output file (not an existing one)")
+    bench.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sweep = sub.add_parser(
-        "sweep", help="every algorithm of a scenario over a grid of scenario values (CSV, Markdown, heat maps)",
+        "sweep", parents=[common],
+        help="every algorithm of a scenario over a grid of scenario values (CSV, Markdown, heat maps)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="scenario keys:\n" + keys_help(),
     )
     sweep.add_argument("scenario", help="scenario TOML file (see scenarios/)")
     sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="a key and its values (repeatable)")
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key in every cell")
     sweep.add_argument("--engine", choices=("vectorized", "flower"), default="vectorized", help="default: vectorized")
-    sweep.add_argument("--out", help="output folder (default: results/<scenario name>-sweep)")
+    sweep.add_argument(
+        "--out", help="output folder, new or empty (default: a new folder results/<scenario name>-sweep, "
+        "else ...-sweep-2, -3, ...)",
+    )
+    sweep.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
     if args.command == "sweep":
         from fl_clip21.sweep import cmd_sweep
 
-        return cmd_sweep(args)
-    if args.command == "bench":
-        return cmd_bench(args)
-    return cmd_run(args)
+        command = cmd_sweep
+    else:
+        command = cmd_bench if args.command == "bench" else cmd_run
+    try:
+        return command(args)
+    except (ConfigError, outputs.OutputError) as e:
+        if args.debug:
+            raise
+        print(f"fl-clip21: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("fl-clip21: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        text = " ".join(str(e).splitlines())
+        print(
+            f"fl-clip21: error: {type(e).__name__}: {text} (run again with --debug for the traceback)", file=sys.stderr
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ import csv
 import io
 import json
 import math
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -221,33 +219,45 @@ def write_run(folder: Path, cfg: dict[str, Any], results: dict[str, dict[str, An
     return {name: summarize(res["records"], cfg["target"], res["wall_seconds"]) for name, res in results.items()}
 
 
-def write_outputs(out: Path, runs: list[tuple[dict[str, Any], dict[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """Write every run into a temporary folder, then move it to ``out``.
+RUN_FILES = (
+    "metrics.json", "config.json", "final_params.npz", "convergence.png", "loss.png", "bytes.png", "accuracy.png",
+)
+SUMMARY_FILES = ("summary.md", "summary.csv", "accuracy_vs_epsilon.png")
+
+
+def run_folder(cfg: dict[str, Any], grid: bool) -> str:
+    """Where a run writes, relative to the output folder: itself, or ``eps-E/seed-S`` (``run/seed-S``) in a grid."""
+    if not grid:
+        return ""
+    eps = cfg["target-epsilon"][0] if cfg.get("target-epsilon") else None
+    return f"{f'eps-{eps:g}' if eps is not None else 'run'}/seed-{cfg['seed']}"
+
+
+def output_paths(cfgs: list[dict[str, Any]]) -> list[str]:
+    """Every file :func:`write_outputs` may write for these runs (the plots a run may skip included)."""
+    grid = len(cfgs) > 1
+    runs = [f"{run_folder(cfg, grid)}/{name}".lstrip("/") for cfg in cfgs for name in RUN_FILES]
+    return [*runs, *SUMMARY_FILES]
+
+
+def write_outputs(folder: Path, runs: list[tuple[dict[str, Any], dict[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Write every run into ``folder`` (an empty folder); return the summary rows.
 
     ``runs`` are ``(cfg, results)`` pairs. A single run writes its files into
-    ``out`` itself; a grid writes ``out/eps-E/seed-S/`` per run. A run that fails
-    leaves no partial output; an existing ``out`` is replaced only once
-    everything was written.
+    ``folder`` itself; a grid writes ``folder/eps-E/seed-S/`` per run. The
+    folder is a staging folder (:mod:`fl_clip21.outputs`), moved into place once
+    everything is written.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fl-clip21-", dir=out.parent))
-    try:
-        summaries = []
-        for cfg, results in runs:
-            eps = cfg["target-epsilon"][0] if cfg.get("target-epsilon") else None
-            folder = tmp if len(runs) == 1 else tmp / (f"eps-{eps:g}" if eps is not None else "run") / f"seed-{cfg['seed']}"
-            summaries.append({"target_epsilon": eps, "rows": write_run(folder, cfg, results)})
-        rows = aggregate_rows(summaries)
-        cfg0 = runs[0][0]
-        (tmp / "summary.md").write_text(summary_markdown(rows, cfg0["name"], cfg0["target"]))
-        (tmp / "summary.csv").write_text(summary_csv(rows))
-        if any(r["target_epsilon"] is not None for r in rows):
-            plot_accuracy_vs_epsilon(rows, tmp / "accuracy_vs_epsilon.png", cfg0["name"])
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return rows
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    folder = Path(folder)
+    summaries = []
+    for cfg, results in runs:
+        eps = cfg["target-epsilon"][0] if cfg.get("target-epsilon") else None
+        rows = write_run(folder / run_folder(cfg, len(runs) > 1), cfg, results)
+        summaries.append({"target_epsilon": eps, "rows": rows})
+    rows = aggregate_rows(summaries)
+    cfg0 = runs[0][0]
+    (folder / "summary.md").write_text(summary_markdown(rows, cfg0["name"], cfg0["target"]))
+    (folder / "summary.csv").write_text(summary_csv(rows))
+    if any(r["target_epsilon"] is not None for r in rows):
+        plot_accuracy_vs_epsilon(rows, folder / "accuracy_vs_epsilon.png", cfg0["name"])
+    return rows

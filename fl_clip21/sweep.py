@@ -2,7 +2,8 @@
 
 ``--grid tau=0.01,0.1,1 --grid lr=0.1,1`` runs the product of the values of
 every ``--grid`` key (any scenario key), with ``--set`` applied to every cell.
-Every cell is resolved and checked before anything runs. Outputs, in ``--out``:
+Every cell is resolved and checked before anything runs, and the output folder
+(``--out``, else a new folder under ``results/``) is claimed. Outputs:
 
 - ``sweep.csv`` / ``sweep.md``: one row per cell and algorithm: the grid values,
   rounds_to_target, final_grad_norm_sq, final_loss (means over the scenario's
@@ -18,10 +19,8 @@ import argparse
 import csv
 import io
 import itertools
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -30,6 +29,7 @@ import numpy as np
 
 from fl_clip21.config import ConfigError, expand_runs, load_scenario, parse_sets
 from fl_clip21.engine import OnRound, check_vectorized, run_vectorized
+from fl_clip21.outputs import claim
 from fl_clip21.problems import build_problem
 from fl_clip21.report import rounds_to_target
 
@@ -265,41 +265,41 @@ def plot_heatmap(rows: list[dict[str, Any]], grid: Grid, path: Path, title: str,
     plt.close(fig)
 
 
+def sweep_paths(algorithms: list[str]) -> list[str]:
+    """The files :func:`write_sweep` writes for a scenario of these algorithms."""
+    return ["sweep.csv", "sweep.md", *(f"heatmap-{name}.png" for name in algorithms)]
+
+
 def write_sweep(
-    out: Path, rows: list[dict[str, Any]], grid: Grid, cfg: dict[str, Any], seeds: int, max_rounds: int
+    folder: Path, rows: list[dict[str, Any]], grid: Grid, cfg: dict[str, Any], seeds: int, max_rounds: int
 ) -> None:
-    """Write sweep.csv, sweep.md and one heat map per algorithm; replace ``out`` only when all are written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fl-clip21-sweep-", dir=out.parent))
-    try:
-        (tmp / "sweep.csv").write_text(sweep_csv(rows, grid))
-        (tmp / "sweep.md").write_text(sweep_markdown(rows, grid, cfg["name"], cfg["target"], seeds))
-        for name in dict.fromkeys(r["algorithm"] for r in rows):
-            title = f"{cfg['name']}: {name}\nrounds until grad_norm_sq <= {cfg['target']:g}"
-            plot_heatmap([r for r in rows if r["algorithm"] == name], grid, tmp / f"heatmap-{name}.png", title, max_rounds)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write sweep.csv, sweep.md and one heat map per algorithm into ``folder`` (a staging folder)."""
+    folder = Path(folder)
+    (folder / "sweep.csv").write_text(sweep_csv(rows, grid))
+    (folder / "sweep.md").write_text(sweep_markdown(rows, grid, cfg["name"], cfg["target"], seeds))
+    for name in dict.fromkeys(r["algorithm"] for r in rows):
+        title = f"{cfg['name']}: {name}\nrounds until grad_norm_sq <= {cfg['target']:g}"
+        of_algorithm = [r for r in rows if r["algorithm"] == name]
+        plot_heatmap(of_algorithm, grid, folder / f"heatmap-{name}.png", title, max_rounds)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """``fl-clip21 sweep``: check every cell, run the grid, write the outputs."""
-    try:
-        grid = parse_grid(args.grid or [])
-        cells = resolve_cells(Path(args.scenario), grid, parse_sets(args.set or []), args.engine)
-    except ConfigError as e:
-        print(f"fl-clip21: error: {e}", file=sys.stderr)
-        return 2
+    """``fl-clip21 sweep``: check every cell and the output folder, run the grid, write the outputs."""
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out must name a folder, got ''")
+    grid = parse_grid(args.grid or [])
+    cells = resolve_cells(Path(args.scenario), grid, parse_sets(args.set or []), args.engine)
     first = cells[0][1][0]
-    out = Path(args.out) if args.out else Path("results") / f"{first['name']}-sweep"
-    rows = run_sweep(cells, args.engine)
-    write_sweep(
-        out, rows, grid, first, seeds=len(cells[0][1]), max_rounds=max(r["rounds"] for _, runs in cells for r in runs)
+    seeds = len(cells[0][1])
+    output = claim(
+        Path(args.out) if args.out else None, name=f"{first['name']}-sweep", planned=sweep_paths(first["algorithms"]),
+        overwrite=args.overwrite,
     )
-    print(sweep_markdown(rows, grid, first["name"], first["target"], len(cells[0][1])))
-    print(f"wrote {out}/ (sweep.csv, sweep.md, heatmap-ALGORITHM.png)")
+    with output:
+        rows = run_sweep(cells, args.engine)
+        max_rounds = max(r["rounds"] for _, runs in cells for r in runs)
+        output.write(lambda folder: write_sweep(folder, rows, grid, first, seeds, max_rounds))
+        written = output.commit()
+    print(sweep_markdown(rows, grid, first["name"], first["target"], seeds))
+    print(output.wrote(written))
     return 0

@@ -1,20 +1,30 @@
 """Flower ServerApp of fl-clip21 (``flwr run .`` loads this).
 
 Run config keys: ``scenario`` (a scenario file, relative to the app folder),
-``out`` (output folder) and ``overrides`` (``"tau=0.5 rounds=80"``, the same
-keys as ``fl-clip21 run --set``).
+``out`` (output folder, new or empty; ``""``: a new folder ``results/NAME``,
+``results/NAME-2``, ... under the working directory), ``overwrite`` (``true``:
+write into a non-empty ``out``, replacing only what an earlier fl-clip21 run
+wrote there) and ``overrides`` (``"tau=0.5 rounds=80"``, the same keys as
+``fl-clip21 run --set``). The output folder is checked and locked before the
+first round (:mod:`fl_clip21.outputs`).
 """
 
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_clip21.config import expand_runs, load_scenario, parse_sets
+from fl_clip21.config import ConfigError, expand_runs, load_scenario, parse_sets
 from fl_clip21.flower.server import run_scenario
-from fl_clip21.report import write_outputs
+from fl_clip21.outputs import RESULTS, Wording, claim
+from fl_clip21.report import output_paths, write_outputs
 
 APP_DIR = Path(__file__).resolve().parent.parent
+WORDING = Wording(
+    param="run config out", overwrite="run config overwrite=true", new='out="" for a new one under results/'
+)
 
 app = ServerApp()
 
@@ -25,6 +35,15 @@ def main(grid: Grid, context: Context) -> None:
     overrides = parse_sets(str(context.run_config.get("overrides", "")).split())
     cfg = load_scenario(scenario if scenario.is_absolute() else APP_DIR / scenario, overrides)
     runs = expand_runs(cfg)
-    results = [run_scenario(grid, run) for run in runs]
-    out = Path(str(context.run_config.get("out", "results/flwr-run")))
-    write_outputs(out if out.is_absolute() else Path.cwd() / out, list(zip(runs, results)))
+    out = str(context.run_config.get("out", ""))
+    overwrite = context.run_config.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"run config overwrite must be true or false, got {overwrite!r}")
+    output = claim(
+        Path.cwd() / out if out else None, name=cfg["name"], planned=output_paths(runs), overwrite=overwrite,
+        root=Path.cwd() / RESULTS, wording=WORDING,
+    )
+    with output:
+        results = [run_scenario(grid, run) for run in runs]
+        output.write(lambda folder: write_outputs(folder, list(zip(runs, results))))
+        log(INFO, output.wrote(output.commit()))

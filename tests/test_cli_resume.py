@@ -110,12 +110,19 @@ def test_killed_run_resumed_from_the_command_line_gives_the_uninterrupted_trajec
     assert KILL_AFTER <= killed_at < ROUNDS, killed_at
     assert not (out / "metrics.json").exists()  # outputs are written only at the end
 
+    # A new run on the folder neither discards the checkpoint nor waits for the killed run's lock.
+    plain = _run([str(SCENARIO), "--engine", "vectorized", "--out", str(out)], timeout=60)
+    assert plain.returncode == 2, plain.stderr[-3000:]
+    assert f"holds an interrupted run: continue it with --resume {out}, or --overwrite to discard it" in plain.stderr
+    assert _round(ckpt / "clip21-gd.npz") == killed_at
+
     resumed = _run(["--resume", str(out)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed: gd after round {ROUNDS} of {ROUNDS}, clip21-gd after round {killed_at} of {ROUNDS}" in resumed.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_round"] == {"gd": ROUNDS, "clip21-gd": killed_at}
     assert not (out / "checkpoint").exists()  # a finished run leaves no checkpoint to resume
+    assert not (out / ".fl-clip21.lock").exists() and not (out / ".fl-clip21-staging").exists()
 
     cfg = load_scenario(SCENARIO, parse_sets(SETS))
     with np.load(out / "final_params.npz") as npz:
