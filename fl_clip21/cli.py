@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from fl_clip21 import outputs
-from fl_clip21.config import ConfigError, expand_runs, keys_help, load_scenario, parse_sets
+from fl_clip21.algorithms import ALGORITHMS
+from fl_clip21.config import ConfigError, expand_runs, keys_help, load_scenario, parse_sets, resolve
 from fl_clip21.outputs import CHECKPOINT
 
 
@@ -50,21 +50,37 @@ def _load_resume(folder: Path) -> dict:
         raise ConfigError(f"--resume: {str(saved)!r} cannot be read ({e})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"--resume: {str(saved)!r} holds no scenario, got {type(cfg).__name__}")
-    return cfg
+    try:  # the same rules as a scenario file: an edited config.json gets no shortcut
+        return resolve({k: v for k, v in cfg.items() if v is not None})
+    except ConfigError as e:
+        raise ConfigError(f"--resume: {str(saved)!r}: {e}") from None
 
 
 def _check_resume(ckpt_root: Path, runs: list[dict]) -> None:
-    """Every checkpoint in ``ckpt_root`` that the runs will resume from can be read."""
+    """Every checkpoint the runs will resume from is intact and was made with the run's configuration.
+
+    Checked here, before the simulation starts, so that a corrupted or edited
+    checkpoint is an error naming the file (and the key, with both values).
+    """
     from fl_clip21 import checkpoint
+    from fl_clip21.algorithms import algorithm_from_config
 
     for j, cfg in enumerate(runs):
         for name in cfg["algorithms"]:
             path = ckpt_root / f"run-{j}" / f"{name}.npz"
-            if path.exists():
-                try:
-                    checkpoint.load(path)
-                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-                    raise ConfigError(f"--resume: checkpoint {str(path)!r} cannot be read ({e})") from None
+            if not path.exists():
+                continue
+            what = f"--resume: checkpoint {str(path)!r}"
+            try:
+                _, meta = checkpoint.load(path)
+                if meta.get("config"):
+                    checkpoint.compare_config(meta["config"], cfg, what)
+                if "hyper" in meta and name in ALGORITHMS:
+                    checkpoint.compare_config(
+                        {"hyper": meta["hyper"]}, {"hyper": dict(algorithm_from_config(name, cfg).hyper)}, what
+                    )
+            except (OSError, ValueError) as e:
+                raise ConfigError(str(e) if str(e).startswith("--resume") else f"--resume: {e}") from None
 
 
 def _resume_line(runs: list[dict], results: list[dict]) -> str:

@@ -5,8 +5,11 @@ Run config keys: ``scenario`` (a scenario file, relative to the app folder),
 ``results/NAME-2``, ... under the working directory), ``overwrite`` (``true``:
 write into a non-empty ``out``, replacing only what an earlier fl-clip21 run
 wrote there) and ``overrides`` (``"tau=0.5 rounds=80"``, the same keys as
-``fl-clip21 run --set``). The output folder is checked and locked before the
-first round (:mod:`fl_clip21.outputs`).
+``fl-clip21 run --set``), ``node-keys`` (a key map on this machine,
+``partition-id,public-key-file`` per line, :func:`fl_clip21.flower.identity.load_node_keys`:
+a node may then hold a partition only if the SuperLink authenticated it with that
+partition's key). The output folder is checked and locked before the first round
+(:mod:`fl_clip21.outputs`).
 """
 
 from logging import INFO
@@ -17,6 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_clip21.config import ConfigError, expand_runs, load_scenario, parse_sets
+from fl_clip21.flower.identity import load_node_keys
 from fl_clip21.flower.server import run_scenario
 from fl_clip21.outputs import RESULTS, Wording, claim
 from fl_clip21.report import output_paths, write_outputs
@@ -39,11 +43,18 @@ def main(grid: Grid, context: Context) -> None:
     overwrite = context.run_config.get("overwrite", False)
     if not isinstance(overwrite, bool):
         raise ConfigError(f"run config overwrite must be true or false, got {overwrite!r}")
+    keys_file = str(context.run_config.get("node-keys", ""))
+    node_keys = None
+    if keys_file:
+        try:
+            node_keys = load_node_keys(Path(keys_file))
+        except ValueError as e:
+            raise ConfigError(f"run config node-keys: {e}") from None
     output = claim(
         Path.cwd() / out if out else None, name=cfg["name"], planned=output_paths(runs), overwrite=overwrite,
         root=Path.cwd() / RESULTS, wording=WORDING,
     )
     with output:
-        results = [run_scenario(grid, run) for run in runs]
+        results = [run_scenario(grid, run, node_keys=node_keys) for run in runs]
         output.write(lambda folder: write_outputs(folder, list(zip(runs, results))))
         log(INFO, output.wrote(output.commit()))

@@ -809,11 +809,15 @@ def test_authenticated_supernodes_over_tls(tmp_path):
     A SuperLink with TLS and ``--enable-supernode-auth``; three key pairs registered
     with ``flwr supernode register``; three SuperNodes started with their private keys.
     Two more claim clients 0 and 1: one with a key nobody registered, one with no key.
-    The SuperLink refuses both (they exit), and the first run ends with the reference
-    engine's model, every round answered by the three registered nodes only. In a
-    second run node 1 is killed (SIGKILL) mid-round and started again with its key:
-    the SuperLink refuses it while the dead node still counts as online, then gives it
-    the same node id, and the run completes with g == mean(v_i) in every round.
+    The SuperLink refuses both (they exit). A sixth node has a registered key that the
+    run's key map (run config ``node-keys``) does not list, and claims client 0: the
+    strategy refuses it, logs it and never sends it a train message. The first run ends
+    with the reference engine's model, every round answered by the three mapped nodes
+    only. In a second run node 1 is killed (SIGKILL) mid-round and started again with
+    its key: the SuperLink refuses it while the dead node still counts as online, then
+    gives it the same node id; the strategy sees client 1's own node back, resyncs it
+    with its memory (not a reset), and the run completes with g == mean(v_i) and every
+    client starting from the server's copy in every round.
     """
     cfg, expected = reference(AUTH_OVERRIDES)
     restart_cfg, _ = reference(RESTART_OVERRIDES)
@@ -824,21 +828,29 @@ def test_authenticated_supernodes_over_tls(tmp_path):
     ca = tls_files[0]
     keys = [make_supernode_keys(tmp_path / "keys", f"supernode-{i}") for i in range(NUM_NODES)]
     intruder_key, _ = make_supernode_keys(tmp_path / "keys", "intruder")  # never registered
+    spoofer_key, spoofer_public = make_supernode_keys(tmp_path / "keys", "spoofer")  # registered, not in the map
+    key_map = tmp_path / "keys" / "node-keys.csv"
+    key_map.write_text("".join(f"{i},supernode-{i}.pub\n" for i in range(NUM_NODES)))
     out, restart_out = tmp_path / "out", tmp_path / "out-restart"
     try:
         _, link_port = start_superlink(procs, tmp_path, tls_files, supernode_auth=True)
         cli_home = cli_home_for(tmp_path, link_port, ca)
         node_ids = [register_supernode(cli_home, public) for _, public in keys]
+        spoofer_id = register_supernode(cli_home, spoofer_public)
         nodes = [
             start_supernode(procs, tmp_path, i, link_port, ca, private_key=keys[i][0]) for i in range(NUM_NODES)
         ]
         _, intruder = start_supernode(procs, tmp_path, 0, link_port, ca, name="intruder", private_key=intruder_key)
         _, keyless = start_supernode(procs, tmp_path, 1, link_port, ca, name="keyless")
+        spoofer_port, spoofer = start_supernode(procs, tmp_path, 0, link_port, ca, name="spoofer", private_key=spoofer_key)
+        wait_for_port(spoofer_port, spoofer, "spoofing flower-supernode", procs, "spoofer")
         for i, (port, node) in enumerate(nodes):
             wait_for_port(port, node, f"flower-supernode {i}", procs, f"supernode-{i}")
 
         start = time.monotonic()
-        run_config = f"scenario='{SCENARIO}' out='{out}' overrides='{' '.join(AUTH_OVERRIDES)}'"
+        run_config = (
+            f"scenario='{SCENARIO}' out='{out}' overrides='{' '.join(AUTH_OVERRIDES)}' node-keys='{key_map}'"
+        )
         try:
             run = subprocess.run(
                 [str(BIN / "flwr"), "run", str(ROOT), "deploy-test", "--stream", "--run-config", run_config],
@@ -854,7 +866,10 @@ def test_authenticated_supernodes_over_tls(tmp_path):
         # Second run: kill node 1 while it works on a train message, start it again with its key.
         victim_log = logs / "supernode-1.log"
         trains_before = _trains_received(victim_log)
-        run_config = f"scenario='{SCENARIO}' out='{restart_out}' overrides='{' '.join(RESTART_OVERRIDES)}'"
+        run_config = (
+            f"scenario='{SCENARIO}' out='{restart_out}' overrides='{' '.join(RESTART_OVERRIDES)}' "
+            f"node-keys='{key_map}'"
+        )
         run = procs.start(
             "flwr-run-restart",
             [str(BIN / "flwr"), "run", str(ROOT), "deploy-test", "--stream", "--run-config", run_config],
@@ -894,8 +909,14 @@ def test_authenticated_supernodes_over_tls(tmp_path):
     assert supernode_id(logs / "intruder.log") is None and supernode_id(logs / "keyless.log") is None
     assert re.search(r"\[/v1/fleet/activate-node\]\[ApiError:2004\].*No SuperNode found with the given public", link_log)
     assert "[/v1/fleet/register-node][ApiError:2001]" in link_log
-    assert {int(n) for n in re.findall(r"\[Fleet\.ActivateNode\] Activated node_id=(\d+)", link_log)} == set(node_ids)
-    assert {int(n) for n in re.findall(r"Push replies from node_id=(\d+)", link_log)} == set(node_ids)
+    assert {int(n) for n in re.findall(r"\[Fleet\.ActivateNode\] Activated node_id=(\d+)", link_log)} == {
+        *node_ids, spoofer_id
+    }
+    # The spoofer: refused by the strategy (its key is not client 0's), asked nothing after the handshake.
+    assert f"refused node {spoofer_id}: node {spoofer_id} claims partition 0 but its public key is not in the key map" in (
+        run.stdout + run.stderr
+    ), run.stdout[-3000:]
+    assert "Receiving: train message" not in (logs / "spoofer.log").read_text()
 
     # First run: the reference model, every round answered by the three registered nodes.
     with np.load(out / "final_params.npz") as npz:
@@ -919,6 +940,10 @@ def test_authenticated_supernodes_over_tls(tmp_path):
     assert [r["round"] for r in recs] == list(range(1, restart_cfg["rounds"] + 1))
     assert recs[-1]["accepted"] == NUM_NODES
     assert max(r["invariant_gap"] for r in recs) < 1e-12
+    assert max(r["memory_gap"] for r in recs) < 1e-12  # the restarted node started from its own memory
+    restart_log = procs.log_tail("flwr-run-restart", 10**7)
+    assert f"node {node_ids[1]} now holds client 1: it is sent the server's copy of its memory" in restart_log
+    assert "without proving it is that client" not in restart_log
     print(
         f"\n[deployment auth] node 1 killed mid-round, refused {refused} time(s), back with node id "
         f"{node_ids[1]} {back_after:.0f} s after the kill; rounds that lost a reply: "

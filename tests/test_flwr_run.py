@@ -92,7 +92,7 @@ def test_the_default_out_is_a_new_folder_per_run():
 def test_serverapp_writes_a_new_folder_per_run_and_refuses_a_non_empty_out_before_the_rounds(tmp_path, monkeypatch):
     ran: list[str] = []
 
-    def run_scenario(grid, cfg):
+    def run_scenario(grid, cfg, node_keys=None):
         ran.append(cfg["name"])
         return run_vectorized(cfg)
 

@@ -18,6 +18,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -425,9 +426,34 @@ def test_cli_resume_of_an_unreadable_checkpoint_names_it_before_the_simulation_a
     before = _tree(out / CHECKPOINT)
     proc = _cli("run", "--resume", str(out), cwd=tmp_path)
     _nothing_ran(proc)
-    assert f"fl-clip21: error: --resume: checkpoint {str(broken)!r} cannot be read" in proc.stderr
+    assert f"fl-clip21: error: --resume: checkpoint {str(broken)!r} cannot be opened as .npz" in proc.stderr
     assert _tree(out / CHECKPOINT) == before
     assert CHECKPOINT in json.loads((out / MANIFEST).read_text())["trees"]
+
+
+def test_cli_resume_with_an_edited_config_names_the_key_and_both_values(tmp_path):
+    from fl_clip21 import checkpoint as ckpt
+
+    # Prepare: a checkpoint made with tau=1.0, then tau edited in checkpoint/config.json.
+    out = tmp_path / "out"
+    _killed_run(out)
+    saved = out / CHECKPOINT / "config.json"
+    cfg = json.loads(saved.read_text())
+    path = out / CHECKPOINT / "run-0" / "clip21-gd.npz"
+    path.parent.mkdir()
+    ckpt.save(path, {"params": {"x": np.zeros(1)}}, {"algorithm": "clip21-gd", "config": cfg, "round": 1})
+    saved.write_text(json.dumps({**cfg, "tau": 2.0}))
+    before = _tree(out / CHECKPOINT)
+    # Execute
+    proc = _cli("run", "--resume", str(out), cwd=tmp_path)
+    # Assert
+    _nothing_ran(proc)
+    assert f"--resume: checkpoint {str(path)!r} was made with tau=1.0, this run has tau=2.0" in proc.stderr
+    assert _tree(out / CHECKPOINT) == before
+    saved.write_text(json.dumps({**cfg, "tau": -1.0}))  # and an edited value gets the scenario's rules
+    proc = _cli("run", "--resume", str(out), cwd=tmp_path)
+    _nothing_ran(proc)
+    assert "tau must be > 0, got -1.0" in proc.stderr
 
 
 def test_cli_a_grid_run_prints_the_files_it_wrote(tmp_path):
