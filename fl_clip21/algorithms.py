@@ -33,6 +33,9 @@ class ClientResult:
     message: Params  # what is sent to the server, and nothing else
     state: ClientState  # the client's new private state
     clipped: bool  # whether the contractive operator was active
+    # ||update|| (the gradient, momentum or model update the client computed) and
+    # ||operator input|| (Clip21: ||grad - v_i||): what a threshold tau is chosen from.
+    norms: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,11 @@ def _gradient_client(transform=None, sigma: float = 0.0):
 
     def update(params, state, grad_fn: GradFn, rng) -> ClientResult:
         grad = grad_fn(params, rng)
+        norm = core.global_norm(grad)
         if transform is None:
-            return ClientResult(_add_noise(grad, sigma, rng), state, False)
+            return ClientResult(_add_noise(grad, sigma, rng), state, False, (norm, norm))
         msg, active = transform(grad)
-        return ClientResult(_add_noise(msg, sigma, rng), state, active)
+        return ClientResult(_add_noise(msg, sigma, rng), state, active, (norm, norm))
 
     return update
 
@@ -166,7 +170,7 @@ def _ef_client(make_operator, memory: str = "v", beta1: float = 1.0, beta2: floa
         msg = _add_noise(res.increment, sigma, rng)
         if beta2 != 1:
             msg = core.scale(msg, beta2)
-        return ClientResult(msg, new_state, res.active)
+        return ClientResult(msg, new_state, res.active, (core.global_norm(grad), res.input_norm))
 
     return init, update
 
@@ -333,11 +337,14 @@ def celgc(*, lr: float, tau: float, local_steps: int = 1) -> Algorithm:
     op = core.clip_operator(tau)
 
     def update(params, state, grad_fn: GradFn, rng) -> ClientResult:
-        y, active = params, False
+        y, active, first = params, False, None
         for _ in range(local_steps):
-            step, a = op(grad_fn(y, rng))
+            grad = grad_fn(y, rng)
+            first = core.global_norm(grad) if first is None else first
+            step, a = op(grad)
             y, active = core.add(y, step, -lr), active or a
-        return ClientResult(core.add(params, y, -1.0), state, active)
+        update = core.add(params, y, -1.0)
+        return ClientResult(update, state, active, (core.global_norm(update), first))
 
     return Algorithm(
         "celgc", _no_state, update, _no_state, _averaging_server(1.0),

@@ -140,6 +140,7 @@ class EFStep(NamedTuple):
     increment: Params  # c = C(target - memory): what the client sends
     memory: Params  # memory + step * c
     active: bool  # whether the operator changed its input
+    input_norm: float  # ||target - memory||, the norm the operator saw
 
 
 def error_feedback_step(
@@ -155,4 +156,4 @@ def error_feedback_step(
     """
     diff = {k: np.asarray(target[k] - memory[k], dtype=memory[k].dtype) for k in memory}
     c, active = operator(diff)
-    return EFStep(c, add(memory, c, step), active)
+    return EFStep(c, add(memory, c, step), active, global_norm(diff))

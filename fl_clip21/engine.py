@@ -206,6 +206,31 @@ def message_bytes(algorithm: Algorithm, message: core.Params) -> int:
     return sum(int(v.nbytes) for v in message.values())
 
 
+NORM_QUANTILES = (("q10", 10.0), ("q50", 50.0), ("q90", 90.0), ("max", 100.0))
+
+
+def reports_norms(algorithm: Algorithm) -> bool:
+    """Whether clients report their norms: never with DP noise (an unclipped norm is not private)."""
+    return algorithm.noise_multiplier is None
+
+
+def norm_quantiles(norms: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """Quantiles (10/50/90/max) of the accepted messages' ``(update, operator input)`` norms.
+
+    ``update_norm_*``: the norm of the update the client computed (gradient,
+    momentum or model update); ``input_norm_*``: of what the operator clipped
+    (Clip21: ||grad - v_i||). Empty when there are no norms.
+    """
+    if not norms:
+        return {}
+    table = np.asarray(norms, dtype=np.float64)
+    return {
+        f"{name}_{suffix}": float(np.percentile(table[:, j], q))
+        for j, name in enumerate(("update_norm", "input_norm"))
+        for suffix, q in NORM_QUANTILES
+    }
+
+
 def round_epsilon(algorithm: Algorithm, times_asked: np.ndarray, delta: float) -> dict[str, float]:
     """``{"epsilon": ...}`` of the most-asked client, for algorithms with DP noise."""
     if algorithm.noise_multiplier is None:
@@ -265,6 +290,7 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
             "bytes_up": sum(message_bytes(algorithm, m) for m in messages),
             "seconds": time.perf_counter() - t0,
             **round_epsilon(algorithm, times_asked, cfg["delta"]),
+            **(norm_quantiles([res.norms for res in arrived]) if reports_norms(algorithm) else {}),
         }
         rec.update(evaluate(problem, params))
         records.append(rec)

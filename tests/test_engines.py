@@ -33,7 +33,10 @@ CONFIGS = {
         "problem": {"name": "logreg"}, "partition": {"kind": "dirichlet", "alpha": 1.0},
     },
 }
-COMPARED = ("loss", "grad_norm_sq", "accuracy", "clip_fraction", "bytes_up", "epsilon", "participants", "accepted")
+COMPARED = (
+    "loss", "grad_norm_sq", "accuracy", "clip_fraction", "bytes_up", "epsilon", "participants", "accepted",
+    "update_norm_q10", "update_norm_q50", "update_norm_q90", "update_norm_max", "input_norm_q50", "input_norm_max",
+)
 
 
 @pytest.fixture(scope="module")

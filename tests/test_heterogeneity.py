@@ -59,7 +59,7 @@ STRAGGLERS = {
 SCENARIOS = {"availability": AVAILABILITY, "sizes": SIZES, "stragglers": STRAGGLERS}
 COMPARED = (
     "loss", "grad_norm_sq", "accuracy", "clip_fraction", "bytes_up", "epsilon",
-    "participants", "accepted", "failed", "rejected", "resyncs",
+    "participants", "accepted", "failed", "rejected", "resyncs", "update_norm_q50", "input_norm_max",
 )
 GAP = 1e-12
 

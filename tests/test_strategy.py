@@ -66,7 +66,8 @@ def _copies_mean(strategy):
 
 def _run_round_1(strategy, msgs):
     replies = [train_reply(m, nid, _increment(nid), 1) for nid, m in msgs.items()]
-    _, metrics = strategy.aggregate_train(1, replies)
+    strategy.aggregate_train(1, replies)
+    metrics = strategy.history[-1]
     assert metrics["accepted"] == 3
 
 
@@ -164,7 +165,8 @@ def test_a_topk_reply_with_more_than_k_entries_is_rejected_and_g_stays_the_mean(
         content = RecordDict({R.ARRAYS: sparse([0, 1, 2, 3, 4] if nid == 10 else [0, 1, 2]),
                               R.METRICS: MetricRecord({R.ROUND: 1, "clipped": 1})})
         replies.append(reply_from(nid, m, content))
-    _, metrics = strategy.aggregate_train(1, replies)
+    strategy.aggregate_train(1, replies)
+    metrics = strategy.history[-1]
     # Assert
     assert metrics["rejected"] == 1 and metrics["accepted"] == 2
     assert strategy.protocol.ack(0) == 0 and before[2][0] == 0
@@ -176,7 +178,8 @@ def test_bytes_up_counts_the_bytes_received_not_the_headers(tmp_path):
     forged = ArrayRecord({"w": Array(dtype="float64", shape=(D,), stype=V.NUMPY_STYPE, data=Array(np.zeros(1)).data)})
     replies = [reply_from(10, msgs[10], RecordDict({R.ARRAYS: forged, R.METRICS: MetricRecord({R.ROUND: 1, "clipped": 0})}))]
     replies += [train_reply(msgs[nid], nid, _increment(nid), 1) for nid in (11, 12)]
-    _, metrics = strategy.aggregate_train(1, replies)
+    strategy.aggregate_train(1, replies)
+    metrics = strategy.history[-1]
     assert metrics["rejected"] == 1 and metrics["bytes_up"] == 8 + 2 * D * 8
 
 
@@ -184,7 +187,8 @@ def test_replies_from_nodes_not_asked_and_duplicates_are_rejected(tmp_path):
     strategy, grid, msgs = _start(tmp_path)
     good = train_reply(msgs[10], 10, _increment(1), 1)
     stranger = train_reply(msgs[10], 77, _increment(2), 1)
-    _, metrics = strategy.aggregate_train(1, [good, good, stranger])
+    strategy.aggregate_train(1, [good, good, stranger])
+    metrics = strategy.history[-1]
     assert metrics["accepted"] == 1 and metrics["rejected"] == 2
 
 
@@ -240,15 +244,25 @@ def _contents(draw):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(content=_contents(), audit=st.booleans(), name=st.sampled_from(["clip21-gd", "ef21-topk"]))
 def test_any_reply_content_is_never_an_exception_and_a_rejected_reply_changes_nothing(tmp_path, content, audit, name):
-    # Prepare: two identical servers after round 1's configure; one gets the hostile reply, one gets none.
+    # Prepare: two identical servers after round 1's configure; nodes 11 and 12 reply as clients do.
     hyper = {"tau": TAU} if name == "clip21-gd" else {"topk": 3}
     hostile, _, msgs = _start(tmp_path, algorithm=make_algorithm(name, lr=1.0, **hyper), audit=audit)
-    quiet, _, _ = _start(tmp_path, algorithm=make_algorithm(name, lr=1.0, **hyper), audit=audit)
-    # Execute: never raises
-    _, metrics = hostile.aggregate_train(1, [reply_from(10, msgs[10], content)])
-    quiet.aggregate_train(1, [])
-    # Assert: a reply that was not accepted left the server exactly as no reply does.
-    if metrics["accepted"] == 0:
+    quiet, _, quiet_msgs = _start(tmp_path, algorithm=make_algorithm(name, lr=1.0, **hyper), audit=audit)
+
+    def honest(messages):
+        if name == "clip21-gd":
+            return [train_reply(messages[nid], nid, _increment(nid), 1) for nid in (11, 12)]
+        return [reply_from(nid, messages[nid], RecordDict({
+            R.ARRAYS: R.encode_sparse({"w": np.eye(D)[nid]}, 3), R.METRICS: MetricRecord({R.ROUND: 1, R.CLIPPED: 1})}))
+            for nid in (11, 12)]
+
+    # Execute: node 10's reply is hostile; nothing raises
+    hostile.aggregate_train(1, [reply_from(10, msgs[10], content), *honest(msgs)])
+    quiet.aggregate_train(1, honest(quiet_msgs))
+    metrics = hostile.history[-1]
+    # Assert: a hostile reply that was not accepted left the server exactly as no reply does.
+    assert quiet.history[-1]["accepted"] == 2
+    if metrics["accepted"] == 2:
         _same(_state(hostile), _state(quiet))
         try:
             V.decode_train_reply(content, hostile.params, hostile._bound, hostile._sparse_k, audit)
@@ -256,3 +270,84 @@ def test_any_reply_content_is_never_an_exception_and_a_rejected_reply_changes_no
         except V.ReplyError as e:
             _SHAPES[str(e).split(",")[0][:48]] += 1
     assert core.max_abs_diff(hostile.server_state["g"], _copies_mean(hostile)) < 1e-15
+
+
+# --- misconfiguration, the app's metrics, norms ----------------------------------------
+
+
+def test_replies_without_clip21_mod_stop_the_run_naming_the_mod(tmp_path):
+    # Before: every reply was rejected as "for round -1", the model never changed and the run exited 0.
+    from fl_clip21.flower.strategy import ClientSetupError
+
+    strategy, grid, msgs = _start(tmp_path)
+    plain = [reply_from(nid, m, RecordDict({R.ARRAYS: R.to_record({"w": np.zeros(D)}),
+                                            "metrics": MetricRecord({"train_loss": 0.3, "num-examples": 10})}))
+             for nid, m in msgs.items()]
+    with pytest.raises(ClientSetupError, match=r"round 1: every reply failed .*clip21_mod"):
+        strategy.aggregate_train(1, plain)
+
+
+def test_the_same_client_app_error_from_every_node_stops_the_run(tmp_path):
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+
+    from fl_clip21.flower.strategy import ClientSetupError
+
+    strategy, grid, msgs = _start(tmp_path)
+    errors = []
+    for nid, m in msgs.items():
+        reply = Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="ConfigError: no data"), reply_to=m)
+        reply.metadata.__dict__["_src_node_id"] = nid
+        errors.append(reply)
+    with pytest.raises(ClientSetupError, match="ConfigError: no data"):
+        strategy.aggregate_train(1, errors)
+    # Lost replies (any other error) are a fault the protocol repairs, not a reason to stop.
+    strategy2, _, msgs2 = _start(tmp_path)
+    lost = []
+    for nid, m in msgs2.items():
+        reply = Message(error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason="gone"), reply_to=m)
+        reply.metadata.__dict__["_src_node_id"] = nid
+        lost.append(reply)
+    strategy2.aggregate_train(1, lost)
+    assert strategy2.history[-1]["failed"] == 3
+
+
+def test_the_apps_train_metrics_are_averaged_as_fedavg_does_beside_fl_clip21s_own(tmp_path):
+    strategy, grid, msgs = _start(tmp_path)
+
+    def with_metrics(loss, examples):
+        def extra(content):
+            content[R.METRICS]["train_loss"] = loss
+            content[R.METRICS]["num-examples"] = examples
+        return extra
+
+    replies = [train_reply(msgs[10], 10, _increment(10), 1, extra=with_metrics(1.0, 10)),
+               train_reply(msgs[11], 11, _increment(11), 1, extra=with_metrics(0.0, 30)),
+               train_reply(msgs[12], 12, _increment(12), 1, extra=with_metrics(float("nan"), 60))]
+    _, returned = strategy.aggregate_train(1, replies)
+    record = strategy.history[-1]
+    assert record["accepted"] == 3
+    # Weighted by num-examples; the NaN of node 12 is left out of the average, not of the round.
+    assert record["train_metrics"]["train_loss"] == pytest.approx(10 / 40)
+    assert returned["train_loss"] == pytest.approx(0.25) and returned["fl_clip21.accepted"] == 3
+    assert "accepted" not in returned and "num-examples" not in returned
+
+
+def test_each_round_reports_quantiles_of_the_norms_tau_is_chosen_from(tmp_path):
+    strategy, grid, msgs = _start(tmp_path)
+
+    def norms(update, diff):
+        def extra(content):
+            content[R.METRICS][R.UPDATE_NORM] = update
+            content[R.METRICS][R.INPUT_NORM] = diff
+        return extra
+
+    replies = [train_reply(msgs[nid], nid, _increment(nid), 1, extra=norms(float(j + 1), 0.5 * (j + 1)))
+               for j, nid in enumerate(sorted(msgs))]
+    strategy.aggregate_train(1, replies)
+    record = strategy.history[-1]
+    assert record["update_norm_q50"] == 2.0 and record["update_norm_max"] == 3.0
+    assert record["input_norm_q10"] == pytest.approx(0.6) and record["input_norm_max"] == 1.5
+    bad = train_reply(msgs[10], 10, _increment(10), 1, extra=norms(-1.0, 0.5))
+    with pytest.raises(V.ReplyError, match="must be a finite number >= 0, got -1.0"):
+        V.decode_train_reply(bad.content, strategy.params, TAU)

@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fl_clip21.algorithms import Algorithm, algorithm_from_config, model_size
 from fl_clip21.config import DATA_DIR, PLUGIN_MODULES, with_node_config
-from fl_clip21.engine import client_round, straggler_delay
+from fl_clip21.engine import client_round, reports_norms, straggler_delay
 from fl_clip21.flower import records as R
 from fl_clip21.problems import Problem, build_problem
 
@@ -119,6 +119,13 @@ def run_setup(scenario: str, name: str, data_dir=None, plugin_modules=None) -> t
     return cfg, algorithm_from_config(name, cfg), build_problem(cfg)
 
 
+def _reply_metrics(algorithm: Algorithm, result, client: int, server_round: int) -> dict:
+    metrics = {R.CLIPPED: int(result.clipped), PARTITION_ID: client, R.ROUND: server_round}
+    if reports_norms(algorithm):
+        metrics[R.UPDATE_NORM], metrics[R.INPUT_NORM] = (float(v) for v in result.norms)
+    return metrics
+
+
 def train(msg: Message, context: Context) -> Message:
     """One client round of the algorithm named in the message's config.
 
@@ -157,7 +164,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             R.ARRAYS: message,
-            R.METRICS: MetricRecord({"clipped": int(result.clipped), PARTITION_ID: i, R.ROUND: server_round}),
+            R.METRICS: MetricRecord(_reply_metrics(algorithm, result, i, server_round)),
         }
     )
     if bool(config.get(R.DO_AUDIT, False)) and mem is not None:

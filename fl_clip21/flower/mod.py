@@ -88,8 +88,9 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if metrics is None:
         metrics = MetricRecord({})
         reply.content[R.METRICS] = metrics
-    metrics["clipped"] = int(step.active)
+    metrics[R.CLIPPED] = int(step.active)
     metrics[R.ROUND] = server_round
+    metrics[R.UPDATE_NORM], metrics[R.INPUT_NORM] = core.global_norm(direction), step.input_norm
     if bool(config.get(R.DO_AUDIT, False)):
         reply.content[R.AUDIT_START] = R.to_record(v)
         reply.content[R.AUDIT_END] = R.to_record(step.memory)

@@ -19,6 +19,7 @@ METRICS = "metrics"
 AUDIT_START = "fl_clip21.audit.start"
 AUDIT_END = "fl_clip21.audit.end"
 RESYNC = "fl_clip21.resync"  # server -> client: the server's copy of the client's memory
+PREFIX = "fl_clip21."  # of fl-clip21's own keys in the records it shares with an app's
 # Keys inside the ConfigRecord sent with each train message.
 ROUND = "server-round"
 ALGORITHM = "fl_clip21.algorithm"
@@ -28,6 +29,10 @@ SESSION = "fl_clip21.session"  # id of the strategy instance (run x algorithm); 
 TAU = "fl_clip21.tau"  # for clip21_mod: the clipping threshold
 ACK = "fl_clip21.ack"  # the last round whose increment of this client the server applied
 NEEDS_RESYNC = "needs-resync"  # reply metric: this client's memory is not the one the server mirrors
+CLIPPED = "clipped"  # reply metric: 1 if the client's operator was active
+# Reply metrics of noise-free algorithms: ||update|| and ||operator input|| (what tau is chosen from).
+UPDATE_NORM = "fl_clip21.update-norm"
+INPUT_NORM = "fl_clip21.input-norm"
 # Node config keys of a client's partition (the handshake reply carries them back).
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"

@@ -35,14 +35,15 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
 from fl_clip21 import checkpoint as ckpt
 from fl_clip21 import core
 from fl_clip21.algorithms import Algorithm, model_size
 from fl_clip21.copies import MemoryCopies
-from fl_clip21.engine import round_epsilon, sample_clients
+from fl_clip21.engine import norm_quantiles, reports_norms, round_epsilon, sample_clients
+from fl_clip21.flower import metrics as client_metrics
 from fl_clip21.flower import records as R
 from fl_clip21.flower import validation as V
 from fl_clip21.flower.late import LateReplies
@@ -50,6 +51,10 @@ from fl_clip21.flower.protocol import Audit, ProtocolState
 from fl_clip21.flower.registry import Binding, NodeRegistry, Refused
 
 NORM_SLACK = V.NORM_SLACK
+# Error replies of a ClientApp that fails the same way every round (not a lost or late reply).
+SETUP_ERRORS = frozenset({
+    ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.MOD_FAILED_PRECONDITION,
+})
 PROGRESS_EVERY = 5.0  # seconds between "waiting for nodes" lines
 
 
@@ -520,7 +525,10 @@ class Clip21Strategy(Strategy):
             raise RuntimeError("aggregate_train before configure_train: the strategy has no model yet")
         k = self.round + 1
         accepted: list[dict[str, np.ndarray]] = []
+        norms: list[tuple[float, float]] = []
+        app_metrics: list[dict] = []
         rejected = failed = clipped = bytes_up = resyncs = 0
+        setup_reasons: list[str | None] = []  # per reply: a reason no later round can fix, or None
         applied: set[int] = set()  # clients whose increment was applied
         responded: set[int] = set()
         answered: set[str] = set()
@@ -538,6 +546,7 @@ class Clip21Strategy(Strategy):
             if reply.has_error():
                 failed += 1
                 log(WARNING, "round %d: node %d replied with an error: %s", k, nid, reply.error.reason)
+                setup_reasons.append(reply.error.reason if reply.error.code in SETUP_ERRORS else None)
                 continue
             bytes_up += V.payload_bytes(reply.content.get(R.ARRAYS))
             try:
@@ -549,7 +558,9 @@ class Clip21Strategy(Strategy):
             except V.ReplyError as e:
                 rejected += 1
                 log(WARNING, "round %d: rejected the reply of node %d (client %s): %s", k, nid, c, e)
+                setup_reasons.append(str(e) if isinstance(e, V.NotClip21Reply) else None)
                 continue
+            setup_reasons.append(None)
             if self.audit_state is not None and decoded.audit_start is not None:
                 self.audit_state.started(c, decoded.audit_start, self.server_copy(c))
             if decoded.needs_resync:
@@ -558,12 +569,20 @@ class Clip21Strategy(Strategy):
                 continue
             accepted.append(decoded.message)
             clipped += int(decoded.clipped)
+            if decoded.norms is not None:
+                norms.append(decoded.norms)
+            if decoded.metrics:
+                app_metrics.append(decoded.metrics)
             if self.algorithm.memory is not None:
                 self.protocol.apply(c, decoded.message, k)
                 applied.add(c)
                 if self.audit_state is not None and decoded.audit_end is not None:
                     self.audit_state.ended(c, decoded.audit_end)
         failed += self._expected - len(responded & set(self._asked))  # replies that never came
+        if setup_reasons and None not in setup_reasons and len(set(setup_reasons)) == 1:
+            raise ClientSetupError(
+                f"round {k}: every reply failed for the same reason, which no later round can fix: {setup_reasons[0]}"
+            )
         if self.algorithm.memory is not None:
             self.protocol.end_round(set(self._asked.values()), applied)
         self.late.round_over(answered)
@@ -586,6 +605,11 @@ class Clip21Strategy(Strategy):
             record["invariant_gap"] = self.invariant_gap()
             record["memory_gap"] = self.audit_state.take_round()
         record.update(round_epsilon(self.algorithm, self.protocol.times_asked, self.delta))
+        if reports_norms(self.algorithm):
+            record.update(norm_quantiles(norms))
+        train_metrics = client_metrics.aggregate(app_metrics)
+        if train_metrics:
+            record["train_metrics"] = train_metrics
         if self.evaluate is not None:
             record.update(self.evaluate(self.params))
         self.history.append(record)
@@ -593,7 +617,8 @@ class Clip21Strategy(Strategy):
             self.save_checkpoint()
         if self.on_round is not None:
             self.on_round(record)
-        return R.to_record(self.params), MetricRecord({k2: v for k2, v in record.items() if k2 != "round"})
+        own = {f"{R.PREFIX}{k2}": v for k2, v in record.items() if k2 not in ("round", "train_metrics")}
+        return R.to_record(self.params), MetricRecord({**own, **train_metrics})
 
     def invariant_gap(self) -> float:
         """max |g - (1/n) sum_i v_i| over the memories the clients last reported."""
@@ -620,10 +645,12 @@ class Clip21Strategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         self.late.round_over({r.metadata.reply_to_message_id for r in replies})
-        records = [r.content for r in replies if not r.has_error() and r.content.metric_records]
-        if not records:
-            return None
-        return aggregate_metricrecords(records, "num-examples")
+        records = [
+            {k: v for m in r.content.metric_records.values() for k, v in m.items()}
+            for r in replies if not r.has_error()
+        ]
+        aggregated = client_metrics.aggregate([r for r in records if r])
+        return MetricRecord(aggregated) if aggregated else None
 
     def summary(self) -> None:
         log(

@@ -15,8 +15,9 @@ Nothing here changes any state: a rejected reply leaves the server as it was.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
@@ -32,6 +33,10 @@ _MAX_HEADER = 10_000  # bytes of a .npy header numpy itself accepts without allo
 
 class ReplyError(ValueError):
     """A reply, or a part of it, that the server must not use (the reason is the message)."""
+
+
+class NotClip21Reply(ReplyError):
+    """A reply without what every fl-clip21 client sends: the app runs no Clip21 client (no ``clip21_mod``)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,11 @@ class TrainReply:
         Whether the client's operator was active.
     audit_start, audit_end:
         The memories the client started and ended the round with (audit only).
+    norms:
+        ``(||update||, ||operator input||)`` the client reported, or None.
+    metrics:
+        The app's own metrics in the reply (every key that is not fl-clip21's),
+        as sent: :mod:`fl_clip21.flower.metrics` checks them when aggregating.
     """
 
     round: int
@@ -58,6 +68,8 @@ class TrainReply:
     clipped: bool
     audit_start: Params | None = None
     audit_end: Params | None = None
+    norms: tuple[float, float] | None = None
+    metrics: dict = field(default_factory=dict)
 
 
 def _describe(value: object) -> str:
@@ -201,6 +213,25 @@ def check_values(arrays: Params, bound: float | None) -> None:
             raise ReplyError(f"norm {norm:.6g} exceeds the bound {bound:.6g}")
 
 
+# Reply metric keys of fl-clip21 itself; every other key is the app's.
+OWN_METRICS = frozenset({R.ROUND, R.CLIPPED, R.NEEDS_RESYNC, R.PARTITION_ID, R.UPDATE_NORM, R.INPUT_NORM})
+
+
+def norm_value(value: object, what: str) -> float:
+    """A finite number >= 0 (an int or a float), else :class:`ReplyError`."""
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise ReplyError(f"{what} must be a finite number >= 0, got {_describe(value)}")
+    return float(value)
+
+
+def _norms(metrics: MetricRecord) -> tuple[float, float] | None:
+    if R.UPDATE_NORM not in metrics and R.INPUT_NORM not in metrics:
+        return None
+    if R.UPDATE_NORM not in metrics or R.INPUT_NORM not in metrics:
+        raise ReplyError(f"the reply's metrics have one of {R.UPDATE_NORM!r} and {R.INPUT_NORM!r}, not both")
+    return norm_value(metrics[R.UPDATE_NORM], R.UPDATE_NORM), norm_value(metrics[R.INPUT_NORM], R.INPUT_NORM)
+
+
 def _memory(content, key: str, layout: Mapping[str, np.ndarray]) -> Params | None:
     record = content.get(key)
     if record is None:
@@ -240,14 +271,22 @@ def decode_train_reply(
         raise ReplyError(f"reply content is a {type(content).__name__}, not a RecordDict")
     metrics = content.get(R.METRICS)
     if not isinstance(metrics, MetricRecord):
-        raise ReplyError(f"no {R.METRICS!r} MetricRecord in the reply (is the client running clip21_mod?)")
+        raise NotClip21Reply(
+            f"no {R.METRICS!r} MetricRecord in the reply: the ClientApp's train handler must run "
+            "fl_clip21.flower.mod.clip21_mod (app.train(mods=[clip21_mod]))"
+        )
     if R.ROUND not in metrics:
-        raise ReplyError(f"the reply's metrics have no {R.ROUND!r} round tag (is the client running clip21_mod?)")
+        raise NotClip21Reply(
+            f"the reply's metrics have no {R.ROUND!r} round tag: the ClientApp's train handler must run "
+            "fl_clip21.flower.mod.clip21_mod (app.train(mods=[clip21_mod]))"
+        )
     round_ = strict_int(metrics[R.ROUND], f"round tag {R.ROUND!r}")
     start = _memory(content, R.AUDIT_START, layout) if audit else None
     if R.NEEDS_RESYNC in metrics and flag(metrics[R.NEEDS_RESYNC], R.NEEDS_RESYNC):
         return TrainReply(round_, True, None, False, start)
-    clipped = flag(metrics.get("clipped", 0), "'clipped'")
+    clipped = flag(metrics.get(R.CLIPPED, 0), repr(R.CLIPPED))
+    norms = _norms(metrics)
+    app_metrics = {k: v for k, v in metrics.items() if k not in OWN_METRICS}
     record = content.get(R.ARRAYS)
     if sparse_k is None:
         message = decode_arrays(record, layout)
@@ -255,7 +294,7 @@ def decode_train_reply(
         message = decode_sparse(record, layout, sparse_k)
     check_values(message, bound)
     end = _memory(content, R.AUDIT_END, layout) if audit else None
-    return TrainReply(round_, False, message, clipped, start, end)
+    return TrainReply(round_, False, message, clipped, start, end, norms, app_metrics)
 
 
 def decode_handshake(content: object, num_clients: int) -> int:
