@@ -174,6 +174,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``fl-clip21 calibrate``: print the update-norm quantiles and the tau they suggest."""
+    from fl_clip21.calibrate import calibrate, report
+
+    cfg = load_scenario(args.scenario, parse_sets(args.set or []))
+    print(report(calibrate(cfg, args.rounds, args.quantile), cfg, args.quantile))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fl_clip21.bench import DEFAULT_SCENARIO, MEMORY_SCENARIO, run_bench
 
@@ -289,13 +298,24 @@ def main(argv: list[str] | None = None) -> int:
         "else ...-sweep-2, -3, ...)",
     )
     sweep.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    calibrate = sub.add_parser(
+        "calibrate", parents=[common],
+        help="choose tau: quantiles of the clients' update norms (unclipped GD/SGD, in process) and the tau they suggest",
+    )
+    calibrate.add_argument("scenario", help="scenario TOML file (see scenarios/)")
+    calibrate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
+    calibrate.add_argument("--rounds", type=int, default=1, help="rounds to report (default 1)")
+    calibrate.add_argument(
+        "--quantile", default="q50", choices=("q10", "q50", "q90", "max"),
+        help="the first-round quantile tau is set to (default q50: clips about half the clients at the start)",
+    )
     args = parser.parse_args(argv)
     if args.command == "sweep":
         from fl_clip21.sweep import cmd_sweep
 
         command = cmd_sweep
     else:
-        command = cmd_bench if args.command == "bench" else cmd_run
+        command = {"bench": cmd_bench, "calibrate": cmd_calibrate}.get(args.command, cmd_run)
     try:
         return command(args)
     except (ConfigError, outputs.OutputError) as e:
