@@ -351,3 +351,15 @@ def test_each_round_reports_quantiles_of_the_norms_tau_is_chosen_from(tmp_path):
     bad = train_reply(msgs[10], 10, _increment(10), 1, extra=norms(-1.0, 0.5))
     with pytest.raises(V.ReplyError, match="must be a finite number >= 0, got -1.0"):
         V.decode_train_reply(bad.content, strategy.params, TAU)
+
+
+def test_num_clients_may_be_left_out_then_the_nodes_connected_are_the_clients(tmp_path):
+    from fl_clip21.flower.mod import clip21_mod  # noqa: F401 - the apps this mode is for
+
+    strategy = Clip21Strategy(algorithm=make_algorithm("clip21-gd", lr=1.0, tau=TAU), scenario=None,
+                              num_clients=None, min_available_nodes=2, copies_dir=tmp_path)
+    grid = FakeGrid({10: 0, 11: 0, 12: 0})  # an app without the handshake: nodes are numbered
+    msgs = list(strategy.configure_train(1, R.to_record({"w": np.zeros(D)}), ConfigRecord({}), grid))
+    assert strategy.num_clients == 3 and len(msgs) == 3
+    with pytest.raises(ValueError, match="num_clients may be left out only without a scenario"):
+        Clip21Strategy(algorithm=make_algorithm("clip21-gd", lr=1.0, tau=TAU), scenario=SCENARIO, num_clients=None)

@@ -90,6 +90,11 @@ class Clip21Strategy(Strategy):
         the order of their ids instead of by a partition-id handshake.
     num_clients:
         n, the number of clients; g divides by n whatever the participation.
+        None (only for apps without the partition-id handshake, ``scenario``
+        None): the nodes connected once ``min_available_nodes`` are, as
+        FedAvg samples among them; n is then fixed for the run.
+    min_available_nodes:
+        With ``num_clients`` None, the nodes to wait for before the first round.
     fraction:
         Share of clients sampled per round (seeded by ``seed`` and the round).
     audit:
@@ -145,7 +150,7 @@ class Clip21Strategy(Strategy):
         *,
         algorithm: Algorithm,
         scenario: dict[str, Any] | None,
-        num_clients: int,
+        num_clients: int | None,
         fraction: float = 1.0,
         seed: int = 0,
         audit: bool = False,
@@ -162,15 +167,23 @@ class Clip21Strategy(Strategy):
         node_keys: Mapping[bytes, int] | None = None,
         trust_partition_ids: bool | None = None,
         config: Mapping[str, Any] | None = None,
+        min_available_nodes: int = 2,
     ) -> None:
         _check("fraction_evaluate", fraction_evaluate, 0 <= fraction_evaluate <= 1, "must be in [0, 1]")
         _check("fraction", fraction, 0 < fraction <= 1, "must be in (0, 1]")
         _check("availability", availability, 0 < availability <= 1, "must be in (0, 1]")
-        _check("num_clients", num_clients, isinstance(num_clients, int) and num_clients >= 1, "must be an integer >= 1")
+        if num_clients is None:
+            _check("num_clients", num_clients, scenario is None, "may be left out only without a scenario (clip21_mod apps)")
+            _check("min_available_nodes", min_available_nodes,
+                   isinstance(min_available_nodes, int) and min_available_nodes >= 1, "must be an integer >= 1")
+        else:
+            _check("num_clients", num_clients, isinstance(num_clients, int) and num_clients >= 1,
+                   "must be an integer >= 1")
+        self.min_available_nodes = min_available_nodes
         _check("node_wait_timeout", node_wait_timeout, node_wait_timeout > 0, "must be > 0 seconds")
         _check("delta", delta, 0 < delta < 1, "must be in (0, 1)")
         self.algorithm = algorithm
-        self.num_clients = num_clients
+        self.num_clients: int | None = num_clients
         self.fraction = fraction
         self.availability = availability
         self.seed = seed
@@ -186,10 +199,10 @@ class Clip21Strategy(Strategy):
         self._scenario_json = json.dumps(scenario, sort_keys=True) if scenario is not None else None
         self.config = dict(config if config is not None else scenario or {})
         self.session = uuid.uuid4().hex[:16]  # scopes the clients' state to this run of this algorithm
-        self.registry = NodeRegistry(num_clients, node_keys=node_keys)
+        self._node_keys = node_keys
+        self._size(num_clients or 1)
         for nid, c in (client_of_node or {}).items():
             self.registry.claim(int(nid), int(c), connected=())
-        self.protocol = ProtocolState(num_clients)
         self.late = LateReplies(late_reply_wait)
         self.audit_state: Audit | None = None
         self.params: dict[str, np.ndarray] | None = None
@@ -203,6 +216,11 @@ class Clip21Strategy(Strategy):
         self._asked: dict[int, int] = {}
         self._expected = 0
         self._round_start = time.perf_counter()
+
+    def _size(self, num_clients: int) -> None:
+        """Registry and protocol state for ``num_clients`` clients."""
+        self.registry = NodeRegistry(num_clients, node_keys=self._node_keys)
+        self.protocol = ProtocolState(num_clients)
 
     @property
     def client_of_node(self) -> dict[int, int]:
@@ -280,6 +298,9 @@ class Clip21Strategy(Strategy):
         path = Path(path)
         arrays, meta = ckpt.load(path)
         what = f"checkpoint {str(path)!r}"
+        if self.num_clients is None and type(meta.get("num_clients")) is int and meta["num_clients"] >= 1:
+            self.num_clients = meta["num_clients"]  # counted when the run started
+            self._size(self.num_clients)
         current = {
             "algorithm": self.algorithm.name, "hyper": dict(self.algorithm.hyper),
             "num_clients": self.num_clients, "seed": self.seed,
@@ -426,6 +447,8 @@ class Clip21Strategy(Strategy):
         """Wait until every client index (partition) is held by a node that claimed it."""
         deadline = time.monotonic() + self.node_wait_timeout
         next_note = time.monotonic() + PROGRESS_EVERY
+        if self.num_clients is None:
+            self._count_nodes(grid, deadline)
         while len(self.registry.bound_clients()) < self.num_clients:
             connected = set(grid.get_node_ids())
             if self._scenario_json is not None or len(connected) >= self.num_clients:
@@ -446,6 +469,24 @@ class Clip21Strategy(Strategy):
                 next_note = now + PROGRESS_EVERY
             time.sleep(0.2)
         log(INFO, "fl-clip21: %d nodes hold clients 0..%d", len(self.registry.client_of_node), self.num_clients - 1)
+
+    def _count_nodes(self, grid: Grid, deadline: float) -> None:
+        """n: the nodes connected once ``min_available_nodes`` are (FedAvg's wait)."""
+        next_note = time.monotonic() + PROGRESS_EVERY
+        while len(connected := set(grid.get_node_ids())) < self.min_available_nodes:
+            now = time.monotonic()
+            if now > deadline:
+                raise ClientSetupError(
+                    f"only {len(connected)} of min_available_nodes={self.min_available_nodes} nodes connected "
+                    f"within {self.node_wait_timeout:.0f} s"
+                )
+            if now > next_note:
+                log(INFO, "fl-clip21: waiting for nodes: %d of %d connected", len(connected), self.min_available_nodes)
+                next_note = now + PROGRESS_EVERY
+            time.sleep(0.2)
+        self.num_clients = len(connected)
+        self._size(self.num_clients)
+        log(INFO, "fl-clip21: %d nodes connected: num_clients=%d for this run", len(connected), self.num_clients)
 
     def sample_clients(self, server_round: int) -> list[int]:
         """The client indices that take part in ``server_round`` (seeded)."""
@@ -477,10 +518,10 @@ class Clip21Strategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.params is None:
-            self._init_state(R.from_record(arrays))
         if not self.registry.client_of_node:  # a new run, or a resumed one
             self.handshake(grid)
+        if self.params is None:
+            self._init_state(R.from_record(arrays))
         else:
             self._sync_nodes(grid)
         k = self.round + 1
