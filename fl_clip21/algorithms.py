@@ -1,10 +1,14 @@
-"""Every algorithm of docs/algorithms.md as a value that every engine takes.
+"""Every algorithm of docs/algorithms.md, written once on batches of clients, as a value every engine takes.
 
-An :class:`Algorithm` is a pair of client functions and a pair of server
-functions (fedjax's ``init``/``apply`` split), closed over frozen
-hyper-parameters. The Flower client and strategy call exactly these functions;
-no engine carries its own copy of an update rule.
+An :class:`Algorithm` is a client function and a server function (fedjax's
+``init``/``apply`` split) over flat vectors: a batch of m clients is an (m, d)
+array per client state (fl_clip21.layout), the server holds x and g as (d,)
+vectors. The batched engine calls the client function with thousands of rows,
+the Flower client with one, the Flower strategy the server function with the
+round's accepted messages stacked: no engine has its own copy of an update rule.
 
+Hyper-parameters come in ``hp`` (default: the algorithm's own ``hyper``); a
+batched sweep passes an (m,) array per key instead, one value per row.
 Symbols follow the paper: ``tau`` the clipping threshold, ``v`` the client
 memory v_i, ``g`` the server aggregate, ``lr`` the server step gamma.
 """
@@ -20,22 +24,24 @@ import numpy as np
 from fl_clip21 import core
 from fl_clip21.core import Params
 
-# grad_fn(params, rng) -> the client's (possibly stochastic) gradient at params.
-GradFn = Callable[[Mapping[str, np.ndarray], np.random.Generator], Params]
-ClientState = dict[str, Params]
-ServerState = dict[str, Params]
+# grads(points, step) -> (m, d): the batch's (minibatch) gradients at points, (d,) or (m, d);
+# step numbers the draws within a round (CELGC's local steps).
+Grads = Callable[[np.ndarray, int], np.ndarray]
+# noise(step) -> (m, d) standard normal draws of the batch's clients (counter-based streams).
+Noise = Callable[[int], np.ndarray]
+Hyper = Mapping[str, "float | np.ndarray"]
 
 
 @dataclass(frozen=True)
-class ClientResult:
-    """What one client round produces."""
+class ClientRound:
+    """What a batch of m clients' round produces."""
 
-    message: Params  # what is sent to the server, and nothing else
-    state: ClientState  # the client's new private state
-    clipped: bool  # whether the contractive operator was active
-    # ||update|| (the gradient, momentum or model update the client computed) and
-    # ||operator input|| (Clip21: ||grad - v_i||): what a threshold tau is chosen from.
-    norms: tuple[float, float] = (0.0, 0.0)
+    messages: np.ndarray  # (m, d): what is sent to the server, and nothing else
+    state: dict[str, np.ndarray]  # the clients' new private state, (m, d) per name
+    active: np.ndarray  # (m,) bool: whether the contractive operator was active
+    # (m, 2): ||update|| (gradient, momentum or model update) and ||operator input||
+    # (Clip21: ||grad - v_i||): what a threshold tau is chosen from.
+    norms: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -46,20 +52,21 @@ class Algorithm:
     ----------
     name:
         Registry name (``clip21-gd``...).
-    client_init:
-        ``params -> ClientState``: the state a client starts with.
-    client_update:
-        ``(params, state, grad_fn, rng) -> ClientResult``.
-    server_init:
-        ``params -> ServerState``.
-    server_update:
-        ``(params, state, messages, n) -> (params, state)``; ``messages`` are the
+    client_state:
+        Names of the per-client state arrays (``v``, ``g``), each (n, d), zero at the start.
+    client_fn:
+        ``(x, state, grads, noise, hp) -> ClientRound`` for a batch of clients;
+        ``x`` is the model, (d,), or one model per row, (m, d).
+    server_state:
+        Names of the server's (d,) state vectors (``g``), zero at the start.
+    server_fn:
+        ``(x, state, messages, n, hp) -> (x, state)``; ``messages`` (m, d) are the
         accepted replies of this round, ``n`` the number of all clients.
     message_bound:
         ``d -> bound``: the largest global norm a valid message of a model with
         ``d`` entries may have. The server rejects a message above
         ``bound * (1 + 1e-6)``. Every registered algorithm has one: its clipping
-        bound, or ``message-norm-cap`` for those that do not clip (None: unbounded).
+        bound, or ``message-norm-cap`` for those that do not clip.
     stochastic:
         Whether clients use minibatch gradients.
     memory:
@@ -77,10 +84,10 @@ class Algorithm:
     """
 
     name: str
-    client_init: Callable[[Params], ClientState]
-    client_update: Callable[..., ClientResult]
-    server_init: Callable[[Params], ServerState]
-    server_update: Callable[..., tuple[Params, ServerState]]
+    client_state: tuple[str, ...]
+    client_fn: Callable[..., ClientRound]
+    server_state: tuple[str, ...]
+    server_fn: Callable[..., tuple[np.ndarray, dict[str, np.ndarray]]]
     message_bound: Callable[[int], float] | None = None
     stochastic: bool = False
     memory: str | None = None
@@ -89,9 +96,25 @@ class Algorithm:
     noise_multiplier: float | None = None
     hyper: Mapping[str, float] = field(default_factory=dict)
 
+    def client_init(self, m: int, d: int, dtype=np.float64) -> dict[str, np.ndarray]:
+        """Zero state of m clients for a model of d entries."""
+        return {name: np.zeros((m, d), dtype=dtype) for name in self.client_state}
 
-def _no_state(params: Params) -> dict:
-    return {}
+    def server_init(self, d: int, dtype=np.float64) -> dict[str, np.ndarray]:
+        return {name: np.zeros(d, dtype=dtype) for name in self.server_state}
+
+    def client_round(
+        self, x: np.ndarray, state: Mapping[str, np.ndarray], grads: Grads, noise: Noise | None = None,
+        hp: Hyper | None = None,
+    ) -> ClientRound:
+        """The round of a batch of clients (state rows (m, d)), with this algorithm's hyper-parameters or ``hp``."""
+        return self.client_fn(x, state, grads, noise, self.hyper if hp is None else hp)
+
+    def server_round(
+        self, x: np.ndarray, state: Mapping[str, np.ndarray], messages: np.ndarray, n: int, hp: Hyper | None = None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The server's step with the round's accepted messages (m, d), m >= 0."""
+        return self.server_fn(x, state, messages, n, self.hyper if hp is None else hp)
 
 
 def model_size(params: Mapping[str, np.ndarray]) -> int:
@@ -107,87 +130,87 @@ def gaussian_noise_bound(sigma: float, d: int) -> float:
     return sigma * (np.sqrt(d) + 10.0)
 
 
-def _add_noise(message: Params, sigma: float, rng: np.random.Generator) -> Params:
-    if sigma == 0:
-        return message
-    return {k: np.asarray(v + rng.normal(0.0, sigma, size=np.shape(v)), dtype=v.dtype) for k, v in message.items()}
+def _col(value: float | np.ndarray) -> float | np.ndarray:
+    """A hyper-parameter ready to scale rows: a number, or an (m,) array as an (m, 1) column."""
+    a = np.asarray(value)
+    return a[:, None] if a.ndim else float(a)
 
 
-# --- building blocks -------------------------------------------------------
+def _noisy(messages: np.ndarray, sigma: float | np.ndarray, noise: Noise | None, step: int = 0) -> np.ndarray:
+    """``messages + sigma * N(0, I)`` per row (nothing drawn where sigma is 0 everywhere)."""
+    if not np.any(np.asarray(sigma) > 0):
+        return messages
+    return (messages + _col(sigma) * noise(step)).astype(messages.dtype, copy=False)
 
 
-def _gradient_client(transform=None, sigma: float = 0.0):
-    """Client that sends ``transform(grad)`` (or the raw gradient), plus N(0, sigma^2) noise."""
-
-    def update(params, state, grad_fn: GradFn, rng) -> ClientResult:
-        grad = grad_fn(params, rng)
-        norm = core.global_norm(grad)
-        if transform is None:
-            return ClientResult(_add_noise(grad, sigma, rng), state, False, (norm, norm))
-        msg, active = transform(grad)
-        return ClientResult(_add_noise(msg, sigma, rng), state, active, (norm, norm))
-
-    return update
+# --- the update rules, on batches (docs/algorithms.md) --------------------------
 
 
-def _averaging_server(lr: float, transform=None):
-    """``x <- x - lr * T(mean of the messages received)``."""
-
-    def update(params, state, messages, n):
-        if not messages:
-            return params, state
-        direction = core.mean(messages)
-        if transform is not None:
-            direction, _ = transform(direction)
-        return core.add(params, direction, -lr), state
-
-    return update
+def _gradient_client(x, state, grads, noise, hp, *, clip: bool):
+    """GD, Clip-GD (clip=True): send the gradient, or clip_tau of it plus N(0, sigma^2) noise."""
+    g = grads(x, 0)
+    if not clip:
+        norms = core.row_norms(g)
+        return ClientRound(g, {}, np.zeros(len(g), dtype=bool), np.stack([norms, norms], axis=1))
+    c, active, norms = core.clip_rows(hp["tau"])(g)
+    return ClientRound(_noisy(c, hp.get("sigma", 0.0), noise), {}, active, np.stack([norms, norms], axis=1))
 
 
-def _ef_client(make_operator, memory: str = "v", beta1: float = 1.0, beta2: float = 1.0, sigma: float = 0.0):
-    """Error feedback, with optional momentum and noise (Clip21, EF21, Clip21-SGD2M).
+def _averaging_server(x, state, messages, n, hp, *, clip: bool):
+    """x <- x - lr * mean of the messages (server-side clipping: clip_tau of the mean)."""
+    if not len(messages):
+        return x, state
+    direction = messages.mean(axis=0, dtype=np.float64)
+    if clip:
+        direction = core.clip_rows(hp["tau"])(direction[None, :])[0][0]
+    return (x - hp["lr"] * direction).astype(x.dtype), state
 
-    ``m <- (1 - beta1) m + beta1 grad`` (only when beta1 < 1, state ``v``);
-    ``c = C(m - mem)``, ``mem <- mem + beta2 c``; sends ``beta2 (c + noise)``.
-    ``make_operator(d)`` builds C for a model of d entries.
+
+def _ef_client(x, state, grads, noise, hp, *, operator, memory="v"):
+    """Error feedback: c_i = C(target - v_i), v_i <- v_i + beta2 c_i; sends beta2 (c_i + noise).
+
+    The target is the gradient (Clip21, EF21) or the momentum
+    m_i <- (1 - beta1) m_i + beta1 grad (Clip21-SGD2M, state ``v``, memory ``g``).
     """
-    momentum = beta1 < 1
-
-    def init(params: Params) -> ClientState:
-        state = {memory: core.zeros_like(params)}
-        if momentum:
-            state["v"] = core.zeros_like(params)
-        return state
-
-    def update(params, state, grad_fn: GradFn, rng) -> ClientResult:
-        grad = grad_fn(params, rng)
-        new_state = {}
-        if momentum:
-            grad = core.add(core.scale(state["v"], 1 - beta1), grad, beta1)
-            new_state["v"] = grad
-        res = core.error_feedback_step(grad, state[memory], make_operator(model_size(params)), beta2)
-        new_state[memory] = res.memory
-        msg = _add_noise(res.increment, sigma, rng)
-        if beta2 != 1:
-            msg = core.scale(msg, beta2)
-        return ClientResult(msg, new_state, res.active, (core.global_norm(grad), res.input_norm))
-
-    return init, update
+    target = grads(x, 0)
+    beta1, beta2 = hp.get("beta1", 1.0), hp.get("beta2", 1.0)
+    new_state = {}
+    if memory != "v" and "v" in state:  # SGD2M's momentum (kept only when beta1 < 1)
+        target = (1 - _col(beta1)) * state["v"] + _col(beta1) * target
+        new_state["v"] = target.astype(state["v"].dtype, copy=False)
+    step = core.ef_step_rows(target, state[memory], operator(hp, target.shape[1]), beta2)
+    new_state[memory] = step.memory
+    messages = _noisy(step.increment, hp.get("sigma", 0.0), noise)
+    if np.any(np.asarray(beta2) != 1):
+        messages = (_col(beta2) * messages).astype(step.increment.dtype, copy=False)
+    return ClientRound(messages, new_state, step.active, np.stack([core.row_norms(target), step.input_norms], axis=1))
 
 
-def _ef_server(lr: float):
-    """``g <- g + sum(messages) / n``, ``x <- x - lr * g`` (divides by all n)."""
+def _ef_server(x, state, messages, n, hp):
+    """g <- g + (1/n) sum of the messages (divided by all n clients), x <- x - lr g."""
+    g = state["g"]
+    if len(messages):
+        g = (g + messages.sum(axis=0, dtype=np.float64) / n).astype(g.dtype)
+    return (x - hp["lr"] * g).astype(x.dtype), {"g": g}
 
-    def init(params: Params) -> ServerState:
-        return {"g": core.zeros_like(params)}
 
-    def update(params, state, messages, n):
-        g = state["g"]
-        if messages:
-            g = core.add(g, core.mean(messages, divisor=n))
-        return core.add(params, g, -lr), {"g": g}
+def _celgc_client(x, state, grads, noise, hp):
+    """I local steps y <- y - lr clip_tau(grad(y)) from x; sends x - y."""
+    g = grads(x, 0)  # the first step is at x itself: (m, d), which also says how many clients
+    y = np.array(np.broadcast_to(x, g.shape), copy=True)
+    active = np.zeros(len(g), dtype=bool)
+    clip, first = core.clip_rows(hp["tau"]), None
+    for s in range(int(hp["local-steps"])):
+        c, a, norms = clip(g if s == 0 else grads(y, s))
+        first = norms if first is None else first
+        y -= (_col(hp["lr"]) * c).astype(y.dtype, copy=False)
+        active |= a
+    update = (x - y).astype(y.dtype, copy=False)
+    return ClientRound(update, {}, active, np.stack([core.row_norms(update), first], axis=1))
 
-    return init, update
+
+def _clip_op(hp: Hyper, d: int) -> core.RowOperator:
+    return core.clip_rows(hp["tau"])
 
 
 def _check(name: str, value: object, rule, text: str) -> float:
@@ -242,8 +265,8 @@ def gd(*, lr: float, stochastic: bool = False, message_norm_cap: float = MESSAGE
     """
     lr, bound = _positive("lr", lr), _cap(message_norm_cap)
     return Algorithm(
-        "sgd" if stochastic else "gd", _no_state, _gradient_client(), _no_state,
-        _averaging_server(lr), message_bound=bound, stochastic=stochastic,
+        "sgd" if stochastic else "gd", (), functools.partial(_gradient_client, clip=False), (),
+        functools.partial(_averaging_server, clip=False), message_bound=bound, stochastic=stochastic,
         hyper={"lr": lr, "message-norm-cap": bound(0)},
     )
 
@@ -252,8 +275,8 @@ def clip_gd(*, lr: float, tau: float, sigma: float = 0.0, stochastic: bool = Fal
     """Naive client-side clipping: clients send ``clip_tau(grad) + N(0, sigma^2)``."""
     lr, tau, sigma = _positive("lr", lr), _positive("tau", tau), _sigma(sigma)
     return Algorithm(
-        "clip-sgd" if stochastic else "clip-gd", _no_state,
-        _gradient_client(core.clip_operator(tau), sigma), _no_state, _averaging_server(lr),
+        "clip-sgd" if stochastic else "clip-gd", (), functools.partial(_gradient_client, clip=True), (),
+        functools.partial(_averaging_server, clip=False),
         message_bound=lambda d: tau + gaussian_noise_bound(sigma, d), stochastic=stochastic,
         noise_multiplier=_noise_z(sigma, tau), hyper={"lr": lr, "tau": tau, "sigma": sigma},
     )
@@ -263,8 +286,8 @@ def server_clip_gd(*, lr: float, tau: float, message_norm_cap: float = MESSAGE_N
     """Server-side clipping of the averaged gradient; clients' messages are bounded by ``message_norm_cap``."""
     lr, tau, bound = _positive("lr", lr), _positive("tau", tau), _cap(message_norm_cap)
     return Algorithm(
-        "server-clip-gd", _no_state, _gradient_client(), _no_state,
-        _averaging_server(lr, core.clip_operator(tau)), message_bound=bound,
+        "server-clip-gd", (), functools.partial(_gradient_client, clip=False), (),
+        functools.partial(_averaging_server, clip=True), message_bound=bound,
         hyper={"lr": lr, "tau": tau, "message-norm-cap": bound(0)},
     )
 
@@ -272,12 +295,9 @@ def server_clip_gd(*, lr: float, tau: float, message_norm_cap: float = MESSAGE_N
 def clip21(*, lr: float, tau: float, stochastic: bool = False) -> Algorithm:
     """Clip21-GD / Clip21-SGD: error feedback with ``C = clip_tau``."""
     lr, tau = _positive("lr", lr), _positive("tau", tau)
-    op = core.clip_operator(tau)
-    c_init, c_update = _ef_client(lambda d: op)
-    s_init, s_update = _ef_server(lr)
     return Algorithm(
-        "clip21-sgd" if stochastic else "clip21-gd", c_init, c_update, s_init, s_update,
-        message_bound=lambda d: tau, stochastic=stochastic, memory="v",
+        "clip21-sgd" if stochastic else "clip21-gd", ("v",), functools.partial(_ef_client, operator=_clip_op),
+        ("g",), _ef_server, message_bound=lambda d: tau, stochastic=stochastic, memory="v",
         hyper={"lr": lr, "tau": tau},
     )
 
@@ -288,11 +308,9 @@ def clip21_sgd2m(
     """Clip21-SGD2M: client momentum beta1, error-feedback step beta2, local noise sigma."""
     lr, tau = _positive("lr", lr), _positive("tau", tau)
     beta1, beta2, sigma = _beta("beta1", beta1), _beta("beta2", beta2), _sigma(sigma)
-    op = core.clip_operator(tau)
-    c_init, c_update = _ef_client(lambda d: op, memory="g", beta1=beta1, beta2=beta2, sigma=sigma)
-    s_init, s_update = _ef_server(lr)
     return Algorithm(
-        "clip21-sgd2m", c_init, c_update, s_init, s_update,
+        "clip21-sgd2m", ("g", "v") if beta1 < 1 else ("g",),
+        functools.partial(_ef_client, operator=_clip_op, memory="g"), ("g",), _ef_server,
         message_bound=lambda d: beta2 * (tau + gaussian_noise_bound(sigma, d)), stochastic=True,
         memory="g", noise_multiplier=_noise_z(sigma, tau),
         hyper={"lr": lr, "tau": tau, "beta1": beta1, "beta2": beta2, "sigma": sigma},
@@ -308,18 +326,17 @@ def ef21_topk(
     """
     lr = _positive("lr", lr)
     topk_count(topk, 1)  # checks the value
-    clip = core.clip_operator(_positive("tau", tau)) if tau is not None else None
-    bound = (lambda d: tau) if clip else _cap(message_norm_cap)
+    clip = tau is not None
+    bound = (lambda d: _positive("tau", tau)) if clip else _cap(message_norm_cap)
+    bound(0)
 
-    def make_operator(d: int):
-        op = core.topk_operator(topk_count(topk, d))
-        return core.compose(op, clip) if clip is not None else op
+    def operator(hp: Hyper, d: int) -> core.RowOperator:
+        op = core.topk_rows(topk_count(topk, d))
+        return core.compose_rows(op, core.clip_rows(hp["tau"])) if clip else op
 
-    c_init, c_update = _ef_client(make_operator)
-    s_init, s_update = _ef_server(lr)
     return Algorithm(
-        "clip21-topk" if clip else "ef21-topk", c_init, c_update, s_init, s_update,
-        message_bound=bound, memory="v", sparse=True,
+        "clip21-topk" if clip else "ef21-topk", ("v",), functools.partial(_ef_client, operator=operator),
+        ("g",), _ef_server, message_bound=bound, memory="v", sparse=True,
         sparse_entries=lambda d: min(topk_count(topk, d), d),
         hyper={"lr": lr, "topk": topk, **({"tau": tau} if clip else {"message-norm-cap": bound(0)})},
     )
@@ -329,25 +346,17 @@ def celgc(*, lr: float, tau: float, local_steps: int = 1) -> Algorithm:
     """CELGC: I local steps ``y <- y - min(eta, gamma_c / ||g||) g`` from x, then model averaging.
 
     With eta = lr and gamma_c = lr * tau each local step is ``y - lr * clip_tau(g)``.
-    Clients send ``x - y`` (the server's new model is the mean of the y_i).
+    Clients send ``x - y`` (the server's new model is the mean of the y_i: server step 1).
     """
     lr, tau = _positive("lr", lr), _positive("tau", tau)
     if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
         raise ValueError(f"local-steps must be an integer >= 1, got {local_steps!r}")
-    op = core.clip_operator(tau)
 
-    def update(params, state, grad_fn: GradFn, rng) -> ClientResult:
-        y, active, first = params, False, None
-        for _ in range(local_steps):
-            grad = grad_fn(y, rng)
-            first = core.global_norm(grad) if first is None else first
-            step, a = op(grad)
-            y, active = core.add(y, step, -lr), active or a
-        update = core.add(params, y, -1.0)
-        return ClientResult(update, state, active, (core.global_norm(update), first))
+    def server(x, state, messages, n, hp):
+        return _averaging_server(x, state, messages, n, {**hp, "lr": 1.0}, clip=False)
 
     return Algorithm(
-        "celgc", _no_state, update, _no_state, _averaging_server(1.0),
+        "celgc", (), _celgc_client, (), server,
         message_bound=lambda d: local_steps * lr * tau, stochastic=True,
         hyper={"lr": lr, "tau": tau, "local-steps": local_steps},
     )

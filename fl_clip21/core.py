@@ -157,3 +157,106 @@ def error_feedback_step(
     diff = {k: np.asarray(target[k] - memory[k], dtype=memory[k].dtype) for k in memory}
     c, active = operator(diff)
     return EFStep(c, add(memory, c, step), active, global_norm(diff))
+
+
+# --- batches of flat vectors -----------------------------------------------------
+#
+# Every engine holds a batch of clients as an (m, d) array, one flattened model
+# per row (fl_clip21.layout). The operators below act row by row with no Python
+# loop over the rows; a per-row threshold (an (m,) array) serves batched sweeps.
+# docs/algorithms.md, "The error-feedback step".
+
+RowOperator = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def row_norms(Y: np.ndarray) -> np.ndarray:
+    """The L2 norm of every row of ``Y`` (m, d), in float64, without overflow or underflow."""
+    Y = np.asarray(Y)
+    flat = Y.reshape(-1, Y.shape[-1]) if Y.ndim > 1 else Y.reshape(1, -1)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        sq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
+    bad = ~((sq > 1e-280) & (sq < math.inf))
+    if bad.any():  # rescale the rows whose squares overflow or underflow
+        rows = flat[bad].astype(np.float64)
+        peak = np.max(np.abs(rows), axis=1, initial=0.0)
+        safe = np.where((peak > 0) & np.isfinite(peak), peak, 1.0)
+        with np.errstate(invalid="ignore"):
+            scaled = peak * np.sqrt(np.einsum("ij,ij->i", rows / safe[:, None], rows / safe[:, None]))
+        sq = np.sqrt(sq)
+        sq[bad] = np.where((peak > 0) & np.isfinite(peak), scaled, peak)
+        return sq.reshape(Y.shape[:-1]) if Y.ndim > 1 else sq[0]
+    out = np.sqrt(sq)
+    return out.reshape(Y.shape[:-1]) if Y.ndim > 1 else out[0]
+
+
+def clip_rows(tau: float | np.ndarray) -> RowOperator:
+    """clip_tau on every row: ``min(1, tau / ||y||) y``, and 0 for a zero row (no division by zero).
+
+    ``tau`` is a number or an (m,) array of one threshold per row. The operator
+    returns ``(C, active, norms)``: the clipped rows, whether clipping changed
+    each row (``||y|| > tau``), and the rows' norms before clipping.
+    """
+    t = np.asarray(tau, dtype=np.float64)
+    if not np.all(t > 0):
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+
+    def op(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        norms = row_norms(Y)
+        active = norms > t
+        with np.errstate(divide="ignore"):
+            factor = np.where(active, t / np.where(active, norms, 1.0), 1.0)
+        return (Y * factor[:, None].astype(Y.dtype, copy=False)), active, norms
+
+    return op
+
+
+def topk_rows(k: int) -> RowOperator:
+    """Top-k on every row: keep the k entries of largest magnitude (ties: numpy's introselect).
+
+    ``active`` is True for a row whose dropped entries were not all zero.
+    """
+    if k < 1:
+        raise ValueError(f"topk must be >= 1, got {k!r}")
+
+    def op(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        norms = row_norms(Y)
+        m, d = Y.shape
+        if k >= d:
+            return Y.copy(), np.zeros(m, dtype=bool), norms
+        keep = np.argpartition(np.abs(Y), d - k, axis=1)[:, d - k :]
+        rows = np.arange(m)[:, None]
+        C = np.zeros_like(Y)
+        C[rows, keep] = Y[rows, keep]
+        active = np.count_nonzero(Y, axis=1) > np.count_nonzero(C, axis=1)
+        return C, active, norms
+
+    return op
+
+
+def compose_rows(*ops: RowOperator) -> RowOperator:
+    """Apply ``ops`` left to right; active if any was; the norms are the input's."""
+
+    def op(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out, active, norms = ops[0](Y)
+        for f in ops[1:]:
+            out, a, _ = f(out)
+            active = active | a
+        return out, active, norms
+
+    return op
+
+
+class RowStep(NamedTuple):
+    """One error-feedback step of a batch of clients."""
+
+    increment: np.ndarray  # (m, d): C(target - memory), what each client sends
+    memory: np.ndarray  # (m, d): memory + step * increment
+    active: np.ndarray  # (m,) bool: whether the operator changed a row
+    input_norms: np.ndarray  # (m,): ||target - memory|| per row
+
+
+def ef_step_rows(target: np.ndarray, memory: np.ndarray, op: RowOperator, step: float | np.ndarray = 1.0) -> RowStep:
+    """``C = op(target - memory)``, ``memory + step C``, row by row (Clip21, EF21, SGD2M's memory)."""
+    c, active, norms = op(target - memory)
+    s = np.asarray(step, dtype=memory.dtype)
+    return RowStep(c, memory + (s[:, None] if s.ndim else s) * c, active, norms)

@@ -1,4 +1,4 @@
-"""What every engine shares: client sampling, per-client RNGs, one round.
+"""What every engine shares: client sampling, random streams, a batch of clients' round.
 
 System heterogeneity is drawn here too, from seeded streams of (seed, client,
 round): which clients are online (:func:`sample_clients` picks among them) and
@@ -7,11 +7,12 @@ really sleeps that long and the Flower server drops replies later than the
 round timeout; ``run_local`` drops the same replies (:func:`late_clients`).
 
 ``run_local`` runs a scenario's algorithm in this process with the same
-algorithm values, sampling and generators as the Flower engine: it is the
-reference the Flower runs are checked against. Each round it computes every
-sampled client's gradient in one batched call (:func:`clients_round`), then
-runs each client's update of the algorithm. ``run_vectorized`` runs every
-algorithm of a scenario that way: the ``--engine vectorized`` of the CLI.
+algorithm values, sampling and random streams as the Flower engine: it is the
+reference the Flower runs are checked against. Client state is stacked, one
+(n, d) array per name, and each round runs the algorithm's client function on
+all sampled rows at once (the Flower client runs the same function on one).
+``run_vectorized`` runs every algorithm of a scenario that way: the ``--engine
+vectorized`` of the CLI.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from fl_clip21 import core
-from fl_clip21.algorithms import FLOWER_BASELINES, Algorithm, ClientResult, GradFn, algorithm_from_config
+from fl_clip21 import core, streams
+from fl_clip21.algorithms import FLOWER_BASELINES, Algorithm, ClientRound, Grads, Noise, algorithm_from_config
 from fl_clip21.config import ConfigError
 from fl_clip21.privacy import epsilon
-from fl_clip21.problems import Problem, build_problem, client_grads
+from fl_clip21.problems import Evaluation, Minibatch, Problem, build_problem
 
 # on_round(algorithm, record, rounds) after every round, for progress displays
 # (the same callback the Flower engine takes).
@@ -100,110 +101,56 @@ def late_clients(cfg: dict[str, Any], server_round: int, clients: Sequence[int])
     return {i for i in clients if draws[i] < cfg["straggler-fraction"]}
 
 
-def dropped_reply_state(algorithm: Algorithm, server_copy: dict | None, after: dict) -> dict:
-    """A client's state after a round whose reply the server did not apply.
+def batch_grads(
+    problem: Problem, algorithm: Algorithm, cfg: dict[str, Any], clients: np.ndarray, server_round: int,
+    cached: np.ndarray | None = None, at: np.ndarray | None = None,
+) -> Grads:
+    """``grads(points, step)`` of a batch of clients in ``server_round``: minibatches for stochastic algorithms.
 
-    The memory the server mirrors (``algorithm.memory``, Clip21's v_i) is the
-    server's copy, the sum of the client's messages it applied: the Flower
-    client's consistency protocol resyncs the client to it. With sigma = 0 that
-    is the memory the client had before the round. The rest of the state is
-    what the client computed.
+    ``cached``: every client's full gradient at the model ``at`` (from the last
+    evaluation); a full-batch algorithm's gradients at ``at`` are read from it.
     """
-    if algorithm.memory is None:
-        return after
-    return {**after, algorithm.memory: server_copy}
+    size = cfg["batch-size"] if algorithm.stochastic else None
+
+    def grads(points: np.ndarray, step: int) -> np.ndarray:
+        if cached is not None and size is None and points is at:
+            return cached[clients]
+        minibatch = Minibatch(cfg["seed"], server_round, size, step) if size is not None else None
+        return problem.grads(points, clients, minibatch)
+
+    return grads
 
 
-def client_rng(seed: int, client: int, server_round: int) -> np.random.Generator:
-    """The generator of client ``client`` in round ``server_round`` (reproducible)."""
-    return np.random.default_rng([seed, client, server_round])
+def batch_noise(cfg: dict[str, Any], clients: np.ndarray, server_round: int, d: int, dtype) -> Noise:
+    """``noise(step)``: the batch's N(0, I_d) draws of ``server_round`` (counter-based, per client)."""
 
+    def noise(step: int) -> np.ndarray:
+        return streams.normals(cfg["seed"], streams.NOISE, clients, server_round, d, step).astype(dtype, copy=False)
 
-def _batch_size(algorithm: Algorithm, cfg: dict[str, Any]) -> int | None:
-    return cfg["batch-size"] if algorithm.stochastic else None
-
-
-def _grad_fn(problem: Problem, client: int, batch: int | None) -> GradFn:
-    def grad_fn(p, rng):
-        return problem.client_grad(client, p, rng if batch else None, batch)
-
-    return grad_fn
+    return noise
 
 
 def client_round(
     algorithm: Algorithm, problem: Problem, cfg: dict[str, Any], client: int, server_round: int,
-    params: core.Params, state: dict,
-) -> ClientResult:
-    """Client ``client``'s work in ``server_round``: the algorithm's client update."""
-    grad_fn = _grad_fn(problem, client, _batch_size(algorithm, cfg))
-    return algorithm.client_update(params, state, grad_fn, client_rng(cfg["seed"], client, server_round))
+    x: np.ndarray, state: dict[str, np.ndarray],
+) -> ClientRound:
+    """Client ``client``'s work in ``server_round`` (a batch of one: ``state`` rows are (1, d))."""
+    clients = np.array([client], dtype=np.int64)
+    return algorithm.client_round(
+        x, state, batch_grads(problem, algorithm, cfg, clients, server_round),
+        batch_noise(cfg, clients, server_round, x.shape[-1], x.dtype),
+    )
 
 
-def _prefetched(
-    grad_fn: GradFn, params: core.Params, grad: core.Params, rng: np.random.Generator,
-    fresh: dict | None, drawn: dict | None,
-) -> GradFn:
-    """``grad_fn`` whose first call, at ``params`` with an unused ``rng``, returns ``grad``.
-
-    ``grad`` came from a batched call that drew the minibatch from ``rng``, taking
-    it from state ``fresh`` to ``drawn``, after which ``rng`` was set back to
-    ``fresh``. That first call puts ``rng`` in state ``drawn``, as if it had drawn
-    the minibatch itself. Any other call computes the gradient as
-    :func:`client_round` does, so the draws never depend on the prefetching.
-    """
-    pending = [True]
-
-    def fn(p, r):
-        first = bool(pending)
-        pending.clear()
-        if first and p is params and r is rng and (fresh is None or r.bit_generator.state == fresh):
-            if drawn is not None:
-                r.bit_generator.state = drawn
-            return grad
-        return grad_fn(p, r)
-
-    return fn
-
-
-def clients_round(
-    algorithm: Algorithm, problem: Problem, cfg: dict[str, Any], clients: Sequence[int], server_round: int,
-    params: core.Params, states: Sequence[dict],
-) -> list[ClientResult]:
-    """:func:`client_round` of every client in ``clients``, with one batched gradient call.
-
-    ``states[j]`` is the state of client ``clients[j]``. The results, generator
-    draws included, are those of :func:`client_round` client after client.
-    """
-    batch = _batch_size(algorithm, cfg)
-    rngs = [client_rng(cfg["seed"], i, server_round) for i in clients]
-    fresh: list[dict | None] = [None] * len(clients)
-    drawn: list[dict | None] = [None] * len(clients)
-    if batch:
-        fresh = [r.bit_generator.state for r in rngs]
-        grads = client_grads(problem, params, clients, rngs, batch)
-        drawn = [r.bit_generator.state for r in rngs]
-        for r, state in zip(rngs, fresh):
-            r.bit_generator.state = state
-    else:
-        grads = client_grads(problem, params, clients)
-    return [
-        algorithm.client_update(
-            params, state, _prefetched(_grad_fn(problem, i, batch), params, grad, rng, f, d), rng
-        )
-        for i, state, grad, rng, f, d in zip(clients, states, grads, rngs, fresh, drawn)
-    ]
-
-
-def message_bytes(algorithm: Algorithm, message: core.Params) -> int:
-    """Bytes of values a message carries: dense arrays, or Top-k's k indices and k values.
+def message_bytes(algorithm: Algorithm, d: int, dtype) -> int:
+    """Bytes of values one message carries: d dense values, or Top-k's k indices and k values.
 
     The Flower client sends the same bytes (:func:`fl_clip21.flower.records.encode_sparse`).
     """
+    itemsize = np.dtype(dtype).itemsize
     if algorithm.sparse:
-        d = sum(int(np.size(v)) for v in message.values())
-        index_bytes = 4 if d < 2**31 else 8
-        return algorithm.sparse_entries(d) * (index_bytes + np.result_type(*message.values()).itemsize)
-    return sum(int(v.nbytes) for v in message.values())
+        return algorithm.sparse_entries(d) * ((4 if d < 2**31 else 8) + itemsize)
+    return d * itemsize
 
 
 NORM_QUANTILES = (("q10", 10.0), ("q50", 50.0), ("q90", 90.0), ("max", 100.0))
@@ -238,67 +185,82 @@ def round_epsilon(algorithm: Algorithm, times_asked: np.ndarray, delta: float) -
     return {"epsilon": epsilon(algorithm.noise_multiplier, int(times_asked.max()), delta)}
 
 
-def evaluate(problem: Problem, params: core.Params) -> dict[str, float]:
-    """Global metrics at ``params``: loss, grad_norm_sq (on all data), accuracy."""
-    norm = core.global_norm(problem.grad(params))
+def metrics(ev: Evaluation) -> dict[str, float]:
+    """The record's global metrics: loss, grad_norm_sq (of f, on all data), accuracy."""
+    norm = float(core.row_norms(ev.grad))
     # A product overflows to inf where ``norm ** 2`` raises: a diverging run is reported, not a crash.
-    out = {"loss": problem.loss(params), "grad_norm_sq": norm * norm}
-    acc = problem.accuracy(params)
-    if acc is not None:
-        out["accuracy"] = acc
+    out = {"loss": ev.loss, "grad_norm_sq": norm * norm}
+    if ev.accuracy is not None:
+        out["accuracy"] = ev.accuracy
     return out
 
 
+def evaluate(problem: Problem, params: core.Params) -> dict[str, float]:
+    """Global metrics at the model ``params`` (array dict)."""
+    return metrics(problem.evaluate(problem.layout.flatten(params)))
+
+
 def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -> dict[str, Any]:
-    """Run algorithm ``name`` of scenario ``cfg`` in-process; same output as the Flower engine."""
+    """Run algorithm ``name`` of scenario ``cfg`` in-process on stacked client state; the Flower engine's output.
+
+    Every client's state is one (n, d) array per name; a round computes the
+    sampled clients' rows in one batched call. A full-batch algorithm reads its
+    gradients from the last evaluation, which computed them at the same model.
+    """
     problem = build_problem(cfg)
     algorithm = algorithm_from_config(name, cfg)
-    n = cfg["num-clients"]
-    params = problem.init_params()
-    server_state = algorithm.server_init(params)
-    states = [algorithm.client_init(params) for _ in range(n)]
+    n, layout = cfg["num-clients"], problem.layout
+    d, dtype = layout.size, layout.dtype
+    x = layout.flatten(problem.init_params())
+    server = algorithm.server_init(d, dtype)
+    state = algorithm.client_init(n, d, dtype)
     # The server's copies of the clients' memories, kept when a reply can be dropped.
-    copies = (
-        [core.zeros_like(params) for _ in range(n)]
-        if algorithm.memory is not None and _drops_possible(cfg) else None
-    )
+    copies = layout.zeros(n) if algorithm.memory is not None and _drops_possible(cfg) else None
+    reuse = not algorithm.stochastic
+    cached = None
     records = []
     times_asked = np.zeros(n, dtype=np.int64)
     start = time.perf_counter()
     for k in range(1, cfg["rounds"] + 1):
         t0 = time.perf_counter()
-        clients = sample_clients(cfg["seed"], k, n, cfg["fraction"], cfg.get("availability", 1.0))
+        clients = np.asarray(
+            sample_clients(cfg["seed"], k, n, cfg["fraction"], cfg.get("availability", 1.0)), dtype=np.int64
+        )
         times_asked[clients] += 1
-        results = clients_round(algorithm, problem, cfg, clients, k, params, [states[i] for i in clients])
-        late = late_clients(cfg, k, clients)
-        arrived = []
-        for i, res in zip(clients, results):
-            if i in late:
-                states[i] = dropped_reply_state(algorithm, copies[i] if copies else None, res.state)
-            else:
-                states[i] = res.state
-                arrived.append(res)
-                if copies is not None:
-                    copies[i] = core.add(copies[i], res.message)
-        messages = [res.message for res in arrived]
-        clipped = sum(res.clipped for res in arrived)
-        params, server_state = algorithm.server_update(params, server_state, messages, n)
+        out = algorithm.client_round(
+            x, {s: v[clients] for s, v in state.items()}, batch_grads(problem, algorithm, cfg, clients, k, cached, x),
+            batch_noise(cfg, clients, k, d, dtype),
+        )
+        late = np.isin(clients, sorted(late_clients(cfg, k, clients.tolist())))
+        for s, v in out.state.items():
+            state[s][clients] = v
+        if late.any() and algorithm.memory is not None:
+            # The protocol resyncs a client whose reply was dropped to the server's copy.
+            state[algorithm.memory][clients[late]] = copies[clients[late]]
+        arrived = ~late
+        messages = out.messages[arrived]
+        if copies is not None:
+            copies[clients[arrived]] += messages
+        x, server = algorithm.server_round(x, server, messages, n)
+        accepted = int(arrived.sum())
         rec = {
-            "round": k, "participants": len(clients), "accepted": len(messages),
-            "clip_fraction": clipped / len(messages) if messages else 0.0, "rejected": 0,
-            "failed": len(late), "resyncs": 0,
-            "bytes_up": sum(message_bytes(algorithm, m) for m in messages),
+            "round": k, "participants": len(clients), "accepted": accepted,
+            "clip_fraction": float(out.active[arrived].sum()) / accepted if accepted else 0.0, "rejected": 0,
+            "failed": int(late.sum()), "resyncs": 0, "bytes_up": accepted * message_bytes(algorithm, d, dtype),
             "seconds": time.perf_counter() - t0,
             **round_epsilon(algorithm, times_asked, cfg["delta"]),
-            **(norm_quantiles([res.norms for res in arrived]) if reports_norms(algorithm) else {}),
+            **(norm_quantiles(out.norms[arrived].tolist()) if reports_norms(algorithm) else {}),
         }
-        rec.update(evaluate(problem, params))
+        ev = problem.evaluate(x, client_grads=reuse)
+        cached = ev.client_grads
+        rec.update(metrics(ev))
         records.append(rec)
         if on_round is not None:
             on_round(name, rec, cfg["rounds"])
     return {
-        "records": records, "params": params, "server_state": server_state, "client_states": states,
-        "wall_seconds": time.perf_counter() - start,
+        "records": records, "params": layout.unflatten(x),
+        "server_state": {s: layout.unflatten(v) for s, v in server.items()},
+        "client_states": state, "wall_seconds": time.perf_counter() - start,
     }
 
 

@@ -17,61 +17,89 @@ import functools
 import importlib
 import json
 import warnings
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from fl_clip21 import streams
 from fl_clip21.config import MAX_DIM, MAX_FEATURES, MAX_ROWS, ConfigError, plugin_parts
 from fl_clip21.core import Params
+from fl_clip21.layout import Layout
+
+
+@dataclass(frozen=True)
+class Minibatch:
+    """Which minibatch a client draws: ``size`` rows of its own, from the stream of (seed, round, step).
+
+    ``step`` numbers the draws within one round (CELGC's local steps). A
+    client with at most ``size`` rows uses all of them (its exact gradient).
+    """
+
+    seed: int
+    round: int
+    size: int
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The global objective at a model: f = (1/n) sum_i f_i, its gradient, accuracy.
+
+    ``client_grads`` holds every client's full gradient at that model, (n, d),
+    when computing f's gradient produced them anyway (the engine reuses them as
+    the next round's gradients of full-batch algorithms); otherwise None.
+    """
+
+    loss: float
+    grad: np.ndarray
+    accuracy: float | None
+    client_grads: np.ndarray | None = None
 
 
 class Problem(Protocol):
-    """What an engine needs from a problem."""
+    """What an engine needs from a problem: batches of clients on flat models.
+
+    A model is a flat (d,) vector in :attr:`layout`'s order (fl_clip21.layout);
+    a batch of m clients' points is an (m, d) array, or one (d,) vector that
+    every client of the batch evaluates at.
+    """
 
     num_clients: int
     classification: bool
+    layout: Layout
 
     def init_params(self) -> Params: ...
 
-    def client_grad(
-        self, i: int, params: Params, rng: np.random.Generator | None = None, batch_size: int | None = None
-    ) -> Params:
-        """Gradient of f_i at params; a minibatch one when ``rng`` is given."""
+    def grads(self, points: np.ndarray, clients: np.ndarray, minibatch: Minibatch | None = None) -> np.ndarray:
+        """(m, d): the gradient of f_{clients[j]} at ``points`` (row j, or the one vector), on a minibatch if given."""
 
-    def loss(self, params: Params) -> float: ...
+    def evaluate(self, x: np.ndarray, client_grads: bool = False) -> Evaluation:
+        """f, its gradient and accuracy at ``x``; with ``client_grads`` also every client's full gradient."""
+
+
+class DictAPI:
+    """The array-dict view of a :class:`Problem` (for tests, examples and the Flower baseline).
+
+    Plug-in problems implement this view (``client_grad(i, params, rng,
+    batch_size)``, ``loss``, ``grad``, ``accuracy``) and are wrapped in
+    :class:`PluginProblem`; the built-in ones derive it from their batched methods.
+    """
+
+    layout: Layout
+
+    def client_grad(self, i: int, params: Params, minibatch: Minibatch | None = None) -> Params:
+        return self.layout.unflatten(self.grads(self.layout.flatten(params), np.array([i]), minibatch)[0])
+
+    def loss(self, params: Params) -> float:
+        return self.evaluate(self.layout.flatten(params)).loss
 
     def grad(self, params: Params) -> Params:
-        """Gradient of the global f = (1/n) sum_i f_i."""
+        return self.layout.unflatten(self.evaluate(self.layout.flatten(params)).grad)
 
-    def accuracy(self, params: Params) -> float | None: ...
-
-    # Optional: ``client_grads(params, clients, rngs, batch_size) -> list[Params]``,
-    # every listed client's ``client_grad`` in one pass (see :func:`client_grads`).
-
-
-def client_grads(
-    problem: Problem,
-    params: Params,
-    clients: Sequence[int],
-    rngs: Sequence[np.random.Generator | None] | None = None,
-    batch_size: int | None = None,
-) -> list[Params]:
-    """``[problem.client_grad(i, params, rngs[j], batch_size) for j, i in enumerate(clients)]``.
-
-    Uses the problem's batched ``client_grads`` when it has one. Either way each
-    ``rngs[j]`` is drawn from exactly as client ``clients[j]``'s own
-    ``client_grad`` would draw from it, so minibatches do not depend on how the
-    gradients were computed.
-    """
-    rngs = list(rngs) if rngs is not None else [None] * len(clients)
-    if len(rngs) != len(clients):
-        raise ValueError(f"client_grads needs one rng per client, got {len(rngs)} for {len(clients)} clients")
-    batched = getattr(problem, "client_grads", None)
-    if batched is not None:
-        return batched(params, clients, rngs, batch_size)
-    return [problem.client_grad(i, params, r, batch_size) for i, r in zip(clients, rngs)]
+    def accuracy(self, params: Params) -> float | None:
+        return self.evaluate(self.layout.flatten(params)).accuracy
 
 
 def _segment_starts(sizes: np.ndarray) -> np.ndarray:
@@ -227,7 +255,7 @@ def check_memory(what: str, cfg: dict[str, Any], data_bytes: int, d: int) -> Non
 # --- mean estimation -------------------------------------------------------
 
 
-class MeanEstimation:
+class MeanEstimation(DictAPI):
     """f_i(x) = 0.5 * ||x - a_i||^2; the minimiser of f is the mean of the a_i."""
 
     classification = False
@@ -235,24 +263,18 @@ class MeanEstimation:
     def __init__(self, centers: np.ndarray):
         self.centers = np.asarray(centers, dtype=np.float64)
         self.num_clients = self.centers.shape[0]
+        self.layout = Layout.of(self.init_params())
 
     def init_params(self) -> Params:
         return {"x": np.zeros(self.centers.shape[1])}
 
-    def client_grad(self, i, params, rng=None, batch_size=None) -> Params:
-        return {"x": params["x"] - self.centers[i]}
+    def grads(self, points, clients, minibatch=None) -> np.ndarray:
+        return points - self.centers[np.asarray(clients, dtype=np.int64)]
 
-    def client_grads(self, params, clients, rngs=None, batch_size=None) -> list[Params]:
-        return [{"x": g} for g in params["x"] - self.centers[np.asarray(clients, dtype=np.int64)]]
-
-    def loss(self, params) -> float:
-        return float(0.5 * np.mean(np.sum((params["x"] - self.centers) ** 2, axis=1)))
-
-    def grad(self, params) -> Params:
-        return {"x": params["x"] - self.centers.mean(axis=0)}
-
-    def accuracy(self, params) -> None:
-        return None
+    def evaluate(self, x, client_grads: bool = False) -> Evaluation:
+        diff = x - self.centers
+        loss = float(0.5 * np.mean(np.einsum("ij,ij->i", diff, diff)))
+        return Evaluation(loss, diff.mean(axis=0), None, diff)
 
 
 def _load_centers(cfg: dict[str, Any]) -> np.ndarray:
@@ -360,19 +382,50 @@ def load_libsvm(path: str, cfg: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]
 LOGREG_COPIES = 3
 
 
-class _ClientData:
-    """Per-client (X_i, y_i) built by a partitioner over the whole data."""
+class _ClientData(DictAPI):
+    """Per-client (X_i, y_i) built by a partitioner over the whole data, stored client after client.
+
+    ``X`` and ``y`` hold client 0's rows, then client 1's, ...: ``parts[i]`` is
+    the contiguous range of client i's rows, so a batch of clients' rows is
+    read in place (no copy of the data per round).
+    """
 
     def __init__(self, X: np.ndarray, y: np.ndarray, cfg: dict[str, Any]):
-        self.X, self.y = X, y
-        self.parts = partition_indices(y, cfg)
-        self.num_clients = len(self.parts)
+        parts = partition_indices(y, cfg)
+        order = np.concatenate(parts)
+        self.X, self.y = X[order], y[order]
+        self.sizes = np.array([p.size for p in parts], dtype=np.int64)
+        self.starts = _segment_starts(self.sizes)
+        self.parts = [np.arange(a, a + m) for a, m in zip(self.starts, self.sizes)]
+        self.num_clients = len(parts)
 
-    def batch(self, i: int, rng: np.random.Generator | None, batch_size: int | None) -> np.ndarray:
-        rows = self.parts[i]
-        if rng is None or batch_size is None or batch_size >= rows.size:
-            return rows
-        return rng.choice(rows, size=batch_size, replace=False)
+    def rows(self, clients: np.ndarray, minibatch: Minibatch | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows a batch of clients computes on: ``(rows, owner, weight)``, flat and grouped by client.
+
+        ``owner[r]`` is the position in ``clients`` of the client row ``rows[r]``
+        belongs to, ``weight[r]`` is 1 / (that client's number of rows used).
+        A minibatch of b rows is the b smallest of the client's stream of
+        uniforms (sorted), so it is the same whatever else is computed with it.
+        """
+        clients = np.asarray(clients, dtype=np.int64)
+        sizes = self.sizes[clients]
+        b = minibatch.size if minibatch is not None else None
+        counts = sizes if b is None else np.minimum(sizes, b)
+        owner = np.repeat(np.arange(clients.size), counts)
+        offsets = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        positions = offsets
+        drawn = np.flatnonzero(sizes > b) if b is not None else np.zeros(0, dtype=np.int64)
+        if drawn.size:
+            keys = streams.uniforms(
+                minibatch.seed, streams.BATCH, clients[drawn], minibatch.round, int(sizes[drawn].max()), minibatch.step
+            )
+            keys[np.arange(keys.shape[1])[None, :] >= sizes[drawn][:, None]] = np.inf
+            picked = np.sort(np.argpartition(keys, b - 1, axis=1)[:, :b], axis=1)
+            positions = positions.copy()
+            where = np.isin(owner, drawn)
+            positions[where] = picked.ravel()
+        rows = self.starts[clients][owner] + positions
+        return rows, owner, 1.0 / counts[owner]
 
 
 class LogReg(_ClientData):
@@ -406,61 +459,50 @@ class LogReg(_ClientData):
         X = np.hstack([X, np.ones((X.shape[0], 1))])
         labels = (y == classes[1]).astype(np.int64)
         super().__init__(X, labels, cfg)
-        self.signs = 2.0 * labels - 1.0
+        self.signs = 2.0 * self.y - 1.0
         self.reg = cfg["problem.reg"]
+        self.layout = Layout.of(self.init_params())
+        # 1 / |P_i| of each row's client, for f's gradient (every client weighs the same).
+        self._row_weight = np.repeat(1.0 / self.sizes, self.sizes)
 
     def init_params(self) -> Params:
         return {"w": np.zeros(self.X.shape[1])}
 
-    def _grad_rows(self, w, rows) -> np.ndarray:
-        z = self.signs[rows] * (self.X[rows] @ w)
-        s = -self.signs[rows] * _sigmoid(-z)
-        return self.X[rows].T @ s / rows.size + self._reg_grad(w)
-
-    def _reg_grad(self, w) -> np.ndarray:
+    def _reg_grad(self, w: np.ndarray) -> np.ndarray:
         return self.reg * 2 * w / (1 + w**2) ** 2
 
-    def client_grad(self, i, params, rng=None, batch_size=None) -> Params:
-        return {"w": self._grad_rows(params["w"], self.batch(i, rng, batch_size))}
+    def _weighted_sums(self, values: np.ndarray, rows: np.ndarray, owner: np.ndarray, m: int) -> np.ndarray:
+        """(m, d): sum over each owner's rows of values[r] * X[rows[r]], one sparse product over X in place."""
+        from scipy.sparse import csr_matrix
 
-    def client_grads(self, params, clients, rngs=None, batch_size=None) -> list[Params]:
-        """Every listed client's (minibatch) gradient from one matrix product and segment sums."""
-        rngs = rngs if rngs is not None else [None] * len(clients)
-        rows = [self.batch(i, r, batch_size) for i, r in zip(clients, rngs)]
-        if not rows:
-            return []
-        sizes = np.array([r.size for r in rows])
-        idx = np.concatenate(rows)
-        X, signs, w = self.X[idx], self.signs[idx], params["w"]
-        s = -signs * _sigmoid(-signs * (X @ w))
-        sums = np.add.reduceat(X * s[:, None], _segment_starts(sizes), axis=0)
-        per_client = sums / sizes[:, None] + self._reg_grad(w)
-        return [{"w": g} for g in per_client]
+        return np.asarray(csr_matrix((values, (owner, rows)), shape=(m, self.X.shape[0])) @ self.X)
 
-    @functools.cached_property
-    def _stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """X and signs with every client's rows one after the other; segment starts, |P_i|, 1/|P_i| per row."""
-        sizes = np.array([p.size for p in self.parts])
-        idx = np.concatenate(self.parts)
-        return self.X[idx], self.signs[idx], _segment_starts(sizes), sizes, np.repeat(1.0 / sizes, sizes)
+    def grads(self, points, clients, minibatch=None) -> np.ndarray:
+        """Every listed client's (minibatch) gradient: its rows' margins, then one sparse-times-dense product."""
+        clients = np.asarray(clients, dtype=np.int64)
+        rows, owner, weight = self.rows(clients, minibatch)
+        if points.ndim == 1:
+            z = self.X @ points if rows.size > self.X.shape[0] // 4 else None
+            z = z[rows] if z is not None else self.X[rows] @ points
+        else:
+            z = np.einsum("ij,ij->i", self.X[rows], points[owner])
+        signs = self.signs[rows]
+        s = -signs * _sigmoid(-signs * z) * weight
+        return self._weighted_sums(s, rows, owner, clients.size) + self._reg_grad(points)
 
-    def loss(self, params) -> float:
-        """f = (1/n) sum_i f_i, every client's rows in one pass."""
-        X, signs, starts, sizes, _ = self._stacked
-        w = params["w"]
-        per_row = np.logaddexp(0.0, -signs * (X @ w))
-        data = np.add.reduceat(per_row, starts) / sizes
-        return float(np.mean(data) + self.reg * np.sum(w**2 / (1 + w**2)))
-
-    def grad(self, params) -> Params:
-        """Gradient of f = (1/n) sum_i f_i, every client's rows in one matrix product."""
-        X, signs, _, _, row_weight = self._stacked
-        w = params["w"]
-        s = -signs * _sigmoid(-signs * (X @ w))
-        return {"w": X.T @ (s * row_weight) / self.num_clients + self._reg_grad(w)}
-
-    def accuracy(self, params) -> float:
-        return float(np.mean((self.X @ params["w"] > 0) == (self.signs > 0)))
+    def evaluate(self, x, client_grads: bool = False) -> Evaluation:
+        """f, its gradient and accuracy from one product with X (two with ``client_grads``: every client's, kept)."""
+        z = self.X @ x
+        margin = self.signs * z
+        reg = self.reg * np.sum(x**2 / (1 + x**2))
+        data = np.add.reduceat(np.logaddexp(0.0, -margin), self.starts) / self.sizes
+        s = -self.signs * _sigmoid(-margin) * self._row_weight
+        accuracy = float(np.mean((z > 0) == (self.signs > 0)))
+        if not client_grads:
+            return Evaluation(float(np.mean(data) + reg), self.X.T @ s / self.num_clients + self._reg_grad(x), accuracy)
+        owner = np.repeat(np.arange(self.num_clients), self.sizes)
+        per_client = self._weighted_sums(s, np.arange(self.X.shape[0]), owner, self.num_clients) + self._reg_grad(x)
+        return Evaluation(float(np.mean(data) + reg), per_client.mean(axis=0), accuracy, per_client)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -503,12 +545,13 @@ class DigitsMLP(_ClientData):
             Xt, yt = X, y
         super().__init__(X, y, cfg)
         self.torch = torch
-        self.Xtr = torch.tensor(X, dtype=torch.float32)
-        self.ytr = torch.tensor(y, dtype=torch.int64)
+        self.Xtr = torch.tensor(self.X, dtype=torch.float32)
+        self.ytr = torch.tensor(self.y, dtype=torch.int64)
         self.Xte = torch.tensor(Xt, dtype=torch.float32)
         self.yte = torch.tensor(yt, dtype=torch.int64)
         self.hidden = cfg["problem.hidden"]
         self.seed = cfg["seed"]
+        self.layout = Layout.of(self.init_params())
 
     def _model(self):
         torch = self.torch
@@ -516,60 +559,120 @@ class DigitsMLP(_ClientData):
             torch.nn.Linear(64, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 10)
         )
 
-    def init_params(self) -> Params:
+    def _seeded_model(self):
+        """The model initialised from the scenario's seed, leaving torch's global generator as it was."""
         gen_state = self.torch.random.get_rng_state()
         self.torch.manual_seed(self.seed)
         try:
-            model = self._model()
+            return self._model()
         finally:
             self.torch.random.set_rng_state(gen_state)
-        return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
-    def _forward(self, params, X):
-        torch = self.torch
-        tensors = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-        return torch.func.functional_call(self._model_shell, tensors, (X,)), tensors
+    def init_params(self) -> Params:
+        return {k: v.detach().numpy().copy() for k, v in self._shell.state_dict().items()}
 
     @functools.cached_property
-    def _model_shell(self):
-        return self._model()
+    def _shell(self):
+        """The module ``functional_call`` runs with a model's tensors (its own weights are never used)."""
+        return self._seeded_model()
 
-    def _grad_rows(self, params, rows) -> Params:
+    def _tensors(self, flat: np.ndarray) -> dict:
+        """The model's named tensors over a flat (d,) or (m, d) array (views, no copy)."""
+        t = self.torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
+        lead = t.shape[:-1]
+        out, start = {}, 0
+        for name, shape, size in zip(self.layout.names, self.layout.shapes, self.layout.sizes):
+            out[name] = t[..., start : start + size].reshape(*lead, *shape)
+            start += size
+        return out
+
+    @functools.cached_property
+    def _per_client_grad(self):
+        """``torch.func``: (params, X, y, mask) -> (gradient, loss) of one client's masked mean cross-entropy."""
         torch = self.torch
-        logits, tensors = self._forward(params, self.Xtr[rows])
-        loss = torch.nn.functional.cross_entropy(logits, self.ytr[rows])
-        grads = torch.autograd.grad(loss, list(tensors.values()))
-        return {k: g.numpy() for k, g in zip(tensors, grads)}
 
-    def client_grad(self, i, params, rng=None, batch_size=None) -> Params:
-        return self._grad_rows(params, self.batch(i, rng, batch_size))
+        def loss(params, X, y, mask):
+            logits = torch.func.functional_call(self._shell, params, (X,))
+            ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            return (ce * mask).sum() / mask.sum()
 
-    def loss(self, params) -> float:
+        return torch.func.grad_and_value(loss)
+
+    def _padded(self, clients: np.ndarray, minibatch: Minibatch | None):
+        """Every client's rows as an (m, L) index and mask, L its largest count (vmap needs equal shapes)."""
+        rows, owner, _ = self.rows(clients, minibatch)
+        counts = np.bincount(owner, minlength=len(clients))
+        width = int(counts.max())
+        position = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        index = np.zeros((len(clients), width), dtype=np.int64)
+        mask = np.zeros((len(clients), width), dtype=np.float32)
+        index[owner, position] = rows
+        mask[owner, position] = 1.0
+        return self.torch.from_numpy(index), self.torch.from_numpy(mask)
+
+    def _client_grads(self, points: np.ndarray, clients: np.ndarray, minibatch: Minibatch | None):
         torch = self.torch
-        with torch.no_grad():
-            losses = []
-            for rows in self.parts:
-                logits, _ = self._forward(params, self.Xtr[rows])
-                losses.append(float(torch.nn.functional.cross_entropy(logits, self.ytr[rows])))
-        return float(np.mean(losses))
+        index, mask = self._padded(np.asarray(clients, dtype=np.int64), minibatch)
+        per_row = points.ndim == 2
+        fn = torch.func.vmap(self._per_client_grad, in_dims=(0 if per_row else None, 0, 0, 0))
+        grads, losses = fn(self._tensors(points), self.Xtr[index], self.ytr[index], mask)
+        flat = torch.cat([grads[name].reshape(len(clients), -1) for name in self.layout.names], dim=1)
+        return flat.detach().numpy(), losses.detach().numpy()
 
-    def grad(self, params) -> Params:
-        from fl_clip21.core import mean
+    def grads(self, points, clients, minibatch=None) -> np.ndarray:
+        """Every listed client's (minibatch) gradient in one ``vmap`` of ``grad`` over the clients."""
+        return self._client_grads(points, clients, minibatch)[0]
 
-        return mean([self._grad_rows(params, rows) for rows in self.parts])
-
-    def accuracy(self, params) -> float:
+    def evaluate(self, x, client_grads: bool = False) -> Evaluation:
+        """f and its gradient from every client's full gradient (one vmap), test accuracy."""
+        grads, losses = self._client_grads(x, np.arange(self.num_clients), None)
         with self.torch.no_grad():
-            logits, _ = self._forward(params, self.Xte)
-        return float((logits.argmax(dim=1) == self.yte).float().mean())
+            logits = self.torch.func.functional_call(self._shell, self._tensors(x), (self.Xte,))
+        accuracy = float((logits.argmax(dim=1) == self.yte).float().mean())
+        mean = grads.mean(axis=0, dtype=np.float64).astype(np.float32)
+        return Evaluation(float(np.mean(losses, dtype=np.float64)), mean, accuracy, grads if client_grads else None)
 
 
 # --- building ---------------------------------------------------------------
 
 
-# What the engines use of a problem (the Problem protocol): attributes, then methods.
+# What a plug-in problem must have (the array-dict protocol of DictAPI): attributes, then methods.
 PROBLEM_ATTRIBUTES = ("num_clients", "classification")
 PROBLEM_METHODS = ("init_params", "client_grad", "loss", "grad", "accuracy")
+
+
+class PluginProblem(DictAPI):
+    """A plug-in's array-dict problem as a batched one: its ``client_grad`` called client by client.
+
+    A minibatch client gets a numpy Generator seeded from its counter-based
+    stream (seed, round, step, client): the draws do not depend on the batch.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.num_clients = int(inner.num_clients)
+        self.classification = bool(inner.classification)
+        self.layout = Layout.of(inner.init_params())
+
+    def init_params(self) -> Params:
+        return self.inner.init_params()
+
+    def grads(self, points, clients, minibatch=None) -> np.ndarray:
+        out = self.layout.zeros(len(clients))
+        for j, i in enumerate(np.asarray(clients, dtype=np.int64)):
+            point = points[j] if points.ndim == 2 else points
+            rng, size = None, None
+            if minibatch is not None:
+                words = streams.uint64s(minibatch.seed, streams.BATCH, np.array([i]), minibatch.round, 4, minibatch.step)
+                rng, size = np.random.default_rng(words[0]), minibatch.size
+            out[j] = self.layout.flatten(self.inner.client_grad(int(i), self.layout.unflatten(point), rng, size))
+        return out
+
+    def evaluate(self, x, client_grads: bool = False) -> Evaluation:
+        params = self.layout.unflatten(x)
+        return Evaluation(
+            float(self.inner.loss(params)), self.layout.flatten(self.inner.grad(params)), self.inner.accuracy(params)
+        )
 
 
 def _build(cfg: dict[str, Any]) -> Problem:
@@ -580,7 +683,7 @@ def _build(cfg: dict[str, Any]) -> Problem:
         return LogReg(cfg)
     if name == "mlp":
         return DigitsMLP(cfg)
-    problem = _plugin(cfg, name)
+    problem = PluginProblem(_plugin(cfg, name))
     if problem.num_clients != cfg["num-clients"]:
         raise ConfigError(
             f"num-clients must equal the {problem.num_clients} clients of problem {name!r}, got {cfg['num-clients']}"

@@ -10,6 +10,7 @@ import math
 import warnings
 
 import numpy as np
+from dict_algorithm import client_init, client_update, server_init, server_update
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -295,17 +296,17 @@ def run_rounds(alg, grad_fns, x0, rounds, seed=0):
     """
     rng = np.random.default_rng(seed)
     x = _deep_copy(x0)
-    server = alg.server_init(x)
-    clients = [alg.client_init(x) for _ in grad_fns]
+    server = server_init(alg, x)
+    clients = [client_init(alg, x) for _ in grad_fns]
     xs, servers, client_states, flags = [], [], [], []
     for _ in range(rounds):
         messages, round_flags = [], []
         for i, grad_fn in enumerate(grad_fns):
-            res = alg.client_update(x, clients[i], grad_fn, rng)
+            res = client_update(alg, x, clients[i], grad_fn, rng)
             clients[i] = res.state
             messages.append(res.message)
             round_flags.append(res.clipped)
-        x, server = alg.server_update(x, server, messages, len(grad_fns))
+        x, server = server_update(alg, x, server, messages, len(grad_fns))
         xs.append(x)
         servers.append(server)
         client_states.append(copy.deepcopy(clients))
@@ -341,8 +342,8 @@ def test_clip21_gd_two_clients_two_rounds_by_hand():
     n = 2
 
     x = x0
-    server = alg.server_init(x)
-    c_states = [alg.client_init(x), alg.client_init(x)]
+    server = server_init(alg, x)
+    c_states = [client_init(alg, x), client_init(alg, x)]
     np.testing.assert_array_equal(server["g"]["x"], [0.0, 0.0])
     np.testing.assert_array_equal(c_states[0]["v"]["x"], [0.0, 0.0])
 
@@ -353,15 +354,15 @@ def test_clip21_gd_two_clients_two_rounds_by_hand():
     #           c_2 = (0, 1); v_2 = (0, 1)
     # server:   g = 0 + (c_1 + c_2) / 2 = (-0.3, 0.1)
     #           x^1 = x^0 - 0.5 g = (0.15, -0.05)
-    r1 = alg.client_update(x, c_states[0], grads[0], rng)
-    r2 = alg.client_update(x, c_states[1], grads[1], rng)
+    r1 = client_update(alg, x, c_states[0], grads[0], rng)
+    r2 = client_update(alg, x, c_states[1], grads[1], rng)
     np.testing.assert_allclose(r1.message["x"], [-0.6, -0.8], rtol=0, atol=1e-15)
     np.testing.assert_allclose(r2.message["x"], [0.0, 1.0], rtol=0, atol=1e-15)
     assert (r1.clipped, r2.clipped) == (True, False)
     np.testing.assert_allclose(r1.state["v"]["x"], [-0.6, -0.8], rtol=0, atol=1e-15)
     np.testing.assert_allclose(r2.state["v"]["x"], [0.0, 1.0], rtol=0, atol=1e-15)
     c_states = [r1.state, r2.state]
-    x, server = alg.server_update(x, server, [r1.message, r2.message], n)
+    x, server = server_update(alg, x, server, [r1.message, r2.message], n)
     np.testing.assert_allclose(server["g"]["x"], [-0.3, 0.1], rtol=0, atol=1e-15)
     np.testing.assert_allclose(x["x"], [0.15, -0.05], rtol=0, atol=1e-15)
     np.testing.assert_allclose(
@@ -388,15 +389,15 @@ def test_clip21_gd_two_clients_two_rounds_by_hand():
     #           mean(v) = ((-1.1692099788303083 + 0.15) / 2, (-1.6221921916437787 + 0.95) / 2) = g
     #           x^2 = x^1 - 0.5 g = (0.15 + 0.2548024947075771, -0.05 + 0.1680480479109447)
     #               = (0.4048024947075771, 0.11804804791094468)
-    r1 = alg.client_update(x, c_states[0], grads[0], rng)
-    r2 = alg.client_update(x, c_states[1], grads[1], rng)
+    r1 = client_update(alg, x, c_states[0], grads[0], rng)
+    r2 = client_update(alg, x, c_states[1], grads[1], rng)
     np.testing.assert_allclose(r1.message["x"], [-0.5692099788303083, -0.8221921916437787], rtol=0, atol=1e-14)
     np.testing.assert_allclose(r2.message["x"], [0.15, -0.05], rtol=0, atol=1e-14)
     assert (r1.clipped, r2.clipped) == (True, False)
     np.testing.assert_allclose(r1.state["v"]["x"], [-1.1692099788303083, -1.6221921916437787], rtol=0, atol=1e-14)
     np.testing.assert_allclose(r2.state["v"]["x"], [0.15, 0.95], rtol=0, atol=1e-14)
     c_states = [r1.state, r2.state]
-    x, server = alg.server_update(x, server, [r1.message, r2.message], n)
+    x, server = server_update(alg, x, server, [r1.message, r2.message], n)
     np.testing.assert_allclose(server["g"]["x"], [-0.5096049894151542, -0.3360960958218894], rtol=0, atol=1e-14)
     np.testing.assert_allclose(x["x"], [0.4048024947075771, 0.11804804791094468], rtol=0, atol=1e-14)
     np.testing.assert_allclose(
@@ -486,7 +487,7 @@ def test_clip_gd_messages_are_clipped_gradients():
     alg = algorithms.make_algorithm("clip-gd", lr=0.5, tau=1.0)
     grads = mean_estimation_grads([[10.0, 0.0]])
     x = {"x": np.array([0.0, 0.0])}
-    res = alg.client_update(x, alg.client_init(x), grads[0], np.random.default_rng(0))
+    res = client_update(alg, x, client_init(alg, x), grads[0], np.random.default_rng(0))
     # grad = (-10, 0) -> clip_1 = (-1, 0)
     np.testing.assert_allclose(res.message["x"], [-1.0, 0.0], rtol=1e-15)
     assert res.clipped is True
@@ -621,14 +622,14 @@ def test_the_server_rejects_a_huge_gd_message():
 def test_clip21_server_divides_by_all_clients():
     alg = algorithms.make_algorithm("clip21-gd", lr=0.5, tau=1.0)
     x = {"x": np.array([1.0, 1.0])}
-    state = alg.server_init(x)
+    state = server_init(alg, x)
     # one reply out of n = 4 clients: g = 0 + (0.4, -0.8) / 4 = (0.1, -0.2)
     # x = (1, 1) - 0.5 (0.1, -0.2) = (0.95, 1.1)
-    x_new, state = alg.server_update(x, state, [{"x": np.array([0.4, -0.8])}], 4)
+    x_new, state = server_update(alg, x, state, [{"x": np.array([0.4, -0.8])}], 4)
     np.testing.assert_allclose(state["g"]["x"], [0.1, -0.2], rtol=1e-15)
     np.testing.assert_allclose(x_new["x"], [0.95, 1.1], rtol=1e-15)
     # no reply at all: g is kept and the model still moves by -lr g
-    x_next, state = alg.server_update(x_new, state, [], 4)
+    x_next, state = server_update(alg, x_new, state, [], 4)
     np.testing.assert_allclose(state["g"]["x"], [0.1, -0.2], rtol=1e-15)
     np.testing.assert_allclose(x_next["x"], [0.9, 1.2], rtol=1e-15)
 
@@ -640,16 +641,16 @@ def test_clip21_invariant_with_partial_participation():
     n = len(grads)
     alg = algorithms.make_algorithm("clip21-gd", lr=0.4, tau=0.5)
     x = {"x": np.zeros(3)}
-    server = alg.server_init(x)
-    clients = [alg.client_init(x) for _ in range(n)]
+    server = server_init(alg, x)
+    clients = [client_init(alg, x) for _ in range(n)]
     for _ in range(40):
         sampled = rng.choice(n, size=3, replace=False)
         msgs = []
         for i in sampled:
-            res = alg.client_update(x, clients[i], grads[i], rng)
+            res = client_update(alg, x, clients[i], grads[i], rng)
             assert np.linalg.norm(res.message["x"]) <= 0.5 * (1 + 1e-12)
             clients[i] = res.state
             msgs.append(res.message)
-        x, server = alg.server_update(x, server, msgs, n)
+        x, server = server_update(alg, x, server, msgs, n)
         mean_v = np.mean([c["v"]["x"] for c in clients], axis=0)
         np.testing.assert_allclose(server["g"]["x"], mean_v, rtol=1e-12, atol=1e-12)

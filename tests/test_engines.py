@@ -12,8 +12,8 @@ import pytest
 
 from fl_clip21.algorithms import ALGORITHMS
 from fl_clip21.config import ConfigError, resolve
-from fl_clip21.engine import client_rng, run_local, run_vectorized
-from fl_clip21.problems import build_problem, client_grads
+from fl_clip21.engine import run_local, run_vectorized
+from fl_clip21.problems import Minibatch, PluginProblem, build_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,41 +85,59 @@ def test_vectorized_engine_refuses_flower_dp_fixed_before_running():
 
 
 @pytest.mark.parametrize("batch_size", [None, 16, 10_000])
-def test_batched_logreg_grads_equal_client_grad_and_draw_the_same_minibatches(batch_size):
+def test_batched_logreg_grads_are_each_clients_own_whatever_the_batch(batch_size):
     cfg = resolve({"num-clients": 5, "problem": {"name": "logreg"}, "partition": {"kind": "dirichlet", "alpha": 0.5}})
     problem = build_problem(cfg)
-    w = {"w": np.random.default_rng(1).normal(0.0, 0.5, size=problem.X.shape[1])}
-    clients = [0, 2, 3]
-    rngs = [client_rng(7, i, 3) for i in clients]
-    refs = [client_rng(7, i, 3) for i in clients]
-    batched = client_grads(problem, w, clients, rngs, batch_size)
-    for i, g, r, ref in zip(clients, batched, rngs, refs):
-        np.testing.assert_allclose(g["w"], problem.client_grad(i, w, ref, batch_size)["w"], rtol=1e-12, atol=1e-15)
-        assert r.bit_generator.state == ref.bit_generator.state
+    w = np.random.default_rng(1).normal(0.0, 0.5, size=problem.X.shape[1])
+    clients = np.array([0, 2, 3])
+    batch = Minibatch(seed=7, round=3, size=batch_size) if batch_size else None
+    batched = problem.grads(w, clients, batch)
+    per_row = problem.grads(np.tile(w, (3, 1)), clients, batch)  # one point per row (CELGC, sweeps)
+    for j, i in enumerate(clients):
+        alone = problem.grads(w, np.array([i]), batch)[0]
+        np.testing.assert_allclose(batched[j], alone, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(per_row[j], alone, rtol=1e-12, atol=1e-15)
 
 
-def test_problem_without_batched_grads_uses_client_grad():
+def test_a_plug_in_problem_draws_each_clients_minibatch_from_its_own_stream():
     class Plain:
+        num_clients, classification = 3, False
+
+        def init_params(self):
+            return {"x": np.zeros(2)}
+
         def client_grad(self, i, params, rng=None, batch_size=None):
             return {"x": params["x"] * i + (rng.normal() if rng is not None else 0.0)}
 
-    rngs = [np.random.default_rng(i) for i in range(3)]
-    out = client_grads(Plain(), {"x": np.ones(2)}, [0, 1, 2], rngs, 4)
-    expected = [np.ones(2) * i + np.random.default_rng(i).normal() for i in range(3)]
-    for g, e in zip(out, expected):
-        np.testing.assert_array_equal(g["x"], e)
+        def loss(self, params):
+            return 0.0
+
+        def grad(self, params):
+            return {"x": params["x"]}
+
+        def accuracy(self, params):
+            return None
+
+    problem = PluginProblem(Plain())
+    batch = Minibatch(seed=1, round=2, size=4)
+    together = problem.grads(np.ones(2), np.arange(3), batch)
+    for i in range(3):
+        np.testing.assert_array_equal(together[i], problem.grads(np.ones(2), np.array([i]), batch)[0])
+    assert together[0, 0] != 0 and not np.array_equal(together, problem.grads(np.ones(2), np.arange(3), None))
 
 
-@pytest.mark.parametrize("name, calls_per_client", [("clip21-sgd", 0), ("celgc", 1)])
-def test_run_local_takes_gradients_at_the_model_from_the_batched_call(monkeypatch, name, calls_per_client):
-    # celgc's second local step is at another point: that one gradient is the client's own.
-    cfg = resolve({**CONFIGS["logreg-partial"], "algorithms": [name], "rounds": 3})
+@pytest.mark.parametrize("name, calls", [("clip21-gd", 1), ("celgc", 3 * 2)])
+def test_run_local_takes_full_gradients_from_the_evaluation_of_the_same_model(monkeypatch, name, calls):
+    # Full batch, full participation: round 1's gradients are computed, every later
+    # round reads them from the evaluation at the same model. CELGC's local steps
+    # are at other points: one batched call per local step (2) and round.
+    cfg = resolve({**CONFIGS["logreg-partial"], "algorithms": [name], "rounds": 3, "fraction": 1.0})
     problem = build_problem(cfg)
-    calls = []
-    original = problem.client_grad
-    monkeypatch.setattr(problem, "client_grad", lambda i, *a: calls.append(i) or original(i, *a))
+    counted = []
+    original = problem.grads
+    monkeypatch.setattr(problem, "grads", lambda *a: counted.append(1) or original(*a))
     run_local(cfg, name)
-    assert len(calls) == calls_per_client * 3 * 2
+    assert len(counted) == calls
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -22,7 +22,6 @@ from flwr.clientapp.typing import ClientAppCallable
 from fl_clip21.algorithms import make_algorithm
 from fl_clip21.config import ConfigError, resolve
 from fl_clip21.engine import (
-    dropped_reply_state,
     late_clients,
     online_clients,
     run_local,
@@ -193,15 +192,6 @@ def test_straggler_delay_and_late_clients_agree():
         assert not late_clients(resolve({**STRAGGLERS, "round-timeout": timeout}), 1, range(N))
 
 
-def test_a_dropped_reply_takes_the_servers_copy_and_the_rest_of_the_new_state():
-    algo = make_algorithm("clip21-sgd2m", lr=1.0, tau=0.1, beta1=0.5)
-    server_copy = {"w": np.zeros(2)}
-    after = {"g": {"w": np.ones(2)}, "v": {"w": np.full(2, 2.0)}}
-    kept = dropped_reply_state(algo, server_copy, after)
-    assert kept["g"] is server_copy and kept["v"] is after["v"]
-    assert dropped_reply_state(make_algorithm("gd", lr=1.0), {}, {}) == {}
-
-
 def test_vectorized_engine_keeps_g_equal_to_the_mean_memory_through_drops():
     cfg = resolve({**STRAGGLERS, "rounds": 30, "straggler-fraction": 0.3, "availability": 0.7})
     res = run_local(cfg, "clip21-gd")
@@ -247,14 +237,16 @@ def test_objective_weighs_clients_equally_whatever_their_size():
     np.testing.assert_allclose(problem.grad(w)["w"], np.mean(grads, axis=0), rtol=1e-10, atol=1e-14)
 
 
-def test_a_client_smaller_than_the_batch_uses_all_its_rows_and_draws_nothing():
+def test_a_client_smaller_than_the_batch_uses_all_its_rows():
+    from fl_clip21.problems import Minibatch
+
     problem = build_problem(resolve(SIZES))
     w = problem.init_params()
-    rng = np.random.default_rng(0)
-    state = rng.bit_generator.state
-    np.testing.assert_array_equal(problem.client_grad(0, w, rng, 16)["w"], problem.client_grad(0, w)["w"])
-    assert rng.bit_generator.state == state
-    assert problem.client_grad(7, w, rng, 16)["w"].shape == w["w"].shape and rng.bit_generator.state != state
+    batch = Minibatch(seed=0, round=1, size=16)
+    np.testing.assert_array_equal(problem.client_grad(0, w, batch)["w"], problem.client_grad(0, w)["w"])
+    rows, owner, weight = problem.rows(np.array([0, 7]), batch)
+    assert np.bincount(owner).tolist() == [problem.sizes[0], 16] and problem.sizes[0] < 16 < problem.sizes[7]
+    np.testing.assert_allclose(weight, np.repeat([1 / problem.sizes[0], 1 / 16], [problem.sizes[0], 16]))
 
 
 # --- bad values ----------------------------------------------------------------------

@@ -77,7 +77,6 @@ def test_mod_sends_only_the_clipped_increment_and_commits_v_with_its_round():
     assert reply.content["metrics"]["clipped"] == 1
     (key,) = [k for k in ctx.state if k.endswith(".v")]  # the client keeps one copy of its memory
     record = ctx.state[key]
-    v = {k: np.frombuffer(record[k], dtype=c[k].dtype).reshape(c[k].shape) for k in c}
-    for k in c:
-        np.testing.assert_array_equal(v[k], c[k])  # v = 0 + c, committed with its round
+    v = np.frombuffer(record["data"], dtype=np.float32)  # the memory: one flat vector, the model's entries in order
+    np.testing.assert_array_equal(v, np.concatenate([c[k].ravel() for k in arrays.keys()]))  # v = 0 + c
     assert record["fl_clip21.memory-round"] == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from dict_algorithm import client_init, client_update, server_init, server_update
 import pytest
 
 from fl_clip21 import algorithms, config, core, problems
@@ -77,14 +78,26 @@ def test_logreg_global_grad_is_mean_of_client_grads(logreg):
 
 
 def test_logreg_minibatch_grad_uses_batch_rows(logreg):
+    from fl_clip21.problems import Minibatch
+
     w = _logreg_point(logreg, seed=4)
     rows = logreg.parts[1]
     g_full = logreg.client_grad(1, {"w": w})["w"]
-    g_mb = logreg.client_grad(1, {"w": w}, rng=np.random.default_rng(0), batch_size=8)["w"]
+    g_mb = logreg.client_grad(1, {"w": w}, Minibatch(seed=0, round=1, size=8))["w"]
     assert g_mb.shape == g_full.shape and np.all(np.isfinite(g_mb))
     assert not np.allclose(g_mb, g_full)  # a minibatch of 8 out of ~114 rows differs
+    # it is the gradient of 8 of the client's rows, exactly
+    picked, owner, _ = logreg.rows(np.array([1]), Minibatch(seed=0, round=1, size=8))
+    assert picked.size == 8 and set(picked) <= set(rows) and (owner == 0).all()
+    z = logreg.signs[picked] * (logreg.X[picked] @ w)
+    by_hand = logreg.X[picked].T @ (-logreg.signs[picked] / (1 + np.exp(z))) / 8 + logreg._reg_grad(w)
+    np.testing.assert_allclose(g_mb, by_hand, rtol=1e-12, atol=1e-15)
+    # another round draws other rows; the same round the same rows, whatever else is computed with it
+    assert not np.allclose(g_mb, logreg.client_grad(1, {"w": w}, Minibatch(seed=0, round=2, size=8))["w"])
+    together = logreg.grads(w, np.arange(logreg.num_clients), Minibatch(seed=0, round=1, size=8))
+    np.testing.assert_allclose(together[1], g_mb, rtol=1e-12, atol=1e-15)
     # batch_size >= rows: the full gradient
-    g_all = logreg.client_grad(1, {"w": w}, rng=np.random.default_rng(0), batch_size=rows.size)["w"]
+    g_all = logreg.client_grad(1, {"w": w}, Minibatch(seed=0, round=1, size=rows.size))["w"]
     np.testing.assert_array_equal(g_all, g_full)
 
 
@@ -312,16 +325,16 @@ def test_libsvm_file_loads_and_trains(tmp_path):
     # and it trains: 50 rounds of GD lower the loss and raise the accuracy
     alg = algorithms.make_algorithm("gd", lr=1.0)
     x = w0
-    server = alg.server_init(x)
-    states = [alg.client_init(x) for _ in range(problem.num_clients)]
+    server = server_init(alg, x)
+    states = [client_init(alg, x) for _ in range(problem.num_clients)]
     rng = np.random.default_rng(0)
     for _ in range(50):
         msgs = []
         for i in range(problem.num_clients):
-            res = alg.client_update(x, states[i], lambda p, r, i=i: problem.client_grad(i, p), rng)
+            res = client_update(alg, x, states[i], lambda p, r, i=i: problem.client_grad(i, p), rng)
             states[i] = res.state
             msgs.append(res.message)
-        x, server = alg.server_update(x, server, msgs, problem.num_clients)
+        x, server = server_update(alg, x, server, msgs, problem.num_clients)
     assert np.all(np.isfinite(x["w"]))
     assert problem.loss(x) < problem.loss(w0) - 0.1
     assert problem.accuracy(x) >= 0.85

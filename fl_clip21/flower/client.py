@@ -20,13 +20,15 @@ import functools
 import json
 import time
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_clip21.algorithms import Algorithm, algorithm_from_config, model_size
+from fl_clip21.algorithms import Algorithm, ClientRound, algorithm_from_config
 from fl_clip21.config import DATA_DIR, PLUGIN_MODULES, with_node_config
 from fl_clip21.engine import client_round, reports_norms, straggler_delay
 from fl_clip21.flower import records as R
+from fl_clip21.layout import Layout
 from fl_clip21.problems import Problem, build_problem
 
 PARTITION_ID = R.PARTITION_ID
@@ -64,19 +66,25 @@ def state_key(algorithm: str, name: str) -> str:
     return f"{R.STATE_PREFIX}{algorithm}.{name}"
 
 
-def load_state(context: Context, scope: str, init: dict) -> dict:
-    """The client state saved by :func:`save_state`, or ``init`` on a first round."""
+VECTOR = "data"  # the key of a flat state vector's raw bytes in its ConfigRecord
+
+
+def load_state(context: Context, scope: str, names, d: int, dtype) -> dict[str, np.ndarray]:
+    """The client state saved by :func:`save_state`, as (1, d) rows; zeros on a first round."""
     out = {}
-    for name, value in init.items():
+    for name in names:
         record = R.get_record(context.state, state_key(scope, name), ConfigRecord)
-        out[name] = R.unpack(record, value) if record is not None else value
+        if record is None:
+            out[name] = np.zeros((1, d), dtype=dtype)
+        else:
+            out[name] = R.unpack(record, {VECTOR: np.zeros(d, dtype=dtype)})[VECTOR].reshape(1, d).copy()
     return out
 
 
 def save_state(context: Context, scope: str, state: dict, **extra: int) -> None:
-    """Keep ``state`` (name -> array dict) in ``context.state``, each as its arrays' raw bytes."""
-    for name, params in state.items():
-        context.state[state_key(scope, name)] = R.pack(params, **extra)
+    """Keep ``state`` (name -> a flat vector, or a (1, d) row) in ``context.state`` as raw bytes."""
+    for name, vector in state.items():
+        context.state[state_key(scope, name)] = R.pack({VECTOR: np.ravel(vector)}, **extra)
 
 
 def memory_round(context: Context, scope: str, memory: str) -> int:
@@ -85,21 +93,21 @@ def memory_round(context: Context, scope: str, memory: str) -> int:
     return int(record[MEMORY_ROUND]) if record is not None else 0
 
 
-def commit_memory(context: Context, scope: str, memory: str, value, server_round: int) -> None:
-    """Keep ``value`` as the client's memory, holding the increments up to ``server_round``."""
+def commit_memory(context: Context, scope: str, memory: str, value: np.ndarray, server_round: int) -> None:
+    """Keep the flat vector ``value`` as the client's memory, holding the increments up to ``server_round``."""
     save_state(context, scope, {memory: value}, **{MEMORY_ROUND: server_round})
 
 
-def sync_memory(context: Context, scope: str, memory: str, msg: Message, ack: int) -> bool:
+def sync_memory(context: Context, scope: str, memory: str, msg: Message, ack: int, layout: Layout) -> bool:
     """Bring the client's memory in line with the server's; True if a resync is needed.
 
-    A resync record in ``msg`` replaces the memory (and is taken out of the
-    message). Otherwise the memory must hold exactly the increments up to
-    ``ack``, the last round the server applied one of this client's.
+    A resync record in ``msg`` (the model's arrays) replaces the memory (and is
+    taken out of the message). Otherwise the memory must hold exactly the
+    increments up to ``ack``, the last round the server applied one of this client's.
     """
     resync = R.get_record(msg.content, R.RESYNC, ArrayRecord)
     if resync is not None:
-        commit_memory(context, scope, memory, R.from_record(resync), ack)
+        commit_memory(context, scope, memory, layout.flatten(R.from_record(resync)), ack)
         del msg.content[R.RESYNC]
         return False
     return memory_round(context, scope, memory) != ack
@@ -119,15 +127,15 @@ def run_setup(scenario: str, name: str, data_dir=None, plugin_modules=None) -> t
     return cfg, algorithm_from_config(name, cfg), build_problem(cfg)
 
 
-def _reply_metrics(algorithm: Algorithm, result, client: int, server_round: int) -> dict:
-    metrics = {R.CLIPPED: int(result.clipped), PARTITION_ID: client, R.ROUND: server_round}
+def _reply_metrics(algorithm: Algorithm, out: ClientRound, client: int, server_round: int) -> dict:
+    metrics = {R.CLIPPED: int(out.active[0]), PARTITION_ID: client, R.ROUND: server_round}
     if reports_norms(algorithm):
-        metrics[R.UPDATE_NORM], metrics[R.INPUT_NORM] = (float(v) for v in result.norms)
+        metrics[R.UPDATE_NORM], metrics[R.INPUT_NORM] = (float(v) for v in out.norms[0])
     return metrics
 
 
 def train(msg: Message, context: Context) -> Message:
-    """One client round of the algorithm named in the message's config.
+    """One client round of the algorithm named in the message's config (a batch of one client).
 
     A message from one of Flower's own strategies (no algorithm named) gets
     plain local training, for the ``flower-dp-fixed`` baseline.
@@ -146,31 +154,33 @@ def train(msg: Message, context: Context) -> Message:
     delay = straggler_delay(cfg, i, server_round)
     if delay:
         time.sleep(delay)  # a slow device: the server may drop the reply (round-timeout)
-    params = R.from_record(msg.content[R.ARRAYS])
+    layout = problem.layout
+    x = layout.flatten(R.from_record(msg.content[R.ARRAYS]))
     mem = algorithm.memory
     scope = enter_session(context, config, algorithm.name)
-    if mem is not None and sync_memory(context, scope, mem, msg, int(config.get(R.ACK, 0))):
+    if mem is not None and sync_memory(context, scope, mem, msg, int(config.get(R.ACK, 0)), layout):
         metrics = MetricRecord({R.NEEDS_RESYNC: 1, PARTITION_ID: i, R.ROUND: server_round})
         return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
-    state = load_state(context, scope, algorithm.client_init(params))
-    result = client_round(algorithm, problem, cfg, i, server_round, params, state)
-    save_state(context, scope, {k: v for k, v in result.state.items() if k != mem})
+    state = load_state(context, scope, algorithm.client_state, layout.size, layout.dtype)
+    out = client_round(algorithm, problem, cfg, i, server_round, x, state)
+    save_state(context, scope, {k: v for k, v in out.state.items() if k != mem})
     if mem is not None:
-        commit_memory(context, scope, mem, result.state[mem], server_round)
+        commit_memory(context, scope, mem, out.state[mem], server_round)
+    increment = layout.unflatten(out.messages[0])
     if algorithm.sparse:
-        message = R.encode_sparse(result.message, algorithm.sparse_entries(model_size(params)))
+        message = R.encode_sparse(increment, algorithm.sparse_entries(layout.size))
     else:
-        message = R.to_record(result.message)
+        message = R.to_record(increment)
     content = RecordDict(
         {
             R.ARRAYS: message,
-            R.METRICS: MetricRecord(_reply_metrics(algorithm, result, i, server_round)),
+            R.METRICS: MetricRecord(_reply_metrics(algorithm, out, i, server_round)),
         }
     )
     if bool(config.get(R.DO_AUDIT, False)) and mem is not None:
         # The memory this round started from and the one it ends with.
-        content[R.AUDIT_START] = R.to_record(state[mem])
-        content[R.AUDIT_END] = R.to_record(result.state[mem])
+        content[R.AUDIT_START] = R.to_record(layout.unflatten(state[mem][0]))
+        content[R.AUDIT_END] = R.to_record(layout.unflatten(out.state[mem][0]))
     return Message(content, reply_to=msg)
 
 

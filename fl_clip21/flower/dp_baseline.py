@@ -32,13 +32,13 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 
 from fl_clip21 import core
 from fl_clip21.config import with_node_config
-from fl_clip21.engine import client_rng, evaluate
+from fl_clip21.engine import evaluate
 from fl_clip21.flower import records as R
 from fl_clip21.flower.client import partition_of
 from fl_clip21.privacy import epsilon
 from fl_clip21.flower.records import quiet_flower
 from fl_clip21.flower.validation import payload_bytes
-from fl_clip21.problems import build_problem
+from fl_clip21.problems import Minibatch, build_problem
 
 NAME = "flower-dp-fixed"
 
@@ -56,10 +56,10 @@ def local_training(msg: Message, context: Context) -> Message:
     problem = build_problem(cfg)
     i = partition_of(context)
     server_round = int(config.get(R.ROUND, 0))
-    rng = client_rng(cfg["seed"], i, server_round)
     params = R.from_record(msg.content[R.ARRAYS])
-    for _ in range(cfg["local-steps"]):
-        params = core.add(params, problem.client_grad(i, params, rng, cfg["batch-size"]), -cfg["lr"])
+    for step in range(cfg["local-steps"]):
+        minibatch = Minibatch(cfg["seed"], server_round, cfg["batch-size"], step)
+        params = core.add(params, problem.client_grad(i, params, minibatch), -cfg["lr"])
     return Message(
         RecordDict({R.ARRAYS: R.to_record(params), R.METRICS: MetricRecord({"num-examples": 1})}),
         reply_to=msg,

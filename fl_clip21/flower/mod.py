@@ -29,6 +29,7 @@ from flwr.common.constant import ErrorCode
 from fl_clip21 import core
 from fl_clip21.flower import records as R
 from fl_clip21.flower.client import commit_memory, enter_session, load_state, sync_memory
+from fl_clip21.layout import Layout
 
 MODE = "fl_clip21.update"
 STATE = "clip21_mod"
@@ -62,9 +63,10 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if mode not in ("arrays", "gradients"):
         return _error(msg, f"{MODE} must be 'arrays' or 'gradients', got {mode!r}")
     x = R.from_record(next(iter(msg.content.array_records.values())))
+    layout = Layout.of(x)
     scope = enter_session(context, config, STATE)
 
-    if sync_memory(context, scope, MEMORY, msg, ack):
+    if sync_memory(context, scope, MEMORY, msg, ack, layout):
         metrics = MetricRecord({R.NEEDS_RESYNC: 1, R.ROUND: server_round})
         return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
 
@@ -77,22 +79,21 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     y = R.from_record(out)
     if set(y) != set(x) or any(y[k].shape != x[k].shape for k in x):
         return _error(msg, "clip21_mod needs the reply's arrays to have the keys and shapes of the received ones")
-    direction = y if mode == "gradients" else {k: x[k] - y[k] for k in x}
-    v = load_state(context, scope, {MEMORY: core.zeros_like(direction)})[MEMORY]
-    step = core.error_feedback_step(direction, v, core.clip_operator(tau))
-    commit_memory(context, scope, MEMORY, step.memory, server_round)
+    target = layout.flatten(y) if mode == "gradients" else layout.flatten(x) - layout.flatten(y)
+    v = load_state(context, scope, [MEMORY], layout.size, layout.dtype)[MEMORY]
+    step = core.ef_step_rows(target[None, :], v, core.clip_rows(tau))
+    commit_memory(context, scope, MEMORY, step.memory[0], server_round)
 
     del reply.content.array_records[out_name]
-    reply.content[R.ARRAYS] = R.to_record(step.increment)
+    reply.content[R.ARRAYS] = R.to_record(layout.unflatten(step.increment[0]))
     metrics = reply.content.metric_records.get(R.METRICS)
     if metrics is None:
         metrics = MetricRecord({})
         reply.content[R.METRICS] = metrics
-    metrics[R.CLIPPED] = int(step.active)
+    metrics[R.CLIPPED] = int(step.active[0])
     metrics[R.ROUND] = server_round
-    metrics[R.UPDATE_NORM], metrics[R.INPUT_NORM] = core.global_norm(direction), step.input_norm
+    metrics[R.UPDATE_NORM], metrics[R.INPUT_NORM] = float(core.row_norms(target)), float(step.input_norms[0])
     if bool(config.get(R.DO_AUDIT, False)):
-        reply.content[R.AUDIT_START] = R.to_record(v)
-        reply.content[R.AUDIT_END] = R.to_record(step.memory)
+        reply.content[R.AUDIT_START] = R.to_record(layout.unflatten(v[0]))
+        reply.content[R.AUDIT_END] = R.to_record(layout.unflatten(step.memory[0]))
     return reply
-

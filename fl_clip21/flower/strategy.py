@@ -49,6 +49,7 @@ from fl_clip21.flower import validation as V
 from fl_clip21.flower.late import LateReplies
 from fl_clip21.flower.protocol import Audit, ProtocolState
 from fl_clip21.flower.registry import Binding, NodeRegistry, Refused
+from fl_clip21.layout import Layout
 
 NORM_SLACK = V.NORM_SLACK
 # Error replies of a ClientApp that fails the same way every round (not a lost or late reply).
@@ -211,6 +212,7 @@ class Clip21Strategy(Strategy):
         self.history: list[dict[str, Any]] = []
         self._refused: set[int] = set()  # nodes whose claim was refused: never asked again this run
         self._bound: float | None = None
+        self.layout: Layout | None = None
         self._sparse_k: int | None = None
         # This round's state: the nodes asked and their clients, how many were sampled, when it started.
         self._asked: dict[int, int] = {}
@@ -246,7 +248,11 @@ class Clip21Strategy(Strategy):
 
     def _init_state(self, params: dict[str, np.ndarray], copies: MemoryCopies | None = None) -> None:
         self.params = params
-        self.server_state = self.algorithm.server_init(params)
+        self.layout = Layout.of(params)
+        self.server_state = {
+            k: self.layout.unflatten(v)
+            for k, v in self.algorithm.server_init(self.layout.size, self.layout.dtype).items()
+        }
         if self.algorithm.memory is not None:
             copies = copies if copies is not None else self._open_copies(params, create=True)
             self.protocol = ProtocolState(self.num_clients, copies, layout=params)
@@ -627,9 +633,7 @@ class Clip21Strategy(Strategy):
         if self.algorithm.memory is not None:
             self.protocol.end_round(set(self._asked.values()), applied)
         self.late.round_over(answered)
-        self.params, self.server_state = self.algorithm.server_update(
-            self.params, self.server_state, accepted, self.num_clients
-        )
+        self._server_step(accepted)
         self.round = k
         record: dict[str, Any] = {
             "round": k,
@@ -660,6 +664,16 @@ class Clip21Strategy(Strategy):
             self.on_round(record)
         own = {f"{R.PREFIX}{k2}": v for k2, v in record.items() if k2 not in ("round", "train_metrics")}
         return R.to_record(self.params), MetricRecord({**own, **train_metrics})
+
+    def _server_step(self, accepted: list[dict[str, np.ndarray]]) -> None:
+        """The algorithm's server step with the round's accepted messages, on flat vectors."""
+        layout = self.layout
+        x, state = self.algorithm.server_round(
+            layout.flatten(self.params), {k: layout.flatten(v) for k, v in self.server_state.items()},
+            layout.flatten_rows(accepted) if accepted else layout.zeros(0), self.num_clients,
+        )
+        self.params = layout.unflatten(x)
+        self.server_state = {k: layout.unflatten(v) for k, v in state.items()}
 
     def invariant_gap(self) -> float:
         """max |g - (1/n) sum_i v_i| over the memories the clients last reported."""
