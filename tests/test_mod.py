@@ -47,7 +47,7 @@ def _context() -> Context:
     return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 5}, state=RecordDict(), run_config={})
 
 
-def test_mod_without_its_keys_replies_mod_failed_precondition():
+def test_mod_without_its_keys_replies_mod_failed_precondition(flower_task):
     from clients.digits_example import make_model
 
     arrays = ArrayRecord(make_model().state_dict())
@@ -61,7 +61,7 @@ def test_mod_without_its_keys_replies_mod_failed_precondition():
     assert "Clip21Strategy" in reply.error.reason
 
 
-def test_mod_sends_only_the_clipped_increment_and_commits_v_with_its_round():
+def test_mod_sends_only_the_clipped_increment_and_commits_v_with_its_round(flower_task):
     from clients.digits_example import make_model
 
     arrays = ArrayRecord(make_model().state_dict())
