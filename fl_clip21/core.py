@@ -1,8 +1,11 @@
-"""Pure array maths shared by every engine: norms, clipping, error feedback.
+"""Pure array maths shared by every engine: norms, clipping, Top-k, error feedback.
 
-A model is a ``Params`` mapping of array names to numpy arrays; norms are the
-global L2 norm over every array of the model (docs/algorithms.md). Nothing here
-imports Flower, and no function changes its inputs in place.
+Inside the engines a model is one flat vector and a batch of clients an (m, d)
+array (fl_clip21.layout); the operators act on such batches row by row. At the
+edges (wire records, checkpoints, audits) a model is a ``Params`` mapping of
+array names to numpy arrays, and a norm is the global L2 norm over every array
+(docs/algorithms.md). Nothing here imports Flower, and no function changes its
+inputs in place.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ from typing import NamedTuple
 import numpy as np
 
 Params = dict[str, np.ndarray]
-# A contractive operator C: maps an array dict to a new array dict.
-Operator = Callable[[Mapping[str, np.ndarray]], Params]
 
 
 def zeros_like(params: Mapping[str, np.ndarray]) -> Params:
@@ -50,11 +51,6 @@ def max_abs_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> fl
     return max((float(np.max(np.abs(a[k] - b[k]))) for k in a if np.size(a[k])), default=0.0)
 
 
-def scale(a: Mapping[str, np.ndarray], factor: float) -> Params:
-    """``factor * a`` as new arrays."""
-    return {k: np.asarray(factor * v, dtype=v.dtype) for k, v in a.items()}
-
-
 def mean(items: list[Mapping[str, np.ndarray]], divisor: int | None = None) -> Params:
     """Sum of ``items`` divided by ``divisor`` (default: their count)."""
     if not items:
@@ -65,98 +61,6 @@ def mean(items: list[Mapping[str, np.ndarray]], divisor: int | None = None) -> P
         for k in total:
             total[k] += it[k]
     return {k: (total[k] / n).astype(items[0][k].dtype) for k in total}
-
-
-def clip_by_global_norm(params: Mapping[str, np.ndarray], tau: float) -> tuple[Params, bool]:
-    """``clip_tau(y) = min(1, tau / ||y||) * y`` over the whole model.
-
-    Returns the new arrays and whether clipping was active (``||y|| > tau``).
-    ``clip_tau(0) = 0`` without dividing by zero.
-    """
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau!r}")
-    norm = global_norm(params)
-    if norm <= tau:
-        return {k: np.array(v, copy=True) for k, v in params.items()}, False
-    factor = tau / norm
-    return {k: np.asarray(v * factor, dtype=v.dtype) for k, v in params.items()}, True
-
-
-def clip_operator(tau: float) -> Callable[[Mapping[str, np.ndarray]], tuple[Params, bool]]:
-    """``clip_tau`` as an error-feedback operator (returns ``(C(y), active)``)."""
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau!r}")
-
-    def op(y: Mapping[str, np.ndarray]) -> tuple[Params, bool]:
-        return clip_by_global_norm(y, tau)
-
-    return op
-
-
-def topk_operator(k: int) -> Callable[[Mapping[str, np.ndarray]], tuple[Params, bool]]:
-    """Top-k over the whole model: keep the k entries of largest magnitude.
-
-    ``active`` is True when some non-zero entry was dropped.
-    """
-    if k < 1:
-        raise ValueError(f"topk must be >= 1, got {k!r}")
-
-    def op(y: Mapping[str, np.ndarray]) -> tuple[Params, bool]:
-        flat = np.concatenate([np.ravel(v) for v in y.values()]) if y else np.zeros(0)
-        if k >= flat.size:
-            return {n: np.array(v, copy=True) for n, v in y.items()}, False
-        keep = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
-        mask = np.zeros(flat.size, dtype=bool)
-        mask[keep] = True
-        active = bool(np.any(flat[~mask] != 0))
-        out: Params = {}
-        start = 0
-        for n, v in y.items():
-            size = np.size(v)
-            out[n] = np.where(mask[start : start + size].reshape(np.shape(v)), v, 0).astype(v.dtype)
-            start += size
-        return out, active
-
-    return op
-
-
-def compose(*ops: Callable[[Mapping[str, np.ndarray]], tuple[Params, bool]]):
-    """Apply ``ops`` left to right; active if any of them was."""
-
-    def op(y: Mapping[str, np.ndarray]) -> tuple[Params, bool]:
-        out: Mapping[str, np.ndarray] = y
-        active = False
-        for f in ops:
-            out, a = f(out)
-            active = active or a
-        return dict(out), active
-
-    return op
-
-
-class EFStep(NamedTuple):
-    """Result of one error-feedback step."""
-
-    increment: Params  # c = C(target - memory): what the client sends
-    memory: Params  # memory + step * c
-    active: bool  # whether the operator changed its input
-    input_norm: float  # ||target - memory||, the norm the operator saw
-
-
-def error_feedback_step(
-    target: Mapping[str, np.ndarray],
-    memory: Mapping[str, np.ndarray],
-    operator: Callable[[Mapping[str, np.ndarray]], tuple[Params, bool]],
-    step: float = 1.0,
-) -> EFStep:
-    """One EF21-style step: ``c = C(target - memory)``, ``memory + step * c``.
-
-    With ``C = clip_tau`` and ``step = 1`` this is Clip21's client update;
-    ``step = beta2`` gives Clip21-SGD2M's memory update.
-    """
-    diff = {k: np.asarray(target[k] - memory[k], dtype=memory[k].dtype) for k in memory}
-    c, active = operator(diff)
-    return EFStep(c, add(memory, c, step), active, global_norm(diff))
 
 
 # --- batches of flat vectors -----------------------------------------------------
@@ -172,7 +76,7 @@ RowOperator = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 def row_norms(Y: np.ndarray) -> np.ndarray:
     """The L2 norm of every row of ``Y`` (m, d), in float64, without overflow or underflow."""
     Y = np.asarray(Y)
-    flat = Y.reshape(-1, Y.shape[-1]) if Y.ndim > 1 else Y.reshape(1, -1)
+    flat = Y.reshape(int(np.prod(Y.shape[:-1])), Y.shape[-1]) if Y.ndim > 1 else Y[None, :]
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         sq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
     bad = ~((sq > 1e-280) & (sq < math.inf))

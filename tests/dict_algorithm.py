@@ -46,3 +46,29 @@ def server_update(alg, x, state, messages, n):
     rows = layout.flatten_rows(messages) if messages else layout.zeros(0)
     new_x, new_state = alg.server_round(layout.flatten(x), {k: layout.flatten(v) for k, v in state.items()}, rows, n)
     return layout.unflatten(new_x), {k: layout.unflatten(v) for k, v in new_state.items()}
+
+
+def apply_rows(op, y):
+    """A row operator of fl_clip21.core on one array dict: ``(C(y), active)`` as an array dict."""
+    layout = Layout.of(y)
+    out, active, _ = op(layout.flatten(y)[None, :])
+    return layout.unflatten(out[0]), bool(active[0])
+
+
+def clip(y, tau):
+    """clip_tau of the whole model ``y`` (an array dict), through :func:`fl_clip21.core.clip_rows`."""
+    from fl_clip21 import core
+
+    return apply_rows(core.clip_rows(tau), y)
+
+
+def ef_step(target, memory, op, step=1.0):
+    """:func:`fl_clip21.core.ef_step_rows` on one client's array dicts."""
+    from fl_clip21 import core
+
+    layout = Layout.of(memory)
+    res = core.ef_step_rows(layout.flatten(target)[None, :], layout.flatten(memory)[None, :], op, step)
+    return SimpleNamespace(
+        increment=layout.unflatten(res.increment[0]), memory=layout.unflatten(res.memory[0]),
+        active=bool(res.active[0]), input_norm=float(res.input_norms[0]),
+    )

@@ -10,7 +10,7 @@ import math
 import warnings
 
 import numpy as np
-from dict_algorithm import client_init, client_update, server_init, server_update
+from dict_algorithm import apply_rows, clip, client_init, client_update, ef_step, server_init, server_update
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -59,14 +59,14 @@ def _assert_same(a, b):
 @SETTINGS
 @given(PARAMS, TAU)
 def test_clip_norm_is_at_most_tau(y, tau):
-    out, _ = core.clip_by_global_norm(y, tau)
+    out, _ = clip(y, tau)
     assert _norm(out) <= tau * (1 + 1e-12)
 
 
 @SETTINGS
 @given(PARAMS, TAU)
 def test_clip_keeps_keys_shapes_dtypes(y, tau):
-    out, _ = core.clip_by_global_norm(y, tau)
+    out, _ = clip(y, tau)
     assert set(out) == set(y)
     for k in y:
         assert isinstance(out[k], np.ndarray), k
@@ -77,8 +77,8 @@ def test_clip_keeps_keys_shapes_dtypes(y, tau):
 @SETTINGS
 @given(PARAMS, TAU)
 def test_clip_is_idempotent(y, tau):
-    once, _ = core.clip_by_global_norm(y, tau)
-    twice, _ = core.clip_by_global_norm(once, tau)
+    once, _ = clip(y, tau)
+    twice, _ = clip(once, tau)
     assert set(once) == set(twice)
     for k in once:
         np.testing.assert_allclose(twice[k], once[k], rtol=1e-12, atol=1e-300)
@@ -87,7 +87,7 @@ def test_clip_is_idempotent(y, tau):
 @SETTINGS
 @given(PARAMS, TAU)
 def test_clip_active_flag_matches_norm(y, tau):
-    _, active = core.clip_by_global_norm(y, tau)
+    _, active = clip(y, tau)
     assert active == (_norm(y) > tau) or math.isclose(_norm(y), tau, rel_tol=1e-12)
 
 
@@ -98,7 +98,7 @@ def test_clip_of_zero_is_zero_without_warnings(shapes, tau):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with np.errstate(all="raise"):
-            out, active = core.clip_by_global_norm(y, tau)
+            out, active = clip(y, tau)
     assert active is False
     _assert_same(out, y)
     for k in y:
@@ -109,7 +109,7 @@ def test_clip_of_zero_is_zero_without_warnings(shapes, tau):
 @given(PARAMS, st.floats(min_value=1.0, max_value=10.0), st.floats(min_value=1e-6, max_value=10.0))
 def test_clip_inactive_returns_input_unchanged(y, factor, extra):
     tau = _norm(y) * factor + extra  # tau >= ||y||, and tau > 0
-    out, active = core.clip_by_global_norm(y, tau)
+    out, active = clip(y, tau)
     assert active is False
     _assert_same(out, y)
 
@@ -120,7 +120,7 @@ def test_clip_active_has_norm_tau_and_keeps_direction(y, frac):
     norm = _norm(y)
     assume(norm > 1e-3)
     tau = frac * norm  # strictly below ||y||: clipping must be active
-    out, active = core.clip_by_global_norm(y, tau)
+    out, active = clip(y, tau)
     assert active is True
     assert math.isclose(_norm(out), tau, rel_tol=1e-9)
     # Same direction: out is a positive multiple (tau / ||y||) of y, key by key.
@@ -137,7 +137,7 @@ def test_clip_active_has_norm_tau_and_keeps_direction(y, frac):
 def test_clip_does_not_modify_input_and_returns_new_arrays(y, tau):
     before = _deep_copy(y)
     ids = {k: id(v) for k, v in y.items()}
-    out, _ = core.clip_by_global_norm(y, tau)
+    out, _ = clip(y, tau)
     # inputs untouched
     assert {k: id(v) for k, v in y.items()} == ids
     _assert_same(y, before)
@@ -157,7 +157,7 @@ def test_clip_does_not_modify_input_and_returns_new_arrays(y, tau):
 def test_clip_nonpositive_tau_raises(tau):
     y = {"x": np.array([3.0, 4.0])}
     with pytest.raises(ValueError) as ei:
-        core.clip_by_global_norm(y, tau)
+        clip(y, tau)
     msg = str(ei.value)
     assert "tau" in msg
     assert repr(tau) in msg
@@ -166,14 +166,14 @@ def test_clip_nonpositive_tau_raises(tau):
 @pytest.mark.parametrize("tau", [0, -2.5])
 def test_clip_operator_nonpositive_tau_raises(tau):
     with pytest.raises(ValueError) as ei:
-        core.clip_operator(tau)
+        core.clip_rows(tau)
     assert "tau" in str(ei.value) and repr(tau) in str(ei.value)
 
 
 def test_clip_small_example():
     # ||(3, 4), 12|| = sqrt(9 + 16 + 144) = 13; tau = 2.6 -> factor 0.2
     y = {"a": np.array([3.0, 4.0]), "b": np.array(12.0)}
-    out, active = core.clip_by_global_norm(y, 2.6)
+    out, active = clip(y, 2.6)
     assert active is True
     np.testing.assert_allclose(out["a"], [0.6, 0.8], rtol=1e-14)
     np.testing.assert_allclose(out["b"], 2.4, rtol=1e-14)
@@ -197,7 +197,7 @@ def _distinct_model(seed: int) -> dict[str, np.ndarray]:
 def test_topk_keeps_exactly_k_largest_over_whole_model(seed, k):
     y = _distinct_model(seed)
     before = _deep_copy(y)
-    out, active = core.topk_operator(k)(y)
+    out, active = apply_rows(core.topk_rows(k), y)
     _assert_same(y, before)  # input untouched
     flat_in = np.concatenate([np.ravel(y[n]) for n in y])
     flat_out = np.concatenate([np.ravel(out[n]) for n in y])
@@ -216,7 +216,7 @@ def test_topk_keeps_exactly_k_largest_over_whole_model(seed, k):
 @pytest.mark.parametrize("k", [15, 16, 1000])
 def test_topk_k_at_least_size_returns_identical_arrays(k):
     y = _distinct_model(3)
-    out, active = core.topk_operator(k)(y)
+    out, active = apply_rows(core.topk_rows(k), y)
     assert active is False
     _assert_same(out, y)
     for n in y:
@@ -225,7 +225,7 @@ def test_topk_k_at_least_size_returns_identical_arrays(k):
 
 def test_topk_drops_only_zeros_is_not_active():
     y = {"a": np.array([0.0, 5.0, 0.0]), "b": np.array([[0.0, -7.0]])}
-    out, active = core.topk_operator(2)(y)
+    out, active = apply_rows(core.topk_rows(2), y)
     assert active is False
     _assert_same(out, y)
 
@@ -233,7 +233,7 @@ def test_topk_drops_only_zeros_is_not_active():
 @pytest.mark.parametrize("k", [0, -1, -10])
 def test_topk_k_below_one_raises(k):
     with pytest.raises(ValueError) as ei:
-        core.topk_operator(k)
+        core.topk_rows(k)
     assert "topk" in str(ei.value)
     assert repr(k) in str(ei.value)
 
@@ -248,7 +248,7 @@ def test_error_feedback_step_with_clip(step):
     t0, m0 = _deep_copy(target), _deep_copy(memory)
     # target - memory = (3, 4), -12; norm = sqrt(9 + 16 + 144) = 13
     # tau = 6.5 -> factor 0.5 -> c = (1.5, 2), -6
-    res = core.error_feedback_step(target, memory, core.clip_operator(6.5), step)
+    res = ef_step(target, memory, core.clip_rows(6.5), step)
     np.testing.assert_allclose(res.increment["a"], [1.5, 2.0], rtol=1e-14)
     np.testing.assert_allclose(res.increment["b"], -6.0, rtol=1e-14)
     # memory + step * c
@@ -267,7 +267,7 @@ def test_error_feedback_step_with_topk():
     memory = {"a": np.array([2.0, 2.5, -1.0])}
     t0, m0 = _deep_copy(target), _deep_copy(memory)
     # target - memory = (-1, -0.5, 4); top-2 -> (-1, 0, 4)
-    res = core.error_feedback_step(target, memory, core.topk_operator(2), 0.25)
+    res = ef_step(target, memory, core.topk_rows(2), 0.25)
     np.testing.assert_array_equal(res.increment["a"], [-1.0, 0.0, 4.0])
     # memory + 0.25 * c = (2 - 0.25, 2.5, -1 + 1)
     np.testing.assert_allclose(res.memory["a"], [1.75, 2.5, 0.0], rtol=1e-14)
@@ -279,7 +279,7 @@ def test_error_feedback_step_with_topk():
 def test_error_feedback_step_inactive_clip_reaches_target():
     target = {"x": np.array([0.3, -0.4])}
     memory = {"x": np.array([0.0, 0.0])}
-    res = core.error_feedback_step(target, memory, core.clip_operator(1.0))
+    res = ef_step(target, memory, core.clip_rows(1.0))
     assert res.active is False
     np.testing.assert_array_equal(res.increment["x"], [0.3, -0.4])
     np.testing.assert_array_equal(res.memory["x"], [0.3, -0.4])
