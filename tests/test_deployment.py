@@ -861,6 +861,7 @@ def test_authenticated_supernodes_over_tls(tmp_path):
         elapsed = time.monotonic() - start
         assert run.returncode == 0, (run.stdout[-4000:], run.stderr[-4000:], procs.log_tail("superlink"))
         assert intruder.wait(timeout=START_TIMEOUT) == 1 and keyless.wait(timeout=START_TIMEOUT) == 1
+        first_output = run.stdout + run.stderr
         report_timing("auth", elapsed, json.loads((out / "metrics.json").read_text())["algorithms"], logs)
 
         # Second run: kill node 1 while it works on a train message, start it again with its key.
@@ -913,9 +914,8 @@ def test_authenticated_supernodes_over_tls(tmp_path):
         *node_ids, spoofer_id
     }
     # The spoofer: refused by the strategy (its key is not client 0's), asked nothing after the handshake.
-    assert f"refused node {spoofer_id}: node {spoofer_id} claims partition 0 but its public key is not in the key map" in (
-        run.stdout + run.stderr
-    ), run.stdout[-3000:]
+    refusal = f"refused node {spoofer_id}: node {spoofer_id} claims partition 0 but its public key is not in the key map"
+    assert refusal in first_output, first_output[-3000:]
     assert "Receiving: train message" not in (logs / "spoofer.log").read_text()
 
     # First run: the reference model, every round answered by the three registered nodes.
