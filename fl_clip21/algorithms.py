@@ -56,7 +56,9 @@ class Algorithm:
         Names of the per-client state arrays (``v``, ``g``), each (n, d), zero at the start.
     client_fn:
         ``(x, state, grads, noise, hp) -> ClientRound`` for a batch of clients;
-        ``x`` is the model, (d,), or one model per row, (m, d).
+        ``x`` is the model, (d,), or one model per row, (m, d). It may write into
+        ``state``'s arrays and into the arrays ``grads`` returns (its callers
+        hand it arrays they own, as a batch of many clients cannot afford copies).
     server_state:
         Names of the server's (d,) state vectors (``g``), zero at the start.
     server_fn:
@@ -175,15 +177,20 @@ def _ef_client(x, state, grads, noise, hp, *, operator, memory="v"):
     target = grads(x, 0)
     beta1, beta2 = hp.get("beta1", 1.0), hp.get("beta2", 1.0)
     new_state = {}
-    if memory != "v" and "v" in state:  # SGD2M's momentum (kept only when beta1 < 1)
-        target = (1 - _col(beta1)) * state["v"] + _col(beta1) * target
-        new_state["v"] = target.astype(state["v"].dtype, copy=False)
-    step = core.ef_step_rows(target, state[memory], operator(hp, target.shape[1]), beta2)
+    momentum = memory != "v" and "v" in state  # SGD2M's momentum (kept only when beta1 < 1)
+    if momentum:
+        target = ((1 - _col(beta1)) * state["v"] + _col(beta1) * target).astype(state["v"].dtype, copy=False)
+        new_state["v"] = target
+    target_norms = core.row_norms(target)
+    step = core.ef_step_rows(
+        target, state[memory], operator(hp, target.shape[1]), beta2, overwrite_target=not momentum,
+        overwrite_memory=True,
+    )
     new_state[memory] = step.memory
     messages = _noisy(step.increment, hp.get("sigma", 0.0), noise)
     if np.any(np.asarray(beta2) != 1):
         messages = (_col(beta2) * messages).astype(step.increment.dtype, copy=False)
-    return ClientRound(messages, new_state, step.active, np.stack([core.row_norms(target), step.input_norms], axis=1))
+    return ClientRound(messages, new_state, step.active, np.stack([target_norms, step.input_norms], axis=1))
 
 
 def _ef_server(x, state, messages, n, hp):

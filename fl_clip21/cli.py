@@ -13,6 +13,9 @@ from fl_clip21.algorithms import ALGORITHMS
 from fl_clip21.config import ConfigError, expand_runs, keys_help, load_scenario, parse_sets, resolve
 from fl_clip21.outputs import CHECKPOINT
 
+# fl-clip21 bench --engines: logreg (clients, d) points
+ENGINE_POINTS = [(n, d) for n in (10, 100, 1000, 10000) for d in (31, 1001, 10001)]
+
 
 def _progress(stream=sys.stderr):
     tty = stream.isatty()
@@ -183,7 +186,45 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} must be integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ConfigError(f"{what} must be >= 1, got {text!r}")
+    return values
+
+
+def cmd_bench_engines(args: argparse.Namespace) -> int:
+    """``fl-clip21 bench --engines``: the batched engine's figures (fl_clip21.bench_engines)."""
+    from fl_clip21.bench_engines import markdown, run_engine_bench
+
+    points = []
+    for item in [p for p in args.points.split(",") if p.strip()]:
+        n, sep, d = item.strip().partition("x")
+        if not sep:
+            raise ConfigError(f"--points takes CLIENTSxD items, got {item!r}")
+        points.append(tuple(_int_list(f"{n},{d}", f"--points {item!r}")))
+    mlp = _int_list(args.mlp_clients, "--mlp-clients")
+    if args.rounds < 2 or args.repeats < 1:
+        raise ConfigError(f"--rounds must be >= 2 and --repeats >= 1, got {args.rounds!r}, {args.repeats!r}")
+    staged = outputs.stage_file(args.out, overwrite=args.overwrite)
+    try:
+        result = run_engine_bench(points, mlp, args.rounds, args.repeats)
+        staged.tmp.write_text(json.dumps(result, indent=1))
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit()
+    print(markdown(result["results"]))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.engines:
+        return cmd_bench_engines(args)
     from fl_clip21.bench import DEFAULT_SCENARIO, MEMORY_SCENARIO, run_bench
 
     try:
@@ -282,6 +323,15 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-scenario", help="scenario of the memory-per-client figure (default: scenarios/bench/memory.toml)"
     )
     bench.add_argument("--no-memory", action="store_true", help="skip the memory-per-client figure")
+    bench.add_argument(
+        "--engines", action="store_true",
+        help="instead: the batched engine against the memory-bandwidth bound and a per-client loop (in process)",
+    )
+    bench.add_argument(
+        "--points", default=",".join(f"{n}x{d}" for n, d in ENGINE_POINTS),
+        help="--engines: logreg points CLIENTSxD, comma-separated",
+    )
+    bench.add_argument("--mlp-clients", default="20,200", help="--engines: client counts of the digits MLP")
     bench.add_argument("--out", default="bench.json", help="JSON output file (not an existing one)")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sweep = sub.add_parser(

@@ -70,7 +70,8 @@ def mean(items: list[Mapping[str, np.ndarray]], divisor: int | None = None) -> P
 # loop over the rows; a per-row threshold (an (m,) array) serves batched sweeps.
 # docs/algorithms.md, "The error-feedback step".
 
-RowOperator = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# op(Y, inplace=False) -> (C, active, norms); with inplace the operator may write C into Y.
+RowOperator = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def row_norms(Y: np.ndarray) -> np.ndarray:
@@ -104,12 +105,13 @@ def clip_rows(tau: float | np.ndarray) -> RowOperator:
     if not np.all(t > 0):
         raise ValueError(f"tau must be > 0, got {tau!r}")
 
-    def op(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def op(Y: np.ndarray, inplace: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         norms = row_norms(Y)
         active = norms > t
         with np.errstate(divide="ignore"):
             factor = np.where(active, t / np.where(active, norms, 1.0), 1.0)
-        return (Y * factor[:, None].astype(Y.dtype, copy=False)), active, norms
+        column = factor[:, None].astype(Y.dtype, copy=False)
+        return np.multiply(Y, column, out=Y if inplace else None), active, norms
 
     return op
 
@@ -122,7 +124,7 @@ def topk_rows(k: int) -> RowOperator:
     if k < 1:
         raise ValueError(f"topk must be >= 1, got {k!r}")
 
-    def op(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def op(Y: np.ndarray, inplace: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         norms = row_norms(Y)
         m, d = Y.shape
         if k >= d:
@@ -140,10 +142,10 @@ def topk_rows(k: int) -> RowOperator:
 def compose_rows(*ops: RowOperator) -> RowOperator:
     """Apply ``ops`` left to right; active if any was; the norms are the input's."""
 
-    def op(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out, active, norms = ops[0](Y)
+    def op(Y: np.ndarray, inplace: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out, active, norms = ops[0](Y, inplace)
         for f in ops[1:]:
-            out, a, _ = f(out)
+            out, a, _ = f(out, True)  # the first operator's output is ours to overwrite
             active = active | a
         return out, active, norms
 
@@ -159,8 +161,19 @@ class RowStep(NamedTuple):
     input_norms: np.ndarray  # (m,): ||target - memory|| per row
 
 
-def ef_step_rows(target: np.ndarray, memory: np.ndarray, op: RowOperator, step: float | np.ndarray = 1.0) -> RowStep:
-    """``C = op(target - memory)``, ``memory + step C``, row by row (Clip21, EF21, SGD2M's memory)."""
-    c, active, norms = op(target - memory)
+def ef_step_rows(
+    target: np.ndarray, memory: np.ndarray, op: RowOperator, step: float | np.ndarray = 1.0,
+    overwrite_target: bool = False, overwrite_memory: bool = False,
+) -> RowStep:
+    """``C = op(target - memory)``, ``memory + step C``, row by row (Clip21, EF21, SGD2M's memory).
+
+    With ``overwrite_target`` the difference and C are computed in ``target``'s
+    buffer, with ``overwrite_memory`` the new memory in ``memory``'s: a batch of
+    many clients then moves each (m, d) array as few times as it can.
+    """
+    diff = np.subtract(target, memory, out=target if overwrite_target else None)
+    c, active, norms = op(diff, True)
     s = np.asarray(step, dtype=memory.dtype)
-    return RowStep(c, memory + (s[:, None] if s.ndim else s) * c, active, norms)
+    increment = c if s.ndim == 0 and s == 1 else (s[:, None] if s.ndim else s) * c
+    new_memory = np.add(memory, increment, out=memory if overwrite_memory else None)
+    return RowStep(c, new_memory, active, norms)

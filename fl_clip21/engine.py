@@ -103,18 +103,19 @@ def late_clients(cfg: dict[str, Any], server_round: int, clients: Sequence[int])
 
 def batch_grads(
     problem: Problem, algorithm: Algorithm, cfg: dict[str, Any], clients: np.ndarray, server_round: int,
-    cached: np.ndarray | None = None, at: np.ndarray | None = None,
+    cached: np.ndarray | None = None, at: np.ndarray | None = None, everyone: bool = False,
 ) -> Grads:
     """``grads(points, step)`` of a batch of clients in ``server_round``: minibatches for stochastic algorithms.
 
     ``cached``: every client's full gradient at the model ``at`` (from the last
-    evaluation); a full-batch algorithm's gradients at ``at`` are read from it.
+    evaluation); a full-batch algorithm's gradients at ``at`` are read from it
+    (``everyone``: the batch is all clients in order, and gets ``cached`` itself).
     """
     size = cfg["batch-size"] if algorithm.stochastic else None
 
     def grads(points: np.ndarray, step: int) -> np.ndarray:
         if cached is not None and size is None and points is at:
-            return cached[clients]
+            return cached if everyone else cached[clients]
         minibatch = Minibatch(cfg["seed"], server_round, size, step) if size is not None else None
         return problem.grads(points, clients, minibatch)
 
@@ -227,18 +228,24 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
             sample_clients(cfg["seed"], k, n, cfg["fraction"], cfg.get("availability", 1.0)), dtype=np.int64
         )
         times_asked[clients] += 1
+        everyone = len(clients) == n  # then the rows are the arrays themselves, not copies
+        rows = {s: v if everyone else v[clients] for s, v in state.items()}
         out = algorithm.client_round(
-            x, {s: v[clients] for s, v in state.items()}, batch_grads(problem, algorithm, cfg, clients, k, cached, x),
+            x, rows, batch_grads(problem, algorithm, cfg, clients, k, cached, x, everyone),
             batch_noise(cfg, clients, k, d, dtype),
         )
+        cached = None  # the round may have written into it
         late = np.isin(clients, sorted(late_clients(cfg, k, clients.tolist())))
         for s, v in out.state.items():
-            state[s][clients] = v
+            if everyone and v is not state[s]:
+                state[s][...] = v
+            elif not everyone:
+                state[s][clients] = v
         if late.any() and algorithm.memory is not None:
             # The protocol resyncs a client whose reply was dropped to the server's copy.
             state[algorithm.memory][clients[late]] = copies[clients[late]]
         arrived = ~late
-        messages = out.messages[arrived]
+        messages = out.messages if arrived.all() else out.messages[arrived]
         if copies is not None:
             copies[clients[arrived]] += messages
         x, server = algorithm.server_round(x, server, messages, n)

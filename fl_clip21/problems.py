@@ -471,11 +471,17 @@ class LogReg(_ClientData):
     def _reg_grad(self, w: np.ndarray) -> np.ndarray:
         return self.reg * 2 * w / (1 + w**2) ** 2
 
-    def _weighted_sums(self, values: np.ndarray, rows: np.ndarray, owner: np.ndarray, m: int) -> np.ndarray:
-        """(m, d): sum over each owner's rows of values[r] * X[rows[r]], one sparse product over X in place."""
-        from scipy.sparse import csr_matrix
+    def _weighted_sums(self, values: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """(m, d): for each of m owners, sum over its ``counts[j]`` rows (consecutive in ``rows``) of values[r] * X[rows[r]].
 
-        return np.asarray(csr_matrix((values, (owner, rows)), shape=(m, self.X.shape[0])) @ self.X)
+        One CSR (sparse-times-dense) product that reads X's rows in place: no
+        copy of the data, no (rows x d) temporary.
+        """
+        from scipy.sparse import csr_array
+
+        indptr = np.concatenate(([0], np.cumsum(counts)))
+        matrix = csr_array((values, rows, indptr), shape=(len(counts), self.X.shape[0]))
+        return np.asarray(matrix @ self.X)
 
     def grads(self, points, clients, minibatch=None) -> np.ndarray:
         """Every listed client's (minibatch) gradient: its rows' margins, then one sparse-times-dense product."""
@@ -488,7 +494,9 @@ class LogReg(_ClientData):
             z = np.einsum("ij,ij->i", self.X[rows], points[owner])
         signs = self.signs[rows]
         s = -signs * _sigmoid(-signs * z) * weight
-        return self._weighted_sums(s, rows, owner, clients.size) + self._reg_grad(points)
+        out = self._weighted_sums(s, rows, np.bincount(owner, minlength=clients.size))
+        out += self._reg_grad(points)
+        return out
 
     def evaluate(self, x, client_grads: bool = False) -> Evaluation:
         """f, its gradient and accuracy from one product with X (two with ``client_grads``: every client's, kept)."""
@@ -500,8 +508,8 @@ class LogReg(_ClientData):
         accuracy = float(np.mean((z > 0) == (self.signs > 0)))
         if not client_grads:
             return Evaluation(float(np.mean(data) + reg), self.X.T @ s / self.num_clients + self._reg_grad(x), accuracy)
-        owner = np.repeat(np.arange(self.num_clients), self.sizes)
-        per_client = self._weighted_sums(s, np.arange(self.X.shape[0]), owner, self.num_clients) + self._reg_grad(x)
+        per_client = self._weighted_sums(s, np.arange(self.X.shape[0]), self.sizes)
+        per_client += self._reg_grad(x)
         return Evaluation(float(np.mean(data) + reg), per_client.mean(axis=0), accuracy, per_client)
 
 

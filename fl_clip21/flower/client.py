@@ -162,6 +162,9 @@ def train(msg: Message, context: Context) -> Message:
         metrics = MetricRecord({R.NEEDS_RESYNC: 1, PARTITION_ID: i, R.ROUND: server_round})
         return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
     state = load_state(context, scope, algorithm.client_state, layout.size, layout.dtype)
+    audit = bool(config.get(R.DO_AUDIT, False)) and mem is not None
+    # The memory this round starts from (the round writes the new one into the same array).
+    start = R.to_record(layout.unflatten(state[mem][0])) if audit else None
     out = client_round(algorithm, problem, cfg, i, server_round, x, state)
     save_state(context, scope, {k: v for k, v in out.state.items() if k != mem})
     if mem is not None:
@@ -177,9 +180,8 @@ def train(msg: Message, context: Context) -> Message:
             R.METRICS: MetricRecord(_reply_metrics(algorithm, out, i, server_round)),
         }
     )
-    if bool(config.get(R.DO_AUDIT, False)) and mem is not None:
-        # The memory this round started from and the one it ends with.
-        content[R.AUDIT_START] = R.to_record(layout.unflatten(state[mem][0]))
+    if audit:
+        content[R.AUDIT_START] = start
         content[R.AUDIT_END] = R.to_record(layout.unflatten(out.state[mem][0]))
     return Message(content, reply_to=msg)
 

@@ -81,6 +81,7 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return _error(msg, "clip21_mod needs the reply's arrays to have the keys and shapes of the received ones")
     target = layout.flatten(y) if mode == "gradients" else layout.flatten(x) - layout.flatten(y)
     v = load_state(context, scope, [MEMORY], layout.size, layout.dtype)[MEMORY]
+    start = layout.unflatten(v[0])
     step = core.ef_step_rows(target[None, :], v, core.clip_rows(tau))
     commit_memory(context, scope, MEMORY, step.memory[0], server_round)
 
@@ -94,6 +95,6 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     metrics[R.ROUND] = server_round
     metrics[R.UPDATE_NORM], metrics[R.INPUT_NORM] = float(core.row_norms(target)), float(step.input_norms[0])
     if bool(config.get(R.DO_AUDIT, False)):
-        reply.content[R.AUDIT_START] = R.to_record(layout.unflatten(v[0]))
+        reply.content[R.AUDIT_START] = R.to_record(start)
         reply.content[R.AUDIT_END] = R.to_record(layout.unflatten(step.memory[0]))
     return reply
