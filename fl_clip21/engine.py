@@ -169,13 +169,13 @@ def norm_quantiles(norms: Sequence[tuple[float, float]]) -> dict[str, float]:
     momentum or model update); ``input_norm_*``: of what the operator clipped
     (Clip21: ||grad - v_i||). Empty when there are no norms.
     """
-    if not norms:
+    if not len(norms):
         return {}
-    table = np.asarray(norms, dtype=np.float64)
+    table = np.percentile(np.asarray(norms, dtype=np.float64), [q for _, q in NORM_QUANTILES], axis=0)
     return {
-        f"{name}_{suffix}": float(np.percentile(table[:, j], q))
+        f"{name}_{suffix}": float(table[i, j])
         for j, name in enumerate(("update_norm", "input_norm"))
-        for suffix, q in NORM_QUANTILES
+        for i, (suffix, _) in enumerate(NORM_QUANTILES)
     }
 
 
@@ -256,7 +256,7 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
             "failed": int(late.sum()), "resyncs": 0, "bytes_up": accepted * message_bytes(algorithm, d, dtype),
             "seconds": time.perf_counter() - t0,
             **round_epsilon(algorithm, times_asked, cfg["delta"]),
-            **(norm_quantiles(out.norms[arrived].tolist()) if reports_norms(algorithm) else {}),
+            **(norm_quantiles(out.norms[arrived]) if reports_norms(algorithm) else {}),
         }
         ev = problem.evaluate(x, client_grads=reuse)
         cached = ev.client_grads

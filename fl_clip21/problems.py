@@ -72,11 +72,21 @@ class Problem(Protocol):
 
     def init_params(self) -> Params: ...
 
-    def grads(self, points: np.ndarray, clients: np.ndarray, minibatch: Minibatch | None = None) -> np.ndarray:
-        """(m, d): the gradient of f_{clients[j]} at ``points`` (row j, or the one vector), on a minibatch if given."""
+    def grads(
+        self, points: np.ndarray, clients: np.ndarray, minibatch: Minibatch | None = None,
+        point_of_row: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """(m, d): the gradient of f_{clients[j]} at ``points`` (row j, or the one vector), on a minibatch if given.
+
+        With ``point_of_row``, ``points`` holds P distinct models (P, d) and row j
+        is at ``points[point_of_row[j]]`` (the cells of a batched sweep).
+        """
 
     def evaluate(self, x: np.ndarray, client_grads: bool = False) -> Evaluation:
         """f, its gradient and accuracy at ``x``; with ``client_grads`` also every client's full gradient."""
+
+    def evaluate_many(self, xs: np.ndarray) -> list[Evaluation]:
+        """:meth:`evaluate` of each of the (C, d) models ``xs``."""
 
 
 class DictAPI:
@@ -89,6 +99,9 @@ class DictAPI:
 
     layout: Layout
 
+    def evaluate_many(self, xs: np.ndarray) -> list[Evaluation]:
+        return [self.evaluate(x) for x in xs]
+
     def client_grad(self, i: int, params: Params, minibatch: Minibatch | None = None) -> Params:
         return self.layout.unflatten(self.grads(self.layout.flatten(params), np.array([i]), minibatch)[0])
 
@@ -100,6 +113,11 @@ class DictAPI:
 
     def accuracy(self, params: Params) -> float | None:
         return self.evaluate(self.layout.flatten(params)).accuracy
+
+
+def _rows_of(points: np.ndarray, point_of_row: np.ndarray | None) -> np.ndarray:
+    """One point per row: ``points[point_of_row]``, or ``points`` as given."""
+    return points if point_of_row is None else points[np.asarray(point_of_row)]
 
 
 def _segment_starts(sizes: np.ndarray) -> np.ndarray:
@@ -268,8 +286,8 @@ class MeanEstimation(DictAPI):
     def init_params(self) -> Params:
         return {"x": np.zeros(self.centers.shape[1])}
 
-    def grads(self, points, clients, minibatch=None) -> np.ndarray:
-        return points - self.centers[np.asarray(clients, dtype=np.int64)]
+    def grads(self, points, clients, minibatch=None, point_of_row=None) -> np.ndarray:
+        return _rows_of(points, point_of_row) - self.centers[np.asarray(clients, dtype=np.int64)]
 
     def evaluate(self, x, client_grads: bool = False) -> Evaluation:
         diff = x - self.centers
@@ -483,15 +501,22 @@ class LogReg(_ClientData):
         matrix = csr_array((values, rows, indptr), shape=(len(counts), self.X.shape[0]))
         return np.asarray(matrix @ self.X)
 
-    def grads(self, points, clients, minibatch=None) -> np.ndarray:
+    def grads(self, points, clients, minibatch=None, point_of_row=None) -> np.ndarray:
         """Every listed client's (minibatch) gradient: its rows' margins, then one sparse-times-dense product."""
         clients = np.asarray(clients, dtype=np.int64)
         rows, owner, weight = self.rows(clients, minibatch)
-        if points.ndim == 1:
+        if point_of_row is not None:  # few distinct models: one product with all of them, then a gather
+            z = (self.X @ points.T)[rows, np.asarray(point_of_row)[owner]]
+            points = points[point_of_row]
+        elif points.ndim == 1:
             z = self.X @ points if rows.size > self.X.shape[0] // 4 else None
             z = z[rows] if z is not None else self.X[rows] @ points
         else:
             z = np.einsum("ij,ij->i", self.X[rows], points[owner])
+        return self._grads_at(points, clients, rows, owner, weight, z)
+
+    def _grads_at(self, points, clients, rows, owner, weight, z) -> np.ndarray:
+        """The gradients from the rows' margins ``z``: one CSR product over X, plus the regulariser's."""
         signs = self.signs[rows]
         s = -signs * _sigmoid(-signs * z) * weight
         out = self._weighted_sums(s, rows, np.bincount(owner, minlength=clients.size))
@@ -511,6 +536,17 @@ class LogReg(_ClientData):
         per_client = self._weighted_sums(s, np.arange(self.X.shape[0]), self.sizes)
         per_client += self._reg_grad(x)
         return Evaluation(float(np.mean(data) + reg), per_client.mean(axis=0), accuracy, per_client)
+
+    def evaluate_many(self, xs: np.ndarray) -> list[Evaluation]:
+        """:meth:`evaluate` of C models from one (N, C) product with X."""
+        Z = self.X @ xs.T
+        margin = self.signs[:, None] * Z
+        reg = self.reg * np.sum(xs**2 / (1 + xs**2), axis=1)
+        data = (np.add.reduceat(np.logaddexp(0.0, -margin), self.starts, axis=0) / self.sizes[:, None]).mean(axis=0)
+        s = -self.signs[:, None] * _sigmoid(-margin) * self._row_weight[:, None]
+        grads = (self.X.T @ s).T / self.num_clients + self._reg_grad(xs)
+        accuracy = np.mean((Z > 0) == (self.signs[:, None] > 0), axis=0)
+        return [Evaluation(float(data[c] + reg[c]), grads[c], float(accuracy[c])) for c in range(len(xs))]
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -627,9 +663,9 @@ class DigitsMLP(_ClientData):
         flat = torch.cat([grads[name].reshape(len(clients), -1) for name in self.layout.names], dim=1)
         return flat.detach().numpy(), losses.detach().numpy()
 
-    def grads(self, points, clients, minibatch=None) -> np.ndarray:
+    def grads(self, points, clients, minibatch=None, point_of_row=None) -> np.ndarray:
         """Every listed client's (minibatch) gradient in one ``vmap`` of ``grad`` over the clients."""
-        return self._client_grads(points, clients, minibatch)[0]
+        return self._client_grads(_rows_of(points, point_of_row), clients, minibatch)[0]
 
     def evaluate(self, x, client_grads: bool = False) -> Evaluation:
         """f and its gradient from every client's full gradient (one vmap), test accuracy."""
@@ -665,7 +701,8 @@ class PluginProblem(DictAPI):
     def init_params(self) -> Params:
         return self.inner.init_params()
 
-    def grads(self, points, clients, minibatch=None) -> np.ndarray:
+    def grads(self, points, clients, minibatch=None, point_of_row=None) -> np.ndarray:
+        points = _rows_of(points, point_of_row)
         out = self.layout.zeros(len(clients))
         for j, i in enumerate(np.asarray(clients, dtype=np.int64)):
             point = points[j] if points.ndim == 2 else points

@@ -1,0 +1,115 @@
+"""Many runs in one batch: the cells of a sweep that share a problem, as cells x clients rows.
+
+A sweep's cells often differ only in hyper-parameters (tau, lr, beta1, beta2,
+sigma). Such cells share the problem and the algorithm's update rule, so all
+their clients can be one batch: C cells of n clients are C x n rows of the
+stacked client state, each row with its own cell's hyper-parameters (an (m,)
+array per key) and its own cell's model as its point. A round runs the
+algorithm's client function once on every sampled row of every cell; the
+server step and the evaluation run per cell on (d,) vectors. Each cell's
+trajectory is the one :func:`fl_clip21.engine.run_local` gives it alone (the
+random streams are per client, not per batch), to float rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fl_clip21.algorithms import algorithm_from_config
+from fl_clip21 import streams
+from fl_clip21.engine import (
+    _drops_possible, late_clients, message_bytes, metrics, norm_quantiles, reports_norms, round_epsilon,
+    sample_clients,
+)
+from fl_clip21.problems import Minibatch, build_problem
+
+# Keys a cell of a batch may have of its own: hyper-parameters every update rule takes per row.
+ROW_KEYS = ("lr", "tau", "beta1", "beta2", "sigma", "target-epsilon")
+OnCell = Callable[[int, str, dict[str, Any], int], None]  # (cell index, algorithm, record, rounds)
+
+
+def batch_key(cfg: dict[str, Any], name: str) -> str:
+    """Cells with the same key run in one batch: everything but the per-row hyper-parameters, and the state names."""
+    import json
+
+    algorithm = algorithm_from_config(name, cfg)
+    shared = {k: v for k, v in cfg.items() if k not in ROW_KEYS and k != "name"}
+    return json.dumps([name, shared, algorithm.client_state], sort_keys=True, default=str)
+
+
+def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = None) -> list[dict[str, Any]]:
+    """Algorithm ``name`` of every cell of ``cfgs`` (one :func:`batch_key`) in one batch; a result per cell."""
+    keys = {batch_key(c, name) for c in cfgs}
+    if len(keys) != 1:
+        raise ValueError(f"run_cells needs cells that differ only in {', '.join(ROW_KEYS)}, got {len(keys)} kinds")
+    cfg0 = cfgs[0]
+    problem = build_problem(cfg0)
+    algorithms = [algorithm_from_config(name, c) for c in cfgs]
+    algorithm = algorithms[0]
+    n, C, layout = cfg0["num-clients"], len(cfgs), problem.layout
+    d, dtype = layout.size, layout.dtype
+    x = np.tile(layout.flatten(problem.init_params()), (C, 1))
+    servers = [algorithm.server_init(d, dtype) for _ in range(C)]
+    state = algorithm.client_init(C * n, d, dtype)  # row c * n + i: client i of cell c
+    copies = layout.zeros(C * n) if algorithm.memory is not None and _drops_possible(cfg0) else None
+    # Per row: the hyper-parameters the cells vary; the others are the batch's.
+    hyper = {k: np.array([a.hyper[k] for a in algorithms], dtype=np.float64) for k in algorithm.hyper if k in ROW_KEYS}
+    times_asked = np.zeros((C, n), dtype=np.int64)
+    records: list[list[dict[str, Any]]] = [[] for _ in range(C)]
+    stochastic = cfg0["batch-size"] if algorithm.stochastic else None
+    start = time.perf_counter()
+    for k in range(1, cfg0["rounds"] + 1):
+        t0 = time.perf_counter()
+        clients = np.asarray(sample_clients(cfg0["seed"], k, n, cfg0["fraction"], cfg0.get("availability", 1.0)))
+        sampled = [clients.astype(np.int64)] * C
+        cell_of_row = np.repeat(np.arange(C), [len(s) for s in sampled])
+        client_of_row = np.concatenate(sampled) if sampled else np.zeros(0, dtype=np.int64)
+        index = cell_of_row * n + client_of_row
+        for c, s in enumerate(sampled):
+            times_asked[c, s] += 1
+
+        def grads(points: np.ndarray, step: int) -> np.ndarray:
+            batch = Minibatch(cfg0["seed"], k, stochastic, step) if stochastic else None
+            if points is at_cells:  # every row at its cell's model: C distinct points
+                return problem.grads(x, client_of_row, batch, point_of_row=cell_of_row)
+            return problem.grads(points, client_of_row, batch)
+
+        def noise(step: int) -> np.ndarray:
+            return streams.normals(cfg0["seed"], streams.NOISE, client_of_row, k, d, step).astype(dtype, copy=False)
+
+        hp = {**algorithm.hyper, **{key: values[cell_of_row] for key, values in hyper.items()}}
+        at_cells = x[cell_of_row]
+        out = algorithm.client_round(at_cells, {s: v[index] for s, v in state.items()}, grads, noise, hp)
+        late = np.isin(client_of_row, sorted(late_clients(cfg0, k, client_of_row.tolist())))
+        for s, v in out.state.items():
+            state[s][index] = v
+        if late.any() and algorithm.memory is not None:
+            state[algorithm.memory][index[late]] = copies[index[late]]
+        if copies is not None:
+            copies[index[~late]] += out.messages[~late]
+        for c in range(C):
+            mine = (cell_of_row == c) & ~late
+            x[c], servers[c] = algorithm.server_round(x[c], servers[c], out.messages[mine], n, algorithms[c].hyper)
+        evaluations = problem.evaluate_many(x)
+        seconds = time.perf_counter() - t0
+        for c in range(C):
+            mine = (cell_of_row == c) & ~late
+            accepted = int(mine.sum())
+            rec = {
+                "round": k, "participants": int((cell_of_row == c).sum()), "accepted": accepted,
+                "clip_fraction": float(out.active[mine].sum()) / accepted if accepted else 0.0, "rejected": 0,
+                "failed": int(((cell_of_row == c) & late).sum()), "resyncs": 0,
+                "bytes_up": accepted * message_bytes(algorithm, d, dtype), "seconds": seconds / C,
+                **round_epsilon(algorithms[c], times_asked[c], cfgs[c]["delta"]),
+                **(norm_quantiles(out.norms[mine]) if reports_norms(algorithms[c]) else {}),
+            }
+            rec.update(metrics(evaluations[c]))
+            records[c].append(rec)
+            if on_round is not None:
+                on_round(c, name, rec, cfg0["rounds"])
+    wall = time.perf_counter() - start
+    return [{"records": records[c], "params": layout.unflatten(x[c]), "wall_seconds": wall / C} for c in range(C)]
