@@ -798,7 +798,8 @@ def start_supernode_once_accepted(
 
 
 AUTH_OVERRIDES = ("rounds=5", "num-clients=3", "algorithms=clip21-gd")
-RESTART_OVERRIDES = ("rounds=7", "num-clients=3", "algorithms=clip21-gd", "audit=true")
+# round-timeout: a node killed mid-round and back with its id before the SuperLink saw it gone never answers.
+RESTART_OVERRIDES = ("rounds=7", "num-clients=3", "algorithms=clip21-gd", "audit=true", "round-timeout=60")
 RESTART_AFTER = 2  # train messages of the second run node 1 answers before it is killed
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,36 @@ def test_protocol_state_dict_round_trip_and_every_client_is_resynced(tmp_path):
     assert q.needs_resync == {0, 1, 2}
     with pytest.raises(ValueError, match="expected \\(3,\\)"):
         q.load_state_dict({"times_asked": [1], "last_applied": [0, 0, 0]})
+
+
+# --- late replies ----------------------------------------------------------------------
+
+
+def test_a_node_started_again_is_not_waited_for_its_late_reply(flower_task):
+    from flwr.app import Message, MessageType, RecordDict
+    from flwr.proto.node_pb2 import NodeInfo
+
+    from fl_clip21.flower.late import LateReplies
+
+    class Grid:
+        activated = {5: "t0", 6: "t0"}
+
+        def get_nodes(self):
+            return [NodeInfo(node_id=n, last_activated_at=t) for n, t in self.activated.items()]
+
+        def pull_messages(self, ids):
+            return []
+
+    grid, late = Grid(), LateReplies(wait=0.3)
+    messages = [Message(RecordDict({}), dst_node_id=n, message_type=MessageType.TRAIN) for n in (5, 6)]
+    for i, m in enumerate(messages):
+        m.metadata.__dict__["_message_id"] = f"m{i}"
+    late.sending(messages)
+    late.round_over(answered=set(), grid=grid)
+    assert late.pending == {5: "m0", 6: "m1"}
+    grid.activated[5] = "t1"  # node 5's process was killed and started again
+    t0 = time.monotonic()
+    late.await_nodes(grid, [5])
+    assert time.monotonic() - t0 < 0.25 and 5 not in late.pending  # not waited for
+    late.await_nodes(grid, [6])
+    assert time.monotonic() - t0 >= 0.3 and late.pending == {}  # waited for, then given up

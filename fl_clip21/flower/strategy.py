@@ -216,6 +216,7 @@ class Clip21Strategy(Strategy):
         self._sparse_k: int | None = None
         # This round's state: the nodes asked and their clients, how many were sampled, when it started.
         self._asked: dict[int, int] = {}
+        self._grid: Grid | None = None
         self._expected = 0
         self._round_start = time.perf_counter()
 
@@ -524,6 +525,7 @@ class Clip21Strategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._grid = grid
         if not self.registry.client_of_node:  # a new run, or a resumed one
             self.handshake(grid)
         if self.params is None:
@@ -632,7 +634,7 @@ class Clip21Strategy(Strategy):
             )
         if self.algorithm.memory is not None:
             self.protocol.end_round(set(self._asked.values()), applied)
-        self.late.round_over(answered)
+        self.late.round_over(answered, self._grid)
         self._server_step(accepted)
         self.round = k
         record: dict[str, Any] = {
@@ -699,7 +701,7 @@ class Clip21Strategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        self.late.round_over({r.metadata.reply_to_message_id for r in replies})
+        self.late.round_over({r.metadata.reply_to_message_id for r in replies}, self._grid)
         records = [
             {k: v for m in r.content.metric_records.values() for k, v in m.items()}
             for r in replies if not r.has_error()
