@@ -45,6 +45,14 @@ class ClientRound:
 
 
 @dataclass(frozen=True)
+class CentralDP:
+    """The server's noise under central DP: std on the sum of messages, and the fixed denominator m."""
+
+    std: float
+    denominator: float
+
+
+@dataclass(frozen=True)
 class Algorithm:
     """An algorithm as data.
 
@@ -62,8 +70,9 @@ class Algorithm:
     server_state:
         Names of the server's (d,) state vectors (``g``), zero at the start.
     server_fn:
-        ``(x, state, messages, n, hp) -> (x, state)``; ``messages`` (m, d) are the
-        accepted replies of this round, ``n`` the number of all clients.
+        ``(x, state, total, count, n, hp) -> (x, state)``: ``total`` is the sum of
+        the round's accepted messages, ``count`` how many (with central DP the
+        noisy sum and the fixed denominator), ``n`` the number of all clients.
     message_bound:
         ``d -> bound``: the largest global norm a valid message of a model with
         ``d`` entries may have. The server rejects a message above
@@ -81,8 +90,12 @@ class Algorithm:
         sparse algorithm carries for a model of d entries (exactly k, zeros
         included, so the server can check the count).
     noise_multiplier:
-        z = sigma / (2 tau) of the local Gaussian mechanism, or None when the
-        messages carry no DP noise.
+        z of the Gaussian mechanism (local: sigma / (2 tau); central: the
+        noise's std over the sum's sensitivity), or None when nothing is noised.
+    central:
+        Central (user-level) DP: the server adds N(0, std^2 I) to the sum of
+        the clipped messages and divides by the fixed ``denominator`` m (the
+        expected number of sampled clients) where the algorithm takes a mean.
     """
 
     name: str
@@ -97,6 +110,7 @@ class Algorithm:
     sparse_entries: Callable[[int], int] | None = None
     noise_multiplier: float | None = None
     hyper: Mapping[str, float] = field(default_factory=dict)
+    central: CentralDP | None = None
 
     def client_init(self, m: int, d: int, dtype=np.float64) -> dict[str, np.ndarray]:
         """Zero state of m clients for a model of d entries."""
@@ -114,9 +128,22 @@ class Algorithm:
 
     def server_round(
         self, x: np.ndarray, state: Mapping[str, np.ndarray], messages: np.ndarray, n: int, hp: Hyper | None = None,
+        noise: Callable[[], np.ndarray] | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The server's step with the round's accepted messages (m, d), m >= 0."""
-        return self.server_fn(x, state, messages, n, self.hyper if hp is None else hp)
+        """The server's step with the round's accepted messages (m, d), m >= 0.
+
+        With central DP, ``noise()`` gives the round's N(0, I_d) draw (seeded by
+        the engine) and the sum of the messages is noised here, the one place
+        every engine adds it.
+        """
+        total = messages.sum(axis=0, dtype=np.float64) if len(messages) else np.zeros(x.shape[-1])
+        count: float = len(messages)
+        if self.central is not None:
+            if noise is None:
+                raise ValueError(f"{self.name} with central DP needs the round's server noise")
+            total = total + self.central.std * noise()
+            count = self.central.denominator
+        return self.server_fn(x, state, total, count, n, self.hyper if hp is None else hp)
 
 
 def model_size(params: Mapping[str, np.ndarray]) -> int:
@@ -158,11 +185,11 @@ def _gradient_client(x, state, grads, noise, hp, *, clip: bool):
     return ClientRound(_noisy(c, hp.get("sigma", 0.0), noise), {}, active, np.stack([norms, norms], axis=1))
 
 
-def _averaging_server(x, state, messages, n, hp, *, clip: bool):
-    """x <- x - lr * mean of the messages (server-side clipping: clip_tau of the mean)."""
-    if not len(messages):
+def _averaging_server(x, state, total, count, n, hp, *, clip: bool):
+    """x <- x - lr * total / count: the mean of the messages (server-side clipping: clip_tau of the mean)."""
+    if not count:
         return x, state
-    direction = messages.mean(axis=0, dtype=np.float64)
+    direction = total / count
     if clip:
         direction = core.clip_rows(hp["tau"])(direction[None, :])[0][0]
     return (x - hp["lr"] * direction).astype(x.dtype), state
@@ -193,11 +220,9 @@ def _ef_client(x, state, grads, noise, hp, *, operator, memory="v"):
     return ClientRound(messages, new_state, step.active, np.stack([target_norms, step.input_norms], axis=1))
 
 
-def _ef_server(x, state, messages, n, hp):
-    """g <- g + (1/n) sum of the messages (divided by all n clients), x <- x - lr g."""
-    g = state["g"]
-    if len(messages):
-        g = (g + messages.sum(axis=0, dtype=np.float64) / n).astype(g.dtype)
+def _ef_server(x, state, total, count, n, hp):
+    """g <- g + total / n (the sum of the messages, divided by all n clients), x <- x - lr g."""
+    g = (state["g"] + total / n).astype(state["g"].dtype)
     return (x - hp["lr"] * g).astype(x.dtype), {"g": g}
 
 
@@ -359,8 +384,8 @@ def celgc(*, lr: float, tau: float, local_steps: int = 1) -> Algorithm:
     if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
         raise ValueError(f"local-steps must be an integer >= 1, got {local_steps!r}")
 
-    def server(x, state, messages, n, hp):
-        return _averaging_server(x, state, messages, n, {**hp, "lr": 1.0}, clip=False)
+    def server(x, state, total, count, n, hp):
+        return _averaging_server(x, state, total, count, n, {**hp, "lr": 1.0}, clip=False)
 
     return Algorithm(
         "celgc", (), _celgc_client, (), server,

@@ -23,7 +23,7 @@ from fl_clip21.algorithms import algorithm_from_config
 from fl_clip21 import streams
 from fl_clip21.engine import (
     _drops_possible, late_clients, message_bytes, metrics, norm_quantiles, reports_norms, round_epsilon,
-    sample_clients,
+    sample_clients, server_noise,
 )
 from fl_clip21.problems import Minibatch, build_problem
 
@@ -93,7 +93,9 @@ def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = N
             copies[index[~late]] += out.messages[~late]
         for c in range(C):
             mine = (cell_of_row == c) & ~late
-            x[c], servers[c] = algorithm.server_round(x[c], servers[c], out.messages[mine], n, algorithms[c].hyper)
+            x[c], servers[c] = algorithms[c].server_round(
+                x[c], servers[c], out.messages[mine], n, noise=server_noise(cfg0["seed"], k, d)
+            )
         evaluations = problem.evaluate_many(x)
         seconds = time.perf_counter() - t0
         for c in range(C):

@@ -131,6 +131,11 @@ def batch_noise(cfg: dict[str, Any], clients: np.ndarray, server_round: int, d: 
     return noise
 
 
+def server_noise(seed: int, server_round: int, d: int) -> Callable[[], np.ndarray]:
+    """The server's N(0, I_d) draw of ``server_round`` under central DP (its own stream, every engine the same)."""
+    return lambda: streams.normals(seed, streams.SERVER_NOISE, np.zeros(1, dtype=np.int64), server_round, d)[0]
+
+
 def client_round(
     algorithm: Algorithm, problem: Problem, cfg: dict[str, Any], client: int, server_round: int,
     x: np.ndarray, state: dict[str, np.ndarray],
@@ -248,7 +253,7 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
         messages = out.messages if arrived.all() else out.messages[arrived]
         if copies is not None:
             copies[clients[arrived]] += messages
-        x, server = algorithm.server_round(x, server, messages, n)
+        x, server = algorithm.server_round(x, server, messages, n, noise=server_noise(cfg["seed"], k, d))
         accepted = int(arrived.sum())
         rec = {
             "round": k, "participants": len(clients), "accepted": accepted,

@@ -17,7 +17,8 @@ import numpy as np
 
 # The purposes a stream is drawn for; a new purpose gets a new number, never a reused one.
 BATCH = 1  # minibatch rows
-NOISE = 2  # DP noise added to a message
+NOISE = 2  # DP noise a client adds to its message
+SERVER_NOISE = 3  # DP noise the server adds to the sum of the messages (central DP)
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

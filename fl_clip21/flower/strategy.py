@@ -42,7 +42,7 @@ from fl_clip21 import checkpoint as ckpt
 from fl_clip21 import core
 from fl_clip21.algorithms import Algorithm, model_size
 from fl_clip21.copies import MemoryCopies
-from fl_clip21.engine import norm_quantiles, reports_norms, round_epsilon, sample_clients
+from fl_clip21.engine import norm_quantiles, reports_norms, round_epsilon, sample_clients, server_noise
 from fl_clip21.flower import metrics as client_metrics
 from fl_clip21.flower import records as R
 from fl_clip21.flower import validation as V
@@ -673,6 +673,7 @@ class Clip21Strategy(Strategy):
         x, state = self.algorithm.server_round(
             layout.flatten(self.params), {k: layout.flatten(v) for k, v in self.server_state.items()},
             layout.flatten_rows(accepted) if accepted else layout.zeros(0), self.num_clients,
+            noise=server_noise(self.seed, self.round + 1, layout.size),
         )
         self.params = layout.unflatten(x)
         self.server_state = {k: layout.unflatten(v) for k, v in state.items()}
