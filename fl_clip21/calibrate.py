@@ -27,10 +27,19 @@ QUANTILES = {"q10": 0.1, "q50": 0.5, "q90": 0.9, "max": 1.0}
 
 
 def suggest_tau(record: Mapping[str, Any], quantile: str = "q50", norm: str = "input_norm") -> float:
-    """tau from a round's record: its ``{norm}_{quantile}`` (e.g. ``input_norm_q50``)."""
+    """tau from a round's record: its ``{norm}_{quantile}`` (e.g. ``input_norm_q50``).
+
+    ``record`` is a round of ``Clip21Strategy.history`` or the round's train
+    MetricRecord of the Result that ``start`` returns (``result.train_metrics_clientapp[1]``),
+    where the strategy's own keys carry the ``fl_clip21.`` prefix.
+    """
+    from fl_clip21.flower.records import PREFIX
+
     key = f"{norm}_{quantile}"
     if quantile not in QUANTILES or norm not in ("input_norm", "update_norm"):
         raise ValueError(f"quantile must be one of {', '.join(QUANTILES)} and norm input_norm or update_norm, got {key!r}")
+    if key not in record and PREFIX + key in record:
+        key = PREFIX + key
     if key not in record:
         raise ValueError(f"the record has no {key!r}: no accepted message reported its norms (DP noise hides them)")
     value = float(record[key])

@@ -46,6 +46,8 @@ def test_nothing_to_calibrate_and_bad_arguments_are_errors():
 def test_suggest_tau_reads_a_rounds_record_and_says_when_it_cannot():
     assert suggest_tau({"input_norm_q50": 0.3}) == 0.3
     assert suggest_tau({"update_norm_q90": 2.0}, "q90", "update_norm") == 2.0
+    # the round's train MetricRecord of Strategy.start's Result, where the strategy's keys are prefixed
+    assert suggest_tau({"fl_clip21.input_norm_q50": 0.4, "train_loss": 2.3}) == 0.4
     with pytest.raises(ValueError, match="DP noise hides them"):
         suggest_tau({"epsilon": 3.0})
 

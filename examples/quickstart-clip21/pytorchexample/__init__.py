@@ -1,0 +1,1 @@
+"""pytorchexample: Flower's quickstart-pytorch app, as FedAvg and as Clip21."""
