@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -451,10 +451,49 @@ def make_algorithm(name: str, **hyper: object) -> Algorithm:
     return factory(**hyper)
 
 
+# The algorithms whose messages are clipped (bounded by tau, or beta2 tau), so the
+# server can noise their sum under central DP.
+CENTRAL_DP = ("clip-gd", "clip-sgd", "clip21-gd", "clip21-sgd", "clip21-sgd2m", "clip21-topk")
+
+
+def with_central_dp(algorithm: Algorithm, sigma: float, denominator: float, rate: float = 1.0) -> Algorithm:
+    """``algorithm`` (built without client noise) under central DP of noise ``sigma`` on the sum of its messages.
+
+    One client moves the sum by at most its message bound s (tau, or beta2 tau
+    for Clip21-SGD2M, whose noise is scaled by beta2 too), so the noise
+    multiplier is z = sigma / tau; ``denominator`` is m, the expected number of
+    clients a round, and ``rate`` the Poisson sampling rate (1: no amplification).
+    """
+    if algorithm.name not in CENTRAL_DP:
+        raise ValueError(f"{algorithm.name} has no central DP (its messages are not clipped); it works with "
+                         f"{', '.join(CENTRAL_DP)}")
+    sigma = _sigma(sigma)
+    if sigma == 0:
+        return algorithm
+    scale = algorithm.hyper.get("beta2", 1.0)
+    return replace(
+        algorithm, central=CentralDP(scale * sigma, float(denominator)), noise_multiplier=sigma / algorithm.hyper["tau"],
+        hyper={**algorithm.hyper, "dp": "central", "server-sigma": sigma, "sampling-rate": float(rate)},
+    )
+
+
+def central_denominator(cfg: Mapping[str, object]) -> tuple[float, float]:
+    """(m, q): the expected number of clients a round and the Poisson sampling rate (1 for a fixed number)."""
+    n, fraction = cfg["num-clients"], cfg["fraction"]
+    if cfg.get("sampling", "fixed") == "poisson":
+        return fraction * n, fraction
+    return (float(max(1, round(fraction * n))) if fraction < 1 else float(n)), 1.0
+
+
 def algorithm_from_config(name: str, cfg: Mapping[str, object]) -> Algorithm:
     """The algorithm ``name`` with the hyper-parameters of a resolved scenario (only the keys it takes).
 
     A key missing from ``cfg`` (a scenario saved before the key existed) takes the factory's default.
     """
     keys = HYPER_KEYS.get(name, ())
-    return make_algorithm(name, **{_keyword(k): cfg[k] for k in keys if k in cfg})
+    hyper = {_keyword(k): cfg[k] for k in keys if k in cfg}
+    if cfg.get("dp") != "central" or name not in CENTRAL_DP:
+        return make_algorithm(name, **hyper)
+    hyper.pop("sigma", None)  # the clients add no noise: the server does
+    m, q = central_denominator(cfg)
+    return with_central_dp(make_algorithm(name, **hyper), cfg.get("sigma", 0.0), m, q)

@@ -64,7 +64,8 @@ def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = N
     start = time.perf_counter()
     for k in range(1, cfg0["rounds"] + 1):
         t0 = time.perf_counter()
-        clients = np.asarray(sample_clients(cfg0["seed"], k, n, cfg0["fraction"], cfg0.get("availability", 1.0)))
+        clients = np.asarray(sample_clients(cfg0["seed"], k, n, cfg0["fraction"], cfg0.get("availability", 1.0),
+                                            cfg0.get("sampling") == "poisson"))
         sampled = [clients.astype(np.int64)] * C
         cell_of_row = np.repeat(np.arange(C), [len(s) for s in sampled])
         client_of_row = np.concatenate(sampled) if sampled else np.zeros(0, dtype=np.int64)
@@ -106,7 +107,7 @@ def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = N
                 "clip_fraction": float(out.active[mine].sum()) / accepted if accepted else 0.0, "rejected": 0,
                 "failed": int(((cell_of_row == c) & late).sum()), "resyncs": 0,
                 "bytes_up": accepted * message_bytes(algorithm, d, dtype), "seconds": seconds / C,
-                **round_epsilon(algorithms[c], times_asked[c], cfgs[c]["delta"]),
+                **round_epsilon(algorithms[c], times_asked[c], cfgs[c]["delta"], k),
                 **(norm_quantiles(out.norms[mine]) if reports_norms(algorithms[c]) else {}),
             }
             rec.update(metrics(evaluations[c]))

@@ -182,6 +182,8 @@ SCHEMA: dict[str, Key] = {
     "beta2": Key("float", 1.0, "clip21-sgd2m: error-feedback step beta2.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
     "sigma": Key("float", 0.0, f"Std of the Gaussian noise clients add after clipping (clip-*, clip21-sgd2m, flower-dp-fixed; 0, or sigma / (2 tau) >= {MIN_NOISE_MULTIPLIER:g}; at most {MAX_SCALE:g}).", _rules(_non_negative, _at_most(MAX_SCALE))),
     "delta": Key("float", 1e-5, "delta of the reported (epsilon, delta) local DP.", lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
+    "dp": Key("str", "local", "Where the DP noise is added: local (every client noises its message: clip-gd/sgd, clip21-sgd2m) or central (the server noises the sum of the clipped messages: clip-gd/sgd, clip21-gd/sgd, clip21-sgd2m, clip21-topk; user-level DP against everyone but the server).", _one_of("local", "central")),
+    "sampling": Key("str", "fixed", "Client sampling: fixed (round(fraction x n) clients a round) or poisson (each client with probability fraction; central DP's accountant then uses amplification by subsampling).", _one_of("fixed", "poisson")),
     "target-epsilon": Key("floats", None, f"Calibrate sigma to these epsilons over all rounds (comma-separated, distinct, each in [{EPSILON_RANGE[0]:g}, {EPSILON_RANGE[1]:g}]: a grid).", _each(_rules(_at_least(EPSILON_RANGE[0]), _at_most(EPSILON_RANGE[1])), "epsilon")),
     "topk": Key("float", 0.1, "ef21-topk / clip21-topk: k as a count (>= 1) or a fraction of the model (< 1).", _topk),
     "local-steps": Key("int", 1, f"celgc, flower-dp-fixed: local steps per round (at most {MAX_LOCAL_STEPS}).", _rules(_at_least(1), _at_most(MAX_LOCAL_STEPS))),
@@ -334,9 +336,34 @@ def plugin_parts(name: str) -> tuple[str, str] | None:
     return module, attr
 
 
+def _adds_noise(name: str, dp: str) -> bool:
+    """Whether algorithm ``name`` adds the noise ``sigma`` under ``dp`` (local or central)."""
+    from fl_clip21.algorithms import CENTRAL_DP
+
+    if name in FLOWER_BASELINES:
+        return True
+    return name in CENTRAL_DP if dp == "central" else "sigma" in HYPER_KEYS.get(name, ())
+
+
 def _noisy(cfg: Mapping[str, Any]) -> bool:
     """Whether an algorithm of ``cfg`` adds the Gaussian noise ``sigma`` (and reports epsilon)."""
-    return any(a in FLOWER_BASELINES or "sigma" in HYPER_KEYS.get(a, ()) for a in cfg["algorithms"])
+    return any(_adds_noise(a, cfg["dp"]) for a in cfg["algorithms"])
+
+
+def _check_private(cfg: Mapping[str, Any]) -> None:
+    """A run asked to be private (sigma > 0 or target-epsilon) has no algorithm that ignores it."""
+    asked = [f"sigma={cfg['sigma']!r}"] if cfg["sigma"] > 0 else []
+    asked += [f"target-epsilon={cfg['target-epsilon']!r}"] if cfg["target-epsilon"] else []
+    if not asked:
+        return
+    for name in cfg["algorithms"]:
+        if not _adds_noise(name, cfg["dp"]):
+            other = "central" if cfg["dp"] == "local" else "local"
+            hint = f" (it does with dp={other})" if _adds_noise(name, other) else ""
+            raise ConfigError(
+                f"algorithms: {name} adds no noise with dp={cfg['dp']}{hint}, so {' and '.join(asked)} would not "
+                f"make it private: drop it from algorithms or from the private run"
+            )
 
 
 def _check_noise(cfg: Mapping[str, Any]) -> None:
@@ -389,6 +416,7 @@ def resolve(
             f"(Python identifiers), got {name!r}"
         )
     _check_noise(cfg)
+    _check_private(cfg)
     _check_heterogeneity(cfg)
     if base_dir is not None:
         for key, v in data_files(cfg).items():
@@ -515,19 +543,23 @@ def with_epsilon(cfg: dict[str, Any], target: float) -> dict[str, Any]:
         Naming ``target-epsilon`` and ``target`` when it is out of range, the
         accountant cannot calibrate it, or the calibrated sigma is above its cap.
     """
-    from fl_clip21.privacy import calibrate_noise_multiplier
+    from fl_clip21.algorithms import central_denominator
+    from fl_clip21.privacy import calibrate_central, calibrate_noise_multiplier
 
     rule = SCHEMA["target-epsilon"].check([target])
     if rule:
         raise ConfigError(f"target-epsilon {rule}, got {target!r}")
     rounds, delta = cfg["rounds"], cfg["delta"]
     try:
-        z = calibrate_noise_multiplier(target, rounds, delta)
+        if cfg.get("dp") == "central":  # noise on the sum, sensitivity tau: sigma = z tau
+            z = calibrate_central(target, rounds, delta, central_denominator(cfg)[1])
+        else:  # noise on each message, sensitivity 2 tau: sigma = 2 z tau
+            z = 2 * calibrate_noise_multiplier(target, rounds, delta)
     except (ValueError, ArithmeticError, RuntimeError) as e:
         raise ConfigError(
             f"target-epsilon={target!r} cannot be calibrated over rounds={rounds!r} at delta={delta!r} ({e})"
         ) from None
-    sigma = 2 * cfg["tau"] * z
+    sigma = cfg["tau"] * z
     if sigma > MAX_SCALE:
         raise ConfigError(
             f"target-epsilon={target!r} needs sigma={sigma:g} over rounds={rounds!r} with tau={cfg['tau']!r}, "

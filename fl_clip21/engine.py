@@ -26,7 +26,7 @@ import numpy as np
 from fl_clip21 import core, streams
 from fl_clip21.algorithms import FLOWER_BASELINES, Algorithm, ClientRound, Grads, Noise, algorithm_from_config
 from fl_clip21.config import ConfigError
-from fl_clip21.privacy import epsilon
+from fl_clip21.privacy import central_epsilon, epsilon
 from fl_clip21.problems import Evaluation, Minibatch, Problem, build_problem
 
 # on_round(algorithm, record, rounds) after every round, for progress displays
@@ -39,6 +39,7 @@ OnRound = Callable[[str, dict[str, Any], int], None]
 # stream, whatever the number of clients.
 ONLINE_STREAM = 0xA7A1
 STRAGGLER_STREAM = 0x51A6
+POISSON_STREAM = 0x9015
 # Seconds the server waits for replies when round-timeout is 0 (Flower's Strategy.start default).
 REPLY_WAIT = 3600.0
 
@@ -58,7 +59,8 @@ def online_clients(seed: int, server_round: int, num_clients: int, availability:
 
 
 def sample_clients(
-    seed: int, server_round: int, num_clients: int, fraction: float, availability: float = 1.0
+    seed: int, server_round: int, num_clients: int, fraction: float, availability: float = 1.0,
+    poisson: bool = False,
 ) -> list[int]:
     """The client indices that take part in ``server_round`` (seeded, sorted).
 
@@ -69,6 +71,9 @@ def sample_clients(
     online = online_clients(seed, server_round, num_clients, availability)
     if fraction >= 1 or not online:
         return online
+    if poisson:  # each online client independently with probability fraction (central DP's amplification)
+        draws = _round_uniforms(seed, server_round, POISSON_STREAM, num_clients)
+        return [i for i in online if draws[i] < fraction]
     m = min(max(1, int(round(fraction * num_clients))), len(online))
     rng = np.random.default_rng([seed, 0x5A3D1E, server_round])
     return sorted(online[int(j)] for j in rng.choice(len(online), size=m, replace=False))
@@ -184,10 +189,18 @@ def norm_quantiles(norms: Sequence[tuple[float, float]]) -> dict[str, float]:
     }
 
 
-def round_epsilon(algorithm: Algorithm, times_asked: np.ndarray, delta: float) -> dict[str, float]:
-    """``{"epsilon": ...}`` of the most-asked client, for algorithms with DP noise."""
+def round_epsilon(algorithm: Algorithm, times_asked: np.ndarray, delta: float, server_round: int) -> dict[str, float]:
+    """``{"epsilon": ...}`` after ``server_round`` rounds, for algorithms with DP noise.
+
+    Local DP: of the most-asked client (every round it was asked counts).
+    Central DP: of every client, over all rounds so far, with amplification by
+    Poisson subsampling where the clients were Poisson-sampled.
+    """
     if algorithm.noise_multiplier is None:
         return {}
+    if algorithm.central is not None:
+        rate = algorithm.hyper.get("sampling-rate", 1.0)
+        return {"epsilon": central_epsilon(algorithm.noise_multiplier, server_round, delta, rate)}
     return {"epsilon": epsilon(algorithm.noise_multiplier, int(times_asked.max()), delta)}
 
 
@@ -230,7 +243,8 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
     for k in range(1, cfg["rounds"] + 1):
         t0 = time.perf_counter()
         clients = np.asarray(
-            sample_clients(cfg["seed"], k, n, cfg["fraction"], cfg.get("availability", 1.0)), dtype=np.int64
+            sample_clients(cfg["seed"], k, n, cfg["fraction"], cfg.get("availability", 1.0),
+                           cfg.get("sampling") == "poisson"), dtype=np.int64
         )
         times_asked[clients] += 1
         everyone = len(clients) == n  # then the rows are the arrays themselves, not copies
@@ -260,7 +274,7 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
             "clip_fraction": float(out.active[arrived].sum()) / accepted if accepted else 0.0, "rejected": 0,
             "failed": int(late.sum()), "resyncs": 0, "bytes_up": accepted * message_bytes(algorithm, d, dtype),
             "seconds": time.perf_counter() - t0,
-            **round_epsilon(algorithm, times_asked, cfg["delta"]),
+            **round_epsilon(algorithm, times_asked, cfg["delta"], k),
             **(norm_quantiles(out.norms[arrived]) if reports_norms(algorithm) else {}),
         }
         ev = problem.evaluate(x, client_grads=reuse)

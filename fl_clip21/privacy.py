@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
+
 _TOL = 1e-10
 
 
@@ -58,3 +60,83 @@ def calibrate_noise_multiplier(target_epsilon: float, rounds: int, delta: float)
     while epsilon(z, rounds, delta) > target_epsilon:
         z *= 1 + 1e-9
     return z
+
+
+# --- central (user-level) DP ----------------------------------------------------------
+#
+# Adjacency: one client's whole data added or removed. Each round the server adds
+# N(0, (z s)^2 I) to the sum of the clipped messages, whose sensitivity is s (one
+# client moves the sum by at most s): a Gaussian mechanism of multiplier z. With
+# Poisson sampling of rate q < 1 each round is that mechanism on a Poisson
+# subsample, and the accountant takes the amplification by subsampling into
+# account; with a fixed number of clients a round (or everyone) no amplification is
+# claimed and T rounds compose to the Gaussian mechanism of multiplier z / sqrt(T).
+# (docs/algorithms.md, "Central (user-level) DP".)
+
+
+def _central_event(z: float, rounds: int, q: float):
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+
+    event = GaussianDpEvent(z) if q >= 1 else PoissonSampledDpEvent(q, GaussianDpEvent(z))
+    return SelfComposedDpEvent(event, rounds)
+
+
+@functools.lru_cache(maxsize=256)
+def _round_rdp(z: float, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """(orders, RDP of one round) of the Poisson-subsampled Gaussian: T rounds are T times it."""
+    import logging
+
+    from dp_accounting import NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # its notes on orders it leaves out
+    acc = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acc.compose(_central_event(z, 1, q))
+    # The accountant's RDP curve (its own attribute): composing T rounds multiplies it by T.
+    return np.asarray(acc._orders), np.asarray(acc._rdp)
+
+
+@functools.lru_cache(maxsize=4096)
+def central_epsilon(z: float, rounds: int, delta: float, q: float = 1.0, accountant: str = "rdp") -> float:
+    """epsilon at ``delta`` after ``rounds`` rounds of central DP of multiplier ``z``, sampling rate ``q``.
+
+    ``q`` = 1 (no amplification claimed) is exact (:func:`epsilon`). For q < 1,
+    dp-accounting's RDP accountant (an upper bound; one round's RDP curve is
+    computed once and scaled by the rounds), or with ``accountant="pld"`` its
+    PLD accountant (pessimistic estimate: a tighter upper bound, seconds a call).
+    """
+    _check(z, rounds, delta)
+    if not 0 < q <= 1:
+        raise ValueError(f"sampling rate q must be in (0, 1], got {q!r}")
+    if rounds == 0:
+        return 0.0
+    if q >= 1:
+        return epsilon(z, rounds, delta)
+    if accountant == "pld":
+        from dp_accounting import NeighboringRelation
+        from dp_accounting.pld import PLDAccountant
+
+        acc = PLDAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+        acc.compose(_central_event(z, rounds, q))
+        return float(acc.get_epsilon(delta)) + 2 * _TOL
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    orders, rdp = _round_rdp(z, q)
+    return float(compute_epsilon(orders, rounds * rdp, delta)[0]) + 2 * _TOL
+
+
+def calibrate_central(target_epsilon: float, rounds: int, delta: float, q: float = 1.0) -> float:
+    """The smallest z (within 1e-6 relative) whose central epsilon after ``rounds`` rounds is <= target."""
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target-epsilon must be > 0, got {target_epsilon!r}")
+    if q >= 1:
+        return calibrate_noise_multiplier(target_epsilon, rounds, delta)
+    lo, hi = 1e-3, 1.0
+    while central_epsilon(hi, rounds, delta, q) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise ValueError(f"target-epsilon={target_epsilon!r} needs a noise multiplier above 1e6")
+    while hi - lo > 1e-6 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if central_epsilon(mid, rounds, delta, q) <= target_epsilon else (mid, hi)
+    return hi

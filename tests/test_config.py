@@ -285,7 +285,9 @@ def test_with_epsilon_names_target_epsilon_when_sigma_would_pass_its_cap():
 
 
 def test_a_calibrated_epsilon_keeps_its_run():
-    runs = config.expand_runs(config.resolve({"rounds": 10, "target-epsilon": [3, 9], "seeds": [0, 1]}))
+    runs = config.expand_runs(
+        config.resolve({"algorithms": ["clip-sgd"], "rounds": 10, "target-epsilon": [3, 9], "seeds": [0, 1]})
+    )
     assert [(r["target-epsilon"], r["seed"]) for r in runs] == [([3.0], 0), ([3.0], 1), ([9.0], 0), ([9.0], 1)]
     assert all(0 < r["sigma"] <= config.MAX_SCALE for r in runs)
 

@@ -17,20 +17,31 @@ from fl_clip21.problems import Minibatch, PluginProblem, build_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Small problems, every algorithm, a few rounds: full participation on one,
-# partial on the other; noise (clip-sgd, clip21-sgd2m), momentum, minibatches and
-# two local steps (celgc) on both.
+# Small problems, a few rounds: every algorithm without noise, full participation on
+# one problem, partial on the other; local noise (clip-sgd, clip21-sgd2m); central DP
+# with Poisson sampling. Momentum, minibatches and two local steps (celgc) throughout.
 _COMMON = {
-    "algorithms": list(ALGORITHMS), "rounds": 3, "num-clients": 4, "seed": 5, "topk": 2, "batch-size": 16,
-    "sigma": 0.05, "beta1": 0.5, "beta2": 0.8, "local-steps": 2,
+    "rounds": 3, "num-clients": 4, "seed": 5, "topk": 2, "batch-size": 16, "beta1": 0.5, "beta2": 0.8,
+    "local-steps": 2,
 }
+LOCAL_NOISE = ["clip-sgd", "clip21-sgd2m"]
+CENTRAL = ["clip-sgd", "clip21-gd", "clip21-sgd2m", "clip21-topk"]
 CONFIGS = {
     "mean-estimation": {
-        **_COMMON, "lr": 0.5, "tau": 0.5, "problem": {"name": "mean-estimation", "dim": 3, "spread": 2.0},
+        **_COMMON, "algorithms": list(ALGORITHMS), "lr": 0.5, "tau": 0.5,
+        "problem": {"name": "mean-estimation", "dim": 3, "spread": 2.0},
     },
     "logreg-partial": {
-        **_COMMON, "lr": 1.0, "tau": 0.1, "fraction": 0.5,
+        **_COMMON, "algorithms": list(ALGORITHMS), "lr": 1.0, "tau": 0.1, "fraction": 0.5,
         "problem": {"name": "logreg"}, "partition": {"kind": "dirichlet", "alpha": 1.0},
+    },
+    "local-noise": {
+        **_COMMON, "algorithms": LOCAL_NOISE, "lr": 1.0, "tau": 0.1, "fraction": 0.5, "sigma": 0.05,
+        "problem": {"name": "logreg"}, "partition": {"kind": "dirichlet", "alpha": 1.0},
+    },
+    "central": {
+        **_COMMON, "algorithms": CENTRAL, "lr": 1.0, "tau": 0.1, "fraction": 0.5, "sigma": 0.05, "dp": "central",
+        "sampling": "poisson", "problem": {"name": "logreg"}, "partition": {"kind": "dirichlet", "alpha": 1.0},
     },
 }
 COMPARED = (
@@ -52,8 +63,7 @@ def both_engines():
     return out
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("name", list(ALGORITHMS))
+@pytest.mark.parametrize("config, name", [(c, n) for c, s in CONFIGS.items() for n in s["algorithms"]])
 def test_vectorized_engine_matches_flower(both_engines, config, name):
     flower, vectorized = (res[name] for res in both_engines[config])
     for key, arr in flower["params"].items():
@@ -71,11 +81,15 @@ def test_vectorized_engine_matches_flower(both_engines, config, name):
 def test_the_configs_exercise_clipping_noise_and_sampling(both_engines):
     _, vec = both_engines["logreg-partial"]
     assert all(r["participants"] == 2 for r in vec["clip21-sgd2m"]["records"])
-    assert vec["clip21-sgd2m"]["records"][-1]["epsilon"] > 0
     assert vec["clip21-gd"]["records"][0]["clip_fraction"] == 1.0
-    _, vec = both_engines["mean-estimation"]
-    assert all(r["participants"] == 4 for r in vec["clip-sgd"]["records"])
-    assert vec["clip-sgd"]["records"][-1]["epsilon"] > 0
+    assert "epsilon" not in vec["clip21-sgd2m"]["records"][-1]  # no noise asked for, none claimed
+    _, vec = both_engines["local-noise"]
+    assert all(r["epsilon"] > 0 for name in LOCAL_NOISE for r in vec[name]["records"])
+    _, vec = both_engines["central"]
+    # Poisson sampling: the number of clients varies from round to round, epsilon grows with the rounds.
+    assert len({r["participants"] for name in CENTRAL for r in vec[name]["records"]}) > 1
+    eps = [r["epsilon"] for r in vec["clip21-gd"]["records"]]
+    assert 0 < eps[0] < eps[1] < eps[2]
 
 
 def test_vectorized_engine_refuses_flower_dp_fixed_before_running():

@@ -48,7 +48,7 @@ def test_sgd2m_with_unit_betas_and_no_noise_is_clip21_sgd_exactly():
 
 
 def test_sgd2m_momentum_changes_the_iterates_and_noise_is_seeded():
-    base = _cfg(beta1=0.5, beta2=0.5, sigma=0.05)
+    base = _cfg(algorithms=["clip21-sgd2m"], beta1=0.5, beta2=0.5, sigma=0.05)
     a, b = run_local(base, "clip21-sgd2m"), run_local(base, "clip21-sgd2m")
     assert _same(a["params"], b["params"]) == 0.0  # same seed, same noise
     other = run_local({**base, "seed": 1}, "clip21-sgd2m")

@@ -45,6 +45,7 @@ def run_algorithm(
         num_clients=cfg["num-clients"],
         fraction=cfg["fraction"],
         availability=cfg.get("availability", 1.0),
+        sampling=cfg.get("sampling", "fixed"),
         late_reply_wait=cfg.get("straggler-delay", 0.0) + 600.0,
         seed=cfg["seed"],
         audit=cfg["audit"],

@@ -96,6 +96,9 @@ class Clip21Strategy(Strategy):
         FedAvg samples among them; n is then fixed for the run.
     min_available_nodes:
         With ``num_clients`` None, the nodes to wait for before the first round.
+    sampling:
+        ``fixed``: round(fraction x n) clients a round; ``poisson``: each with
+        probability ``fraction`` (central DP's accountant then amplifies).
     fraction:
         Share of clients sampled per round (seeded by ``seed`` and the round).
     audit:
@@ -169,6 +172,7 @@ class Clip21Strategy(Strategy):
         trust_partition_ids: bool | None = None,
         config: Mapping[str, Any] | None = None,
         min_available_nodes: int = 2,
+        sampling: str = "fixed",
     ) -> None:
         _check("fraction_evaluate", fraction_evaluate, 0 <= fraction_evaluate <= 1, "must be in [0, 1]")
         _check("fraction", fraction, 0 < fraction <= 1, "must be in (0, 1]")
@@ -181,6 +185,8 @@ class Clip21Strategy(Strategy):
             _check("num_clients", num_clients, isinstance(num_clients, int) and num_clients >= 1,
                    "must be an integer >= 1")
         self.min_available_nodes = min_available_nodes
+        _check("sampling", sampling, sampling in ("fixed", "poisson"), "must be 'fixed' or 'poisson'")
+        self.sampling = sampling
         _check("node_wait_timeout", node_wait_timeout, node_wait_timeout > 0, "must be > 0 seconds")
         _check("delta", delta, 0 < delta < 1, "must be in (0, 1)")
         self.algorithm = algorithm
@@ -497,7 +503,9 @@ class Clip21Strategy(Strategy):
 
     def sample_clients(self, server_round: int) -> list[int]:
         """The client indices that take part in ``server_round`` (seeded)."""
-        return sample_clients(self.seed, server_round, self.num_clients, self.fraction, self.availability)
+        return sample_clients(
+            self.seed, server_round, self.num_clients, self.fraction, self.availability, self.sampling == "poisson"
+        )
 
     def await_late_replies(self, grid: Grid, nodes: Iterable[int] | None = None) -> None:
         """Wait until the late replies of ``nodes`` (default: all) came in, and drop them."""
@@ -651,7 +659,7 @@ class Clip21Strategy(Strategy):
         if self.audit_state is not None:
             record["invariant_gap"] = self.invariant_gap()
             record["memory_gap"] = self.audit_state.take_round()
-        record.update(round_epsilon(self.algorithm, self.protocol.times_asked, self.delta))
+        record.update(round_epsilon(self.algorithm, self.protocol.times_asked, self.delta, k))
         if reports_norms(self.algorithm):
             record.update(norm_quantiles(norms))
         train_metrics = client_metrics.aggregate(app_metrics)
