@@ -23,7 +23,7 @@ def _cells(name_sets, grid):
 ])
 def test_every_cell_of_a_batch_has_the_trajectory_it_has_alone(name, extra):
     # Prepare: 4 cells that differ in tau, lr and beta2, partial participation.
-    cfgs = _cells(["rounds=12", "fraction=0.5", *extra],
+    cfgs = _cells([f"algorithms={name}", "rounds=12", "fraction=0.5", *extra],
                   [[f"tau={t}", f"lr={lr}", f"beta2={b}"] for t, lr, b in ((0.05, 1.0, 1.0), (0.5, 0.3, 0.5),
                                                                          (0.1, 3.0, 0.8), (2.0, 0.5, 1.0))])
     # Execute

@@ -156,7 +156,7 @@ def test_online_draws_are_seeded_per_client_and_round():
 
 
 def test_a_round_with_nobody_online_sends_nothing_and_keeps_the_model():
-    cfg = resolve({**AVAILABILITY, "algorithms": ["gd"], "availability": 0.01, "rounds": 3})
+    cfg = resolve({**AVAILABILITY, "algorithms": ["gd"], "sigma": 0.0, "availability": 0.01, "rounds": 3})
     assert all(not online_clients(cfg["seed"], k, N, 0.01) for k in range(1, 4))
     res = run_local(cfg, "gd")
     assert [r["participants"] for r in res["records"]] == [0, 0, 0]
