@@ -210,10 +210,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 DEBUG_HELP = "show the traceback of an error"
+HELP_HELP = "show this help and exit; after a SCENARIO, the keys below show that scenario's values"
+KEYS_TITLE = "scenario keys (--set KEY=VALUE):\n"
 OVERWRITE_HELP = (
     "write into a non-empty --out, replacing the outputs an earlier fl-clip21 run wrote there "
     "(as its manifest records them) and leaving every other file alone"
 )
+
+
+def _help(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Print ``parser``'s help and exit 0; given a SCENARIO, its keys show the scenario's values (and --set's).
+
+    A scenario that cannot be resolved is a :class:`ConfigError`, as it would be for the run.
+    """
+    if args.scenario:
+        cfg = load_scenario(args.scenario, parse_sets(args.set or []))
+        given = f"{args.scenario}{' with --set' if args.set else ''}"
+        parser.epilog = (
+            f"scenario keys (--set KEY=VALUE) as {given} resolves them; "
+            "* marks a value that differs from the built-in default:\n" + keys_help(cfg)
+        )
+    parser.print_help()
+    parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,13 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+    # -h is ours in run and sweep: it reads the SCENARIO given with it, which argparse's own -h cannot.
     run = sub.add_parser(
         "run",
         parents=[common],
         help="run every algorithm of a scenario on Flower's simulation engine",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="scenario keys (--set KEY=VALUE):\n" + keys_help(),
+        epilog=KEYS_TITLE + keys_help(), add_help=False,
     )
+    run.add_argument("-h", "--help", action="store_true", help=HELP_HELP)
     run.add_argument("scenario", nargs="?", help="scenario TOML file (see scenarios/)")
     run.add_argument(
         "--resume", metavar="DIR",
@@ -278,9 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep = sub.add_parser(
         "sweep", parents=[common],
         help="every algorithm of a scenario over a grid of scenario values (CSV, Markdown, heat maps)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="scenario keys:\n" + keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=KEYS_TITLE + keys_help(), add_help=False,
     )
-    sweep.add_argument("scenario", help="scenario TOML file (see scenarios/)")
+    sweep.add_argument("-h", "--help", action="store_true", help=HELP_HELP)
+    # Optional for argparse, so that --help works without one; cmd_sweep requires it.
+    sweep.add_argument("scenario", nargs="?", help="scenario TOML file (see scenarios/)")
     sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="a key and its values (repeatable)")
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key in every cell")
     sweep.add_argument("--engine", choices=("vectorized", "flower"), default="vectorized", help="default: vectorized")
@@ -297,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         command = cmd_bench if args.command == "bench" else cmd_run
     try:
+        if getattr(args, "help", False):
+            _help(run if args.command == "run" else sweep, args)
         return command(args)
     except (ConfigError, outputs.OutputError) as e:
         if args.debug:

@@ -339,6 +339,8 @@ def write_sweep(
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``fl-clip21 sweep``: check every cell and the output folder, run the grid, write the outputs."""
+    if not args.scenario:
+        raise ConfigError("sweep needs a SCENARIO file")
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out must name a folder, got ''")
     grid = parse_grid(args.grid or [])

@@ -1,4 +1,4 @@
-"""Outputs people read: plot titles, the loss axis, accuracy against epsilon.
+"""Outputs people read: plot titles, the loss axis, accuracy against epsilon, ``--help`` of a scenario.
 
 Plots are checked through the matplotlib Figures the plotting functions
 return (titles, tick labels, lines), not through pixels.
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fl_clip21 import report
+from fl_clip21.cli import main
 from fl_clip21.config import load_scenario, resolve
 from fl_clip21.engine import run_vectorized
 
@@ -141,3 +142,38 @@ def test_a_log_axis_of_a_few_decades_gets_at_least_four_labels(tmp_path, values,
     ax = report.plot_lines(series, "round", "grad_norm_sq", tmp_path / "c.png", "t", log_y=True).axes[0]
     low, high = ax.get_ylim()
     assert [t.get_text() for t, v in zip(ax.get_yticklabels(), ax.get_yticks()) if low <= v <= high] == labels
+
+
+def test_run_help_with_a_scenario_shows_its_values_marked_where_they_differ(capsys):
+    # Execute
+    with pytest.raises(SystemExit) as done:
+        main(["run", str(LOGREG), "--set", "rounds=7", "--help"])
+    # Assert
+    assert done.value.code == 0
+    lines = {line.split()[1] if line.startswith("*") else line.split()[0]: line
+             for line in capsys.readouterr().out.splitlines() if line.startswith(("* ", "  ")) and len(line) > 33}
+    assert lines["tau"].startswith("* tau ") and lines["tau"].endswith("[0.1; default: 1.0]")
+    assert lines["rounds"].endswith("[7; default: 100]")  # --set counts
+    assert lines["seed"].startswith("  seed ") and lines["seed"].endswith("[0, the default]")
+
+
+def test_help_without_a_scenario_shows_the_built_in_defaults_and_sweep_help_reads_a_scenario(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "[default: 1.0]" in out and "* tau" not in out
+    with pytest.raises(SystemExit) as done:
+        main(["sweep", "--help", str(LOGREG)])
+    assert done.value.code == 0
+    assert "[0.1; default: 1.0]" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["sweep", "-h"])
+    assert "[default: 1.0]" in capsys.readouterr().out
+
+
+def test_help_of_a_scenario_that_does_not_resolve_is_the_runs_error(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.toml"), "--help"]) == 2
+    assert "scenario file not found" in capsys.readouterr().err
+    assert main(["run", str(LOGREG), "--set", "tau=-1", "--help"]) == 2
+    assert "tau must be > 0, got -1.0" in capsys.readouterr().err
