@@ -15,22 +15,16 @@ from fl_clip21.outputs import CHECKPOINT
 
 
 def _progress(stream=sys.stderr):
+    from fl_clip21.report import progress_due, progress_line
+
     tty = stream.isatty()
 
     def on_round(name: str, rec: dict[str, Any], rounds: int) -> None:
         k = rec["round"]
-        eps = f"  epsilon={rec['epsilon']:.3g}" if "epsilon" in rec else ""
-        line = (
-            f"[{name}] round {k}/{rounds}  loss={rec['loss']:.6g}  "
-            f"grad_norm_sq={rec['grad_norm_sq']:.3e}{eps}"
-        )
-        if rec.get("rejected"):
-            line += f"  rejected={rec['rejected']}"
-        if rec.get("failed"):
-            line += f"  failed={rec['failed']}"
+        line = progress_line(name, rec, rounds)
         if tty:
             stream.write("\r\033[K" + line + ("\n" if k == rounds else ""))
-        elif k == rounds or k % max(1, rounds // 10) == 0:
+        elif progress_due(k, rounds):
             stream.write(line + "\n")
         stream.flush()
 

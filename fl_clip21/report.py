@@ -140,6 +140,28 @@ def summary_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+# --- progress -----------------------------------------------------------------
+
+
+def progress_line(name: str, rec: dict[str, Any], rounds: int) -> str:
+    """``[clip21-gd] round 30/100  loss=0.2522  grad_norm_sq=7.026e-13``, with epsilon, rejected, failed when set."""
+    eps = f"  epsilon={rec['epsilon']:.3g}" if "epsilon" in rec else ""
+    line = (
+        f"[{name}] round {rec['round']}/{rounds}  loss={rec['loss']:.6g}  "
+        f"grad_norm_sq={rec['grad_norm_sq']:.3e}{eps}"
+    )
+    if rec.get("rejected"):
+        line += f"  rejected={rec['rejected']}"
+    if rec.get("failed"):
+        line += f"  failed={rec['failed']}"
+    return line
+
+
+def progress_due(k: int, rounds: int) -> bool:
+    """Whether a log shows round ``k``: every tenth of the run, and the last round."""
+    return k == rounds or k % max(1, rounds // 10) == 0
+
+
 # --- plots --------------------------------------------------------------------
 
 # Classes of the built-in classifiers: LogReg refuses data without exactly two,
