@@ -18,22 +18,16 @@ ENGINE_POINTS = [(n, d) for n in (10, 100, 1000, 10000) for d in (31, 1001, 1000
 
 
 def _progress(stream=sys.stderr):
+    from fl_clip21.report import progress_due, progress_line
+
     tty = stream.isatty()
 
     def on_round(name: str, rec: dict[str, Any], rounds: int) -> None:
         k = rec["round"]
-        eps = f"  epsilon={rec['epsilon']:.3g}" if "epsilon" in rec else ""
-        line = (
-            f"[{name}] round {k}/{rounds}  loss={rec['loss']:.6g}  "
-            f"grad_norm_sq={rec['grad_norm_sq']:.3e}{eps}"
-        )
-        if rec.get("rejected"):
-            line += f"  rejected={rec['rejected']}"
-        if rec.get("failed"):
-            line += f"  failed={rec['failed']}"
+        line = progress_line(name, rec, rounds)
         if tty:
             stream.write("\r\033[K" + line + ("\n" if k == rounds else ""))
-        elif k == rounds or k % max(1, rounds // 10) == 0:
+        elif progress_due(k, rounds):
             stream.write(line + "\n")
         stream.flush()
 
@@ -260,10 +254,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 DEBUG_HELP = "show the traceback of an error"
+HELP_HELP = "show this help and exit; after a SCENARIO, the keys below show that scenario's values"
+KEYS_TITLE = "scenario keys (--set KEY=VALUE):\n"
 OVERWRITE_HELP = (
     "write into a non-empty --out, replacing the outputs an earlier fl-clip21 run wrote there "
     "(as its manifest records them) and leaving every other file alone"
 )
+
+
+def _help(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Print ``parser``'s help and exit 0; given a SCENARIO, its keys show the scenario's values (and --set's).
+
+    A scenario that cannot be resolved is a :class:`ConfigError`, as it would be for the run.
+    """
+    if args.scenario:
+        cfg = load_scenario(args.scenario, parse_sets(args.set or []))
+        given = f"{args.scenario}{' with --set' if args.set else ''}"
+        parser.epilog = (
+            f"scenario keys (--set KEY=VALUE) as {given} resolves them; "
+            "* marks a value that differs from the built-in default:\n" + keys_help(cfg)
+        )
+    parser.print_help()
+    parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,13 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+    # -h is ours in run and sweep: it reads the SCENARIO given with it, which argparse's own -h cannot.
     run = sub.add_parser(
         "run",
         parents=[common],
         help="run every algorithm of a scenario on Flower's simulation engine",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="scenario keys (--set KEY=VALUE):\n" + keys_help(),
+        epilog=KEYS_TITLE + keys_help(), add_help=False,
     )
+    run.add_argument("-h", "--help", action="store_true", help=HELP_HELP)
     run.add_argument("scenario", nargs="?", help="scenario TOML file (see scenarios/)")
     run.add_argument(
         "--resume", metavar="DIR",
@@ -337,9 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep = sub.add_parser(
         "sweep", parents=[common],
         help="every algorithm of a scenario over a grid of scenario values (CSV, Markdown, heat maps)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="scenario keys:\n" + keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=KEYS_TITLE + keys_help(), add_help=False,
     )
-    sweep.add_argument("scenario", help="scenario TOML file (see scenarios/)")
+    sweep.add_argument("-h", "--help", action="store_true", help=HELP_HELP)
+    # Optional for argparse, so that --help works without one; cmd_sweep requires it.
+    sweep.add_argument("scenario", nargs="?", help="scenario TOML file (see scenarios/)")
     sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="a key and its values (repeatable)")
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key in every cell")
     sweep.add_argument("--engine", choices=("vectorized", "flower"), default="vectorized", help="default: vectorized")
@@ -367,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         command = {"bench": cmd_bench, "calibrate": cmd_calibrate}.get(args.command, cmd_run)
     try:
+        if getattr(args, "help", False):
+            _help(run if args.command == "run" else sweep, args)
         return command(args)
     except (ConfigError, outputs.OutputError) as e:
         if args.debug:

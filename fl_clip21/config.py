@@ -610,10 +610,28 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
-def keys_help() -> str:
-    """One line per key, for ``fl-clip21 run --help``, then what a plug-in problem may do."""
+def _help_value(value: Any) -> str:
+    """A key's value as ``--set`` would take it: lists comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def keys_help(cfg: Mapping[str, Any] | None = None) -> str:
+    """One line per key, for ``fl-clip21 run --help``, then what a plug-in problem may do.
+
+    Without ``cfg`` each line ends with the key's built-in default. With a
+    resolved scenario ``cfg`` it ends with the scenario's value; a line whose
+    value differs from the built-in default starts with ``*`` and names both.
+    A plug-in problem's own ``problem.*`` keys follow the schema's.
+    """
     lines = []
     for k, spec in SCHEMA.items():
-        default = ",".join(spec.default) if isinstance(spec.default, list) else spec.default
-        lines.append(f"  {k:<30} {spec.help} [default: {default}]")
+        default = _help_value(spec.default)
+        if cfg is None:
+            lines.append(f"  {k:<30} {spec.help} [default: {default}]")
+        elif cfg[k] == spec.default:
+            lines.append(f"  {k:<30} {spec.help} [{default}, the default]")
+        else:
+            lines.append(f"* {k:<30} {spec.help} [{_help_value(cfg[k])}; default: {default}]")
+    for k in sorted(set(cfg or {}) - set(SCHEMA)):
+        lines.append(f"* {k:<30} A key of the plug-in problem. [{_help_value(cfg[k])}]")
     return "\n".join(lines) + "\n\n" + PLUGINS_ARE_CODE

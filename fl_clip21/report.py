@@ -7,6 +7,24 @@ classification problems, ``accuracy.png``. Every invocation also writes
 ``summary.md`` / ``summary.csv`` (one row per algorithm, or per algorithm and
 epsilon for a ``target-epsilon`` grid, averaged over seeds) and, for DP grids,
 ``accuracy_vs_epsilon.png``.
+
+Every plot is titled with the scenario's name, the problem and its data, n
+(``num-clients``), tau and the step size gamma (``lr``), and epsilon (or sigma)
+for noisy runs: ``logreg-nonconvex — logreg on breast_cancer, n=10, τ=0.1, γ=1``
+(:func:`plot_title`); a run of a grid adds its seed.
+
+``loss.png`` follows one rule (:func:`loss_view`). Let f_min be the lowest loss
+any algorithm of the run reached and span the range of all its losses. When at
+least a quarter of all (algorithm, round) points lie within 1% of span of f_min
+(some algorithm converges, or the curves meet), the plot shows f − f_best on a
+log axis, where f_best = f_min − 1e-12 · max(span, |f_min|): the margin keeps the
+best point on the axis, and differences below it are the rounding of f, not
+progress. Otherwise (the curves stay apart, as noisy or unconverged runs do) it
+shows f itself on a linear axis, where a narrow range still gets its ticks.
+
+``accuracy_vs_epsilon.png`` has its x ticks at the grid's epsilons and draws
+the chance level (:func:`chance_accuracy`, 1 / the number of classes of the
+problem) as a dashed line labelled "chance".
 """
 
 from __future__ import annotations
@@ -16,6 +34,7 @@ import io
 import json
 import math
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +140,100 @@ def summary_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+# --- progress -----------------------------------------------------------------
+
+
+def progress_line(name: str, rec: dict[str, Any], rounds: int) -> str:
+    """``[clip21-gd] round 30/100  loss=0.2522  grad_norm_sq=7.026e-13``, with epsilon, rejected, failed when set."""
+    eps = f"  epsilon={rec['epsilon']:.3g}" if "epsilon" in rec else ""
+    line = (
+        f"[{name}] round {rec['round']}/{rounds}  loss={rec['loss']:.6g}  "
+        f"grad_norm_sq={rec['grad_norm_sq']:.3e}{eps}"
+    )
+    if rec.get("rejected"):
+        line += f"  rejected={rec['rejected']}"
+    if rec.get("failed"):
+        line += f"  failed={rec['failed']}"
+    return line
+
+
+def progress_due(k: int, rounds: int) -> bool:
+    """Whether a log shows round ``k``: every tenth of the run, and the last round."""
+    return k == rounds or k % max(1, rounds // 10) == 0
+
+
 # --- plots --------------------------------------------------------------------
+
+# Classes of the built-in classifiers: LogReg refuses data without exactly two,
+# and DigitsMLP's output layer has one unit per digit.
+CLASSES = {"logreg": 2, "mlp": 10}
+
+# loss.png: f - f_best on a log axis when at least LOSS_NEAR_SHARE of the points are
+# within LOSS_NEAR of the range from the lowest loss (see the module docstring).
+LOSS_NEAR = 0.01
+LOSS_NEAR_SHARE = 0.25
+LOSS_MARGIN = 1e-12
+
+
+def problem_text(cfg: dict[str, Any]) -> str:
+    """The problem and its data, for titles: ``logreg on breast_cancer``, ``mean-estimation, d=10``."""
+    name = cfg["problem.name"]
+    if name == "logreg":
+        return f"logreg on {Path(cfg['problem.dataset']).name}"
+    if name == "mlp":
+        return "mlp on digits"  # DigitsMLP takes problem.dataset digits (or its default) and trains on digits
+    if name == "mean-estimation":
+        centers = cfg.get("problem.centers")
+        if isinstance(centers, str):
+            return f"mean-estimation on {Path(centers).name}"
+        # Inline centres are n rows of d numbers (the problem checks them); unset: drawn in problem.dim.
+        return f"mean-estimation, d={len(centers[0]) if centers else cfg['problem.dim']}"
+    return name
+
+
+def plot_title(cfg: dict[str, Any], *, seed: bool = False, leave_out: Iterable[str] = ()) -> str:
+    """``NAME — PROBLEM, n=10, τ=0.1, γ=1`` (``, ε=3`` for one target epsilon, ``, σ=...`` for noise).
+
+    Parameters
+    ----------
+    cfg:
+        A resolved scenario; one run of a grid has a single ``target-epsilon``.
+    seed:
+        Add ``, seed S`` (a run of a grid).
+    leave_out:
+        Keys whose value the plot itself varies (a sweep's grid keys).
+    """
+    skip = set(leave_out)
+    parts = [problem_text(cfg)]
+    for key, symbol in (("num-clients", "n"), ("tau", "τ"), ("lr", "γ")):
+        if key not in skip:
+            parts.append(f"{symbol}={cfg[key]:g}")
+    eps = cfg.get("target-epsilon") or []
+    if len(eps) == 1 and "target-epsilon" not in skip:
+        parts.append(f"ε={eps[0]:g}")
+    elif not eps and cfg.get("sigma", 0) > 0 and "sigma" not in skip:
+        parts.append(f"σ={cfg['sigma']:g}")
+    if seed:
+        parts.append(f"seed {cfg['seed']}")
+    return f"{cfg['name']} — {', '.join(parts)}"
+
+
+def chance_accuracy(cfg: dict[str, Any]) -> float | None:
+    """1 / the number of classes of a built-in classifier (digits MLP 0.1, logreg 0.5); None otherwise."""
+    classes = CLASSES.get(cfg["problem.name"])
+    return 1.0 / classes if classes else None
+
+
+def loss_view(series: dict[str, Records]) -> float | None:
+    """f_best for a plot of f − f_best on a log axis, or None for f on a linear axis (module docstring)."""
+    losses = np.array([r["loss"] for recs in series.values() for r in recs], dtype=float)
+    losses = losses[np.isfinite(losses)]
+    if losses.size == 0:
+        return None
+    low, span = float(losses.min()), float(np.ptp(losses))
+    if span == 0 or np.mean(losses - low <= LOSS_NEAR * span) < LOSS_NEAR_SHARE:
+        return None
+    return low - LOSS_MARGIN * max(span, abs(low))
 
 
 def _pyplot():
@@ -133,18 +245,37 @@ def _pyplot():
     return plt
 
 
-def _finish(plt, fig, ax, path: Path, title: str) -> None:
-    """Title, grid, legend; save to ``path`` and free the figure."""
-    ax.set_title(title)
+def _log_ticks(ax) -> None:
+    """At least four labels on a log y axis: 1-9 of each decade under one decade, 1, 2, 5 under three.
+
+    Matplotlib labels only the powers of 10, which leaves one to three labels on such axes.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = ax.get_ylim()
+    decades = math.log10(high / low) if low > 0 else math.inf
+    if decades < 3:
+        subs = tuple(range(1, 10)) if decades < 1 else (1, 2, 5)
+        ax.yaxis.set_major_locator(LogLocator(subs=subs))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _finish(plt, fig, ax, path: Path, title: str):
+    """Title, grid, legend; save to ``path``, free the figure and return it (for tests to read)."""
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
-def plot_lines(series: dict[str, Records], x: str, y: str, path: Path, title: str, log_y: bool) -> None:
-    """One line per algorithm of ``y`` against ``x`` (``bytes`` = cumulative bytes up)."""
+def plot_lines(
+    series: dict[str, Records], x: str, y: str, path: Path, title: str, log_y: bool, ylabel: str | None = None
+):
+    """One line per algorithm of ``y`` against ``x`` (``bytes`` = cumulative bytes up); returns the Figure."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, records in series.items():
@@ -161,12 +292,28 @@ def plot_lines(series: dict[str, Records], x: str, y: str, path: Path, title: st
         ax.plot(xs, ys, label=name)
     if log_y:
         ax.set_yscale("log")
+        _log_ticks(ax)
     ax.set_xlabel("bytes sent up (all clients)" if x == "bytes" else x)
-    ax.set_ylabel({"grad_norm_sq": r"$\|\nabla f(x)\|^2$"}.get(y, y))
-    _finish(plt, fig, ax, path, title)
+    ax.set_ylabel(ylabel or {"grad_norm_sq": r"$\|\nabla f(x)\|^2$"}.get(y, y))
+    return _finish(plt, fig, ax, path, title)
 
 
-def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_loss(series: dict[str, Records], path: Path, title: str):
+    """Loss against round: f − f_best on a log axis or f on a linear one (:func:`loss_view`); returns the Figure."""
+    f_best = loss_view(series)
+    if f_best is None:
+        return plot_lines(series, "round", "loss", path, title, log_y=False, ylabel="loss f(x)")
+    gaps = {name: [{"round": r["round"], "loss": r["loss"] - f_best} for r in recs] for name, recs in series.items()}
+    return plot_lines(
+        gaps, "round", "loss", path, title, log_y=True,
+        ylabel=f"f(x) − f_best (log scale)\nf_best = {f_best:.6g}, the run's lowest loss",
+    )
+
+
+def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], path: Path, title: str, chance: float | None = None):
+    """Final accuracy against target epsilon, ticks at the grid's epsilons; returns the Figure."""
+    from matplotlib.ticker import NullLocator
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     by_algo: dict[str, list[tuple[float, float]]] = {}
@@ -176,10 +323,15 @@ def plot_accuracy_vs_epsilon(rows: list[dict[str, Any]], path: Path, title: str)
     for name, pts in by_algo.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if chance is not None:
+        ax.axhline(chance, color="0.4", linestyle="--", linewidth=1, label="chance")
     ax.set_xscale("log")
-    ax.set_xlabel(r"$\varepsilon$")
+    epsilons = sorted({p[0] for pts in by_algo.values() for p in pts})
+    ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+    ax.xaxis.set_minor_locator(NullLocator())  # log-scale minor ticks would label 2x10^0, 4x10^0, ...
+    ax.set_xlabel(r"target $\varepsilon$")
     ax.set_ylabel("test accuracy (final round)")
-    _finish(plt, fig, ax, path, title)
+    return _finish(plt, fig, ax, path, title)
 
 
 # --- writing ------------------------------------------------------------------
@@ -191,8 +343,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_run(folder: Path, cfg: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Write one run's metrics, config and plots into ``folder``; return its summary rows."""
+def write_run(
+    folder: Path, cfg: dict[str, Any], results: dict[str, dict[str, Any]], grid: bool = False
+) -> dict[str, Any]:
+    """Write one run's metrics, config and plots into ``folder``; return its summary rows.
+
+    ``grid``: the run is one of several (its plots' titles name its seed).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     per_algo = {name: res["records"] for name, res in results.items()}
     metrics = {
@@ -210,9 +367,9 @@ def write_run(folder: Path, cfg: dict[str, Any], results: dict[str, dict[str, An
         folder / "final_params.npz",
         **{f"{name}/{key}": arr for name, res in results.items() for key, arr in res["params"].items()},
     )
-    title = cfg["name"]
+    title = plot_title(cfg, seed=grid)
     plot_lines(per_algo, "round", "grad_norm_sq", folder / "convergence.png", title, log_y=True)
-    plot_lines(per_algo, "round", "loss", folder / "loss.png", title, log_y=True)
+    plot_loss(per_algo, folder / "loss.png", title)
     plot_lines(per_algo, "bytes", "grad_norm_sq", folder / "bytes.png", title, log_y=True)
     if any("accuracy" in recs[0] for recs in per_algo.values() if recs):
         plot_lines(per_algo, "round", "accuracy", folder / "accuracy.png", title, log_y=False)
@@ -252,12 +409,16 @@ def write_outputs(folder: Path, runs: list[tuple[dict[str, Any], dict[str, dict[
     summaries = []
     for cfg, results in runs:
         eps = cfg["target-epsilon"][0] if cfg.get("target-epsilon") else None
-        rows = write_run(folder / run_folder(cfg, len(runs) > 1), cfg, results)
+        rows = write_run(folder / run_folder(cfg, len(runs) > 1), cfg, results, grid=len(runs) > 1)
         summaries.append({"target_epsilon": eps, "rows": rows})
     rows = aggregate_rows(summaries)
     cfg0 = runs[0][0]
     (folder / "summary.md").write_text(summary_markdown(rows, cfg0["name"], cfg0["target"]))
     (folder / "summary.csv").write_text(summary_csv(rows))
     if any(r["target_epsilon"] is not None for r in rows):
-        plot_accuracy_vs_epsilon(rows, folder / "accuracy_vs_epsilon.png", cfg0["name"])
+        seeds = sorted({cfg["seed"] for cfg, _ in runs})
+        title = plot_title(cfg0, leave_out=["target-epsilon"])
+        if len(seeds) > 1:
+            title += f", mean over seeds {', '.join(map(str, seeds))}"
+        plot_accuracy_vs_epsilon(rows, folder / "accuracy_vs_epsilon.png", title, chance_accuracy(cfg0))
     return rows

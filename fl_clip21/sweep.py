@@ -8,9 +8,14 @@ Every cell is resolved and checked before anything runs, and the output folder
 - ``sweep.csv`` / ``sweep.md``: one row per cell and algorithm: the grid values,
   rounds_to_target, final_grad_norm_sq, final_loss (means over the scenario's
   seeds; rounds_to_target is empty when some seed never reached the target);
-- ``heatmap-ALGORITHM.png``: rounds to target over the grid, the first key on
-  the y axis and the second on the x axis (a 1-D grid is a single row; further
-  keys give one panel per combination of their values).
+- ``heatmap-ALGORITHM.png``: two heat maps side by side over the grid, the
+  first key on the y axis and the second on the x axis (a 1-D grid is a single
+  row; further keys give one row of panels per combination of their values):
+  rounds to target (grey: not reached), and the final grad_norm_sq on a log
+  colour scale, so a cell that never reaches the target shows how far it got
+  (the target is the line on its colour bar). Titled with the algorithm and the
+  scenario's values that the grid does not vary
+  (:func:`fl_clip21.report.plot_title`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import csv
 import io
 import itertools
+import math
 import statistics
 import sys
 import time
@@ -31,7 +37,7 @@ from fl_clip21.config import ConfigError, expand_runs, load_scenario, parse_sets
 from fl_clip21.engine import OnRound, check_vectorized, run_vectorized
 from fl_clip21.outputs import claim
 from fl_clip21.problems import build_problem
-from fl_clip21.report import rounds_to_target
+from fl_clip21.report import plot_title, rounds_to_target
 
 Grid = dict[str, list[str]]  # key -> its values, as typed on the command line
 Cell = dict[str, str]  # key -> one value
@@ -213,8 +219,34 @@ def sweep_markdown(rows: list[dict[str, Any]], grid: Grid, title: str, target: f
     return out.getvalue()
 
 
-def plot_heatmap(rows: list[dict[str, Any]], grid: Grid, path: Path, title: str, max_rounds: int) -> None:
-    """Rounds to target of one algorithm over the grid; cells never reaching it are grey and labelled."""
+def grad_range(rows: list[dict[str, Any]], target: float) -> tuple[float, float]:
+    """The log colour scale of final grad_norm_sq: from the lowest value, the target at most, up to the highest.
+
+    The scale goes no lower than 1/100 of the target: cells further below have
+    all reached it, and a scale down to GD's 1e-30 would leave every other cell
+    one dark colour. Values that are 0, missing or not finite (a diverged cell)
+    do not set the scale.
+    """
+    values = [r.get("final_grad_norm_sq") for r in rows]
+    positive = [v for v in values if v is not None and 0 < v < math.inf]
+    low = max(min([*positive, target]), target / 100)
+    return low, max([*positive, 10 * low])
+
+
+def plot_heatmap(
+    rows: list[dict[str, Any]], grid: Grid, path: Path, title: str, max_rounds: int, target: float,
+    scale: tuple[float, float] | None = None,
+):
+    """Two heat maps of one algorithm over the grid, side by side; returns the Figure.
+
+    Left: rounds to target (cells never reaching it are grey and labelled).
+    Right: the final grad_norm_sq on a log colour scale, so that a cell that
+    never reaches the target still shows how far it got; the target is marked
+    on its colour bar. ``scale`` is that colour scale (default:
+    :func:`grad_range` of ``rows``; :func:`write_sweep` gives every algorithm
+    the same one); values below it, 0 included, take its lowest colour.
+    """
+    from matplotlib.colors import LogNorm
     from matplotlib.patches import Patch
 
     from fl_clip21.report import _pyplot
@@ -226,35 +258,51 @@ def plot_heatmap(rows: list[dict[str, Any]], grid: Grid, path: Path, title: str,
     xs = grid[x_key]
     rest = keys[2:]
     panels = [dict(zip(rest, combo)) for combo in itertools.product(*(grid[k] for k in rest))]
-    by_cell = {tuple(r[k] for k in keys): r["rounds_to_target"] for r in rows}
-    cmap = plt.get_cmap("viridis_r").with_extremes(bad=NOT_REACHED_COLOUR)
-    norm = plt.Normalize(vmin=1, vmax=max(max_rounds, 2))
+    by_cell = {tuple(r[k] for k in keys): r for r in rows}
+    rounds_cmap = plt.get_cmap("viridis_r").with_extremes(bad=NOT_REACHED_COLOUR)
+    rounds_norm = plt.Normalize(vmin=1, vmax=max(max_rounds, 2))
+    low, high = scale or grad_range(rows, target)
+    grad_norm = LogNorm(vmin=low, vmax=high)
+    grad_cmap = plt.get_cmap("magma_r").with_extremes(bad=NOT_REACHED_COLOUR)
+    width = max(4.8, 2.2 + 1.1 * len(xs))
     fig, axes = plt.subplots(
-        len(panels), 1, squeeze=False,
-        figsize=(max(4.8, 2.2 + 1.1 * len(xs)), 1.2 + (0.8 + 0.55 * len(ys)) * len(panels)),
+        len(panels), 2, squeeze=False, figsize=(2 * width, 1.4 + (0.8 + 0.55 * len(ys)) * len(panels)),
     )
-    for ax, panel in zip(axes[:, 0], panels):
-        m = np.full((len(ys), len(xs)), np.nan)
+    for (ax_r, ax_g), panel in zip(axes, panels):
+        reached = np.full((len(ys), len(xs)), np.nan)
+        final = np.full((len(ys), len(xs)), np.nan)
         for iy, yv in enumerate(ys):
             for ix, xv in enumerate(xs):
                 cell = {**({y_key: yv} if y_key else {}), x_key: xv, **panel}
-                reached = by_cell.get(tuple(cell[k] for k in keys))
-                if reached is not None:
-                    m[iy, ix] = reached
-                face = norm(reached) if reached is not None else None
-                ax.text(
-                    ix, iy, f"{reached:g}" if reached is not None else NOT_REACHED, ha="center", va="center",
-                    fontsize=8, color="white" if face is not None and face > 0.55 else "black",
+                row = by_cell.get(tuple(cell[k] for k in keys), {})
+                r, g = row.get("rounds_to_target"), row.get("final_grad_norm_sq")
+                if r is not None:
+                    reached[iy, ix] = r
+                ax_r.text(
+                    ix, iy, f"{r:g}" if r is not None else NOT_REACHED, ha="center", va="center", fontsize=8,
+                    color="white" if r is not None and rounds_norm(r) > 0.55 else "black",
                 )
-        image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, norm=norm, aspect="auto")
-        ax.set_xticks(range(len(xs)), xs)
-        ax.set_yticks(range(len(ys)), ys)
-        ax.set_xlabel(x_key)
-        if y_key:
-            ax.set_ylabel(y_key)
-        if panel:
-            ax.set_title(_cell_text(panel), fontsize=9)
-        fig.colorbar(image, ax=ax, label="rounds to target")
+                if g is not None:
+                    final[iy, ix] = max(g, low)
+                    ax_g.text(
+                        ix, iy, f"{g:.1e}" if g else "0", ha="center", va="center", fontsize=8,
+                        color="white" if grad_norm(max(g, low)) > 0.55 else "black",
+                    )
+        for ax, m, cmap, norm, label in (
+            (ax_r, reached, rounds_cmap, rounds_norm, "rounds to target"),
+            (ax_g, final, grad_cmap, grad_norm, "final grad_norm_sq (log)"),
+        ):
+            image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, norm=norm, aspect="auto")
+            ax.set_xticks(range(len(xs)), xs)
+            ax.set_yticks(range(len(ys)), ys)
+            ax.set_xlabel(x_key)
+            if y_key:
+                ax.set_ylabel(y_key)
+            bar = fig.colorbar(image, ax=ax, label=label)
+        bar.ax.axhline(target, color="tab:blue", linewidth=2)
+        where = f"{_cell_text(panel)}: " if panel else ""
+        ax_r.set_title(f"{where}rounds until grad_norm_sq <= {target:g}", fontsize=9)
+        ax_g.set_title(f"{where}final grad_norm_sq (line on the bar: target)", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.legend(
         handles=[Patch(facecolor=NOT_REACHED_COLOUR, label=f"{NOT_REACHED} within the rounds run")],
@@ -263,6 +311,7 @@ def plot_heatmap(rows: list[dict[str, Any]], grid: Grid, path: Path, title: str,
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def sweep_paths(algorithms: list[str]) -> list[str]:
@@ -277,14 +326,21 @@ def write_sweep(
     folder = Path(folder)
     (folder / "sweep.csv").write_text(sweep_csv(rows, grid))
     (folder / "sweep.md").write_text(sweep_markdown(rows, grid, cfg["name"], cfg["target"], seeds))
+    title = plot_title(cfg, leave_out=grid)
+    if seeds > 1:
+        title += f", means over {seeds} seeds"
+    scale = grad_range(rows, cfg["target"])  # one colour scale: the algorithms' maps compare at a glance
     for name in dict.fromkeys(r["algorithm"] for r in rows):
-        title = f"{cfg['name']}: {name}\nrounds until grad_norm_sq <= {cfg['target']:g}"
         of_algorithm = [r for r in rows if r["algorithm"] == name]
-        plot_heatmap(of_algorithm, grid, folder / f"heatmap-{name}.png", title, max_rounds)
+        plot_heatmap(
+            of_algorithm, grid, folder / f"heatmap-{name}.png", f"{name}: {title}", max_rounds, cfg["target"], scale
+        )
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``fl-clip21 sweep``: check every cell and the output folder, run the grid, write the outputs."""
+    if not args.scenario:
+        raise ConfigError("sweep needs a SCENARIO file")
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out must name a folder, got ''")
     grid = parse_grid(args.grid or [])

@@ -10,10 +10,16 @@ wrote there) and ``overrides`` (``"tau=0.5 rounds=80"``, the same keys as
 a node may then hold a partition only if the SuperLink authenticated it with that
 partition's key). The output folder is checked and locked before the first round
 (:mod:`fl_clip21.outputs`).
+
+The log says what fl-clip21 says on the command line: one progress line per
+algorithm every tenth of its rounds, warnings when something goes wrong, and at
+the end the summary table and the output folder. Flower's own per-round lines
+are left out (:func:`fl_clip21.flower.server.quiet_flower_rounds`).
 """
 
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -21,9 +27,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_clip21.config import ConfigError, expand_runs, load_scenario, parse_sets
 from fl_clip21.flower.identity import load_node_keys
-from fl_clip21.flower.server import run_scenario
+from fl_clip21.flower.server import quiet_flower_rounds, run_scenario
 from fl_clip21.outputs import RESULTS, Wording, claim
-from fl_clip21.report import output_paths, write_outputs
+from fl_clip21.report import output_paths, progress_due, progress_line, summary_markdown, write_outputs
 
 APP_DIR = Path(__file__).resolve().parent.parent
 WORDING = Wording(
@@ -31,6 +37,11 @@ WORDING = Wording(
 )
 
 app = ServerApp()
+
+
+def _log_progress(name: str, rec: dict[str, Any], rounds: int) -> None:
+    if progress_due(rec["round"], rounds):
+        log(INFO, progress_line(name, rec, rounds))
 
 
 @app.main()
@@ -54,7 +65,10 @@ def main(grid: Grid, context: Context) -> None:
         Path.cwd() / out if out else None, name=cfg["name"], planned=output_paths(runs), overwrite=overwrite,
         root=Path.cwd() / RESULTS, wording=WORDING,
     )
-    with output:
-        results = [run_scenario(grid, run, node_keys=node_keys) for run in runs]
-        output.write(lambda folder: write_outputs(folder, list(zip(runs, results))))
-        log(INFO, output.wrote(output.commit()))
+    with output, quiet_flower_rounds():
+        results = [run_scenario(grid, run, on_round=_log_progress, node_keys=node_keys) for run in runs]
+        rows = output.write(lambda folder: write_outputs(folder, list(zip(runs, results))))
+        written = output.commit()
+    for line in summary_markdown(rows, cfg["name"], cfg["target"]).splitlines():
+        log(INFO, line)
+    log(INFO, output.wrote(written))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,7 +14,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.common.logger import LOGGER_NAME
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 import server.app as server_app
 from fl_clip21.config import ConfigError
@@ -70,6 +74,16 @@ def test_flwr_run_runs_the_scenario_given_in_run_config(tmp_path):
     assert metrics["clip-gd"][-1]["grad_norm_sq"] == pytest.approx((8 / 3 + 0.5) ** 2, rel=1e-4)  # x -> -0.5
     assert metrics["clip21-gd"][-1]["grad_norm_sq"] < 1e-12
     assert (out / "convergence.png").exists()
+    # The log ends with the summary table and the output folder, without Flower's per-round lines.
+    plain = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in proc.stdout.splitlines()]
+    info = [m for line in plain if line.startswith("INFO") and (m := line.partition(":")[2].strip())]
+    assert info[-1] == (
+        f"wrote {out}/: bytes.png, config.json, convergence.png, final_params.npz, loss.png, metrics.json, "
+        "summary.csv, summary.md"
+    ), info[-5:]
+    assert info[-2].startswith("| clip21-gd | 1 |")
+    assert "[ROUND" not in proc.stdout and "Aggregated MetricRecord" not in proc.stdout
+    assert sum(m.startswith("[clip21-gd] round") for m in info) == 10  # every tenth of the 30 rounds
 
 
 def _context(**run_config: str | bool) -> Context:
@@ -92,9 +106,9 @@ def test_the_default_out_is_a_new_folder_per_run():
 def test_serverapp_writes_a_new_folder_per_run_and_refuses_a_non_empty_out_before_the_rounds(tmp_path, monkeypatch):
     ran: list[str] = []
 
-    def run_scenario(grid, cfg, node_keys=None):
+    def run_scenario(grid, cfg, on_round=None, node_keys=None):
         ran.append(cfg["name"])
-        return run_vectorized(cfg)
+        return run_vectorized(cfg, on_round=on_round)
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(server_app, "run_scenario", run_scenario)
@@ -119,3 +133,50 @@ def test_serverapp_writes_a_new_folder_per_run_and_refuses_a_non_empty_out_befor
     with pytest.raises(ConfigError, match="run config overwrite must be true or false, got 'yes'"):
         server_app.main(_NoGrid(), _context(out="", overwrite="yes"))
     assert len(ran) == 3
+
+
+class _Lines(logging.Handler):
+    """The messages Flower's logger passes on."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_serverapp_logs_progress_then_the_summary_table_and_the_output_folder(tmp_path, monkeypatch):
+    # Prepare
+    def run_scenario(grid, cfg, on_round=None, node_keys=None):
+        # Flower's Strategy.start narrates its start from Flower's strategy package: left out.
+        log_strategy_start_info(cfg["rounds"], ArrayRecord(), None, None)
+        return run_vectorized(cfg, on_round=on_round)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(server_app, "run_scenario", run_scenario)
+    logger, lines = logging.getLogger(LOGGER_NAME), _Lines()
+    logger.addHandler(lines)
+    try:
+        # Execute
+        server_app.main(_NoGrid(), _context(out="out", overrides="rounds=20"))
+    finally:
+        logger.removeHandler(lines)
+    # Assert
+    out = tmp_path / "out"
+    assert lines.lines[-1] == (
+        f"wrote {out}/: bytes.png, config.json, convergence.png, final_params.npz, loss.png, metrics.json, "
+        "summary.csv, summary.md"
+    )
+    start = lines.lines.index("# mean-estimation")
+    assert lines.lines[start:-1] == (out / "summary.md").read_text().splitlines()
+    progress = [m.split()[2] for m in lines.lines[:start] if m.startswith("[clip21-gd] round")]
+    assert progress == [f"{k}/20" for k in range(2, 21, 2)]  # every tenth of the rounds
+    assert not any("Number of rounds" in m for m in lines.lines)
+    # Outside the app, Flower's lines are as they were.
+    logger.addHandler(lines)
+    try:
+        log_strategy_start_info(3, ArrayRecord(), None, None)
+    finally:
+        logger.removeHandler(lines)
+    assert "\t├── Number of rounds: 3" in lines.lines

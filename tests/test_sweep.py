@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.colors import LogNorm
 
 from fl_clip21.config import ConfigError
 from fl_clip21.sweep import grid_cells, parse_grid, plot_heatmap
@@ -85,9 +86,60 @@ def test_parse_grid_and_cells():
 
 def test_heatmap_of_a_1d_grid_and_a_grid_that_never_reaches_the_target(tmp_path):
     grid = {"tau": ["0.1", "1", "10"]}
-    rows = [{"tau": t, "algorithm": "x", "rounds_to_target": r} for t, r in zip(grid["tau"], (None, 12, 3))]
-    plot_heatmap(rows, grid, tmp_path / "one-row.png", "1-D", max_rounds=20)
+    rows = [
+        {"tau": t, "algorithm": "x", "rounds_to_target": r, "final_grad_norm_sq": g}
+        for t, r, g in zip(grid["tau"], (None, 12, 3), (3.1e-5, 1e-9, 0.0))
+    ]
+    plot_heatmap(rows, grid, tmp_path / "one-row.png", "1-D", max_rounds=20, target=1e-8)
     never = [{**r, "rounds_to_target": None} for r in rows]
-    plot_heatmap(never, grid, tmp_path / "never.png", "never", max_rounds=20)
+    plot_heatmap(never, grid, tmp_path / "never.png", "never", max_rounds=20, target=1e-8)
     assert (tmp_path / "one-row.png").stat().st_size > 3000
     assert (tmp_path / "never.png").stat().st_size > 3000
+
+
+def test_heatmap_shows_the_final_grad_norm_sq_of_cells_that_never_reach_the_target(tmp_path):
+    # Prepare: a 2 x 2 grid where only one cell reaches the target.
+    grid = {"tau": ["0.01", "0.1"], "lr": ["0.5", "1"]}
+    values = {("0.01", "0.5"): (None, 3.1e-5), ("0.01", "1"): (None, 2.9e-7),
+              ("0.1", "0.5"): (None, 1.6e-8), ("0.1", "1"): (30, 7.0e-13)}
+    rows = [{"tau": t, "lr": lr, "algorithm": "clip21-gd", "rounds_to_target": r, "final_grad_norm_sq": g}
+            for (t, lr), (r, g) in values.items()]
+    # Execute
+    fig = plot_heatmap(rows, grid, tmp_path / "h.png", "title", max_rounds=60, target=1e-8)
+    # Assert: rounds to target on the left, the final grad_norm_sq on a log colour scale on the right.
+    rounds_ax, grad_ax = fig.axes[0], fig.axes[1]
+    assert [t.get_text() for t in rounds_ax.texts].count("not reached") == 3
+    assert sorted(t.get_text() for t in grad_ax.texts) == ["1.6e-08", "2.9e-07", "3.1e-05", "7.0e-13"]
+    image = grad_ax.images[0]
+    assert isinstance(image.norm, LogNorm)
+    # The scale stops at target / 100: 7e-13 takes its lowest colour, its label keeps the value.
+    assert image.norm.vmin == pytest.approx(1e-10) and image.norm.vmax == pytest.approx(3.1e-5)
+    assert image.get_array()[0, 0] == pytest.approx(3.1e-5)  # tau=0.01, lr=0.5: far from the target, but shown
+    assert image.get_array()[1, 1] == pytest.approx(1e-10)
+    assert "final grad_norm_sq" in grad_ax.get_title() and "rounds until" in rounds_ax.get_title()
+    assert (tmp_path / "h.png").stat().st_size > 5000
+
+
+def test_sweep_heat_maps_share_one_colour_scale_and_name_the_fixed_values(tmp_path, monkeypatch):
+    import fl_clip21.sweep as sweep
+
+    # Prepare: record every heat map's figure as it is drawn.
+    figures = {}
+    draw = sweep.plot_heatmap
+
+    def spy(rows, grid, path, *args):
+        figures[path.name] = draw(rows, grid, path, *args)
+        return figures[path.name]
+
+    monkeypatch.setattr(sweep, "plot_heatmap", spy)
+    cells = sweep.resolve_cells(MEAN, {"tau": ["0.1", "1"]}, {"rounds": "20"})
+    rows = sweep.run_sweep(cells, stream=io.StringIO())
+    # Execute
+    sweep.write_sweep(tmp_path, rows, {"tau": ["0.1", "1"]}, cells[0][1][0], seeds=1, max_rounds=20)
+    # Assert
+    assert sorted(figures) == ["heatmap-clip-gd.png", "heatmap-clip21-gd.png", "heatmap-gd.png"]
+    scales = {(f.axes[1].images[0].norm.vmin, f.axes[1].images[0].norm.vmax) for f in figures.values()}
+    assert len(scales) == 1
+    title = figures["heatmap-clip-gd.png"].texts[0].get_text()  # the suptitle
+    assert title.startswith("clip-gd: mean-estimation — ") and "n=3" in title and "γ=0.5" in title
+    assert "τ" not in title  # the grid varies tau

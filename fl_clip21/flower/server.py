@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import flwr.serverapp.strategy
+from flwr.common.logger import LOGGER_NAME
 from flwr.serverapp import Grid
 
 from fl_clip21.algorithms import algorithm_from_config
@@ -17,6 +22,32 @@ from fl_clip21.problems import build_problem
 
 # on_round(algorithm, record, rounds) is called after every round, for progress displays.
 OnRound = Callable[[str, dict[str, Any], int], None]
+
+# Flower's strategy package: Strategy.start, FedAvg and the DP wrappers narrate every round there.
+FLOWER_STRATEGY_DIR = str(Path(flwr.serverapp.strategy.__file__).parent) + os.sep
+
+
+class _FlowerRoundNarration(logging.Filter):
+    """Drops the INFO lines logged from Flower's strategy package (warnings and errors pass).
+
+    Strategy.start logs 3 lines a round and, at the end, every round's metrics
+    again (about 14 lines a round): 4,300 lines for the 3 algorithms of
+    logreg-nonconvex, where fl-clip21's records and progress lines say the same.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not record.pathname.startswith(FLOWER_STRATEGY_DIR)
+
+
+@contextlib.contextmanager
+def quiet_flower_rounds() -> Iterator[None]:
+    """Within the block, Flower's logger leaves out its strategies' per-round INFO lines."""
+    logger, narration = logging.getLogger(LOGGER_NAME), _FlowerRoundNarration()
+    logger.addFilter(narration)
+    try:
+        yield
+    finally:
+        logger.removeFilter(narration)
 
 
 def run_algorithm(
