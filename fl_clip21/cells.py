@@ -22,7 +22,7 @@ import numpy as np
 from fl_clip21.algorithms import algorithm_from_config
 from fl_clip21 import streams
 from fl_clip21.engine import (
-    _drops_possible, late_clients, message_bytes, metrics, norm_quantiles, reports_norms, round_epsilon,
+    _drops_possible, late_clients, message_bytes, metrics, norm_quantiles_by_group, reports_norms, round_epsilon,
     sample_clients, server_noise,
 )
 from fl_clip21.problems import Minibatch, build_problem
@@ -61,6 +61,7 @@ def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = N
     times_asked = np.zeros((C, n), dtype=np.int64)
     records: list[list[dict[str, Any]]] = [[] for _ in range(C)]
     stochastic = cfg0["batch-size"] if algorithm.stochastic else None
+    reports = [reports_norms(a) for a in algorithms]
     start = time.perf_counter()
     for k in range(1, cfg0["rounds"] + 1):
         t0 = time.perf_counter()
@@ -98,6 +99,8 @@ def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = N
                 x[c], servers[c], out.messages[mine], n, noise=server_noise(cfg0["seed"], k, d)
             )
         evaluations = problem.evaluate_many(x)
+        arrived = ~late
+        quantiles = norm_quantiles_by_group(out.norms[arrived], cell_of_row[arrived], C) if any(reports) else None
         seconds = time.perf_counter() - t0
         for c in range(C):
             mine = (cell_of_row == c) & ~late
@@ -108,7 +111,7 @@ def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = N
                 "failed": int(((cell_of_row == c) & late).sum()), "resyncs": 0,
                 "bytes_up": accepted * message_bytes(algorithm, d, dtype), "seconds": seconds / C,
                 **round_epsilon(algorithms[c], times_asked[c], cfgs[c]["delta"], k),
-                **(norm_quantiles(out.norms[mine]) if reports_norms(algorithms[c]) else {}),
+                **(quantiles[c] if reports[c] else {}),
             }
             rec.update(metrics(evaluations[c]))
             records[c].append(rec)

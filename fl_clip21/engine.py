@@ -189,6 +189,19 @@ def norm_quantiles(norms: Sequence[tuple[float, float]]) -> dict[str, float]:
     }
 
 
+def norm_quantiles_by_group(norms: np.ndarray, group: np.ndarray, groups: int) -> list[dict[str, float]]:
+    """:func:`norm_quantiles` of the rows of each group (rows sorted by group), one percentile call when sizes agree."""
+    counts = np.bincount(group, minlength=groups)
+    if counts.size and counts.min() == counts.max() > 0:
+        table = np.percentile(norms.reshape(groups, counts[0], 2), [q for _, q in NORM_QUANTILES], axis=1)
+        return [
+            {f"{name}_{suffix}": float(table[i, g, j]) for j, name in enumerate(("update_norm", "input_norm"))
+             for i, (suffix, _) in enumerate(NORM_QUANTILES)}
+            for g in range(groups)
+        ]
+    return [norm_quantiles(norms[group == g]) for g in range(groups)]
+
+
 def round_epsilon(algorithm: Algorithm, times_asked: np.ndarray, delta: float, server_round: int) -> dict[str, float]:
     """``{"epsilon": ...}`` after ``server_round`` rounds, for algorithms with DP noise.
 

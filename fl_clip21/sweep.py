@@ -34,7 +34,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from fl_clip21.config import ConfigError, expand_runs, load_scenario, parse_sets
-from fl_clip21.engine import OnRound, check_vectorized, run_vectorized
+from fl_clip21.engine import OnRound, check_vectorized
 from fl_clip21.outputs import claim
 from fl_clip21.problems import build_problem
 from fl_clip21.report import plot_title, rounds_to_target
@@ -139,9 +139,7 @@ class Progress:
         self.stream.flush()
 
 
-def _run_cell(cfg: dict[str, Any], engine: str, on_round: OnRound) -> dict[str, dict[str, Any]]:
-    if engine == "vectorized":
-        return run_vectorized(cfg, on_round=on_round)
+def _simulate(cfg: dict[str, Any], on_round: OnRound) -> dict[str, dict[str, Any]]:
     from fl_clip21.flower.simulation import simulate
 
     # One simulation per run: the nodes' client state must start afresh.
@@ -155,35 +153,67 @@ def _mean(values: list[Any]) -> Any:
     return values[0] if len(values) == 1 else statistics.fmean(values)
 
 
+def _summary(recs: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    return {
+        "rounds_to_target": rounds_to_target(recs, target),
+        "final_grad_norm_sq": recs[-1]["grad_norm_sq"],
+        "final_loss": recs[-1]["loss"],
+    }
+
+
+def _run_batched(cells: list[tuple[Cell, list[dict[str, Any]]]], progress: Progress) -> dict[tuple[int, int, str], dict]:
+    """Every (cell, seed, algorithm) on the vectorized engine, the cells that share a problem in one batch.
+
+    Returns ``{(cell index, run index, algorithm): summary}``.
+    """
+    from fl_clip21.cells import batch_key, run_cells
+
+    groups: dict[str, tuple[str, list[tuple[int, int, dict[str, Any]]]]] = {}
+    for c, (_, runs) in enumerate(cells):
+        for r, cfg in enumerate(runs):
+            for name in cfg["algorithms"]:
+                groups.setdefault(batch_key(cfg, name), (name, []))[1].append((c, r, cfg))
+    out = {}
+    for name, members in groups.values():
+        results = run_cells([cfg for _, _, cfg in members], name)
+        for (c, r, cfg), res in zip(members, results):
+            out[(c, r, name)] = _summary(res["records"], cfg["target"])
+            progress.tick(cells[c][0], name, out[(c, r, name)]["rounds_to_target"])
+    return out
+
+
 def run_sweep(
     cells: list[tuple[Cell, list[dict[str, Any]]]], engine: str = "vectorized", stream: TextIO = sys.stderr
 ) -> list[dict[str, Any]]:
-    """Run every cell of :func:`resolve_cells`; one row per cell and algorithm (grid values, :data:`METRICS`)."""
+    """Run every cell of :func:`resolve_cells`; one row per cell and algorithm (grid values, :data:`METRICS`).
+
+    On the vectorized engine the cells that differ only in hyper-parameters run
+    as one batch of cells x clients rows (:mod:`fl_clip21.cells`), with each
+    cell's own trajectory; on Flower, one simulation per run.
+    """
     progress = Progress(sum(len(runs) * len(runs[0]["algorithms"]) for _, runs in cells), stream)
+    if engine == "vectorized":
+        done = _run_batched(cells, progress)
+    else:
+        done = {}
+        for c, (cell, runs) in enumerate(cells):
+            for r, cfg in enumerate(runs):
+                seen: dict[str, list[dict[str, Any]]] = {}
+
+                def on_round(name: str, rec: dict[str, Any], rounds: int, cell=cell, cfg=cfg, seen=seen) -> None:
+                    seen.setdefault(name, []).append(rec)
+                    if rec["round"] == rounds:
+                        progress.tick(cell, name, rounds_to_target(seen[name], cfg["target"]))
+
+                for name, res in _simulate(cfg, on_round).items():
+                    done[(c, r, name)] = _summary(res["records"], cfg["target"])
     rows = []
-    for cell, runs in cells:
-        per_algo: dict[str, list[dict[str, Any]]] = {}
-        for cfg in runs:
-            seen: dict[str, list[dict[str, Any]]] = {}
-
-            def on_round(name: str, rec: dict[str, Any], rounds: int, cell=cell, cfg=cfg, seen=seen) -> None:
-                seen.setdefault(name, []).append(rec)
-                if rec["round"] == rounds:
-                    progress.tick(cell, name, rounds_to_target(seen[name], cfg["target"]))
-
-            for name, res in _run_cell(cfg, engine, on_round).items():
-                recs = res["records"]
-                per_algo.setdefault(name, []).append(
-                    {
-                        "rounds_to_target": rounds_to_target(recs, cfg["target"]),
-                        "final_grad_norm_sq": recs[-1]["grad_norm_sq"],
-                        "final_loss": recs[-1]["loss"],
-                    }
-                )
-        for name, results in per_algo.items():
+    for c, (cell, runs) in enumerate(cells):
+        for name in runs[0]["algorithms"]:
+            results = [done[(c, r, name)] for r in range(len(runs))]
             row: dict[str, Any] = {**cell, "algorithm": name}
             for metric in METRICS:
-                row[metric] = _mean([r[metric] for r in results])
+                row[metric] = _mean([res[metric] for res in results])
             rows.append(row)
     return rows
 
