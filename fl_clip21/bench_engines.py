@@ -16,7 +16,9 @@ data, and for the digits MLP, in one process with one BLAS thread
   one each), and the evaluation.
 
 Each point prints ms per round, us per client-round and the ratios
-batched / bound and loop / batched.
+batched / bound and loop / batched. Then a 60-run sweep (20 cells x 3
+algorithms of logreg-nonconvex, 100 rounds): runs per second batched
+(:mod:`fl_clip21.cells`) and one run at a time.
 """
 
 from __future__ import annotations
@@ -144,10 +146,46 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+SWEEP_GRID = ["tau=0.003,0.01,0.03,0.1,0.3,1,3,10,30,100", "lr=0.3,1"]  # 20 cells x 3 algorithms = 60 runs
+
+
+def bench_sweep(repeats: int) -> dict[str, Any]:
+    """Cell-runs per second of a 60-cell sweep of logreg-nonconvex (100 rounds): batched, and one run at a time."""
+    import io
+    from pathlib import Path
+
+    from fl_clip21.engine import run_vectorized
+    from fl_clip21.sweep import parse_grid, resolve_cells, run_sweep
+
+    scenario = Path(__file__).resolve().parent.parent / "scenarios" / "logreg-nonconvex.toml"
+    cells = resolve_cells(scenario, parse_grid(SWEEP_GRID), {})
+    runs = sum(len(r) * len(r[0]["algorithms"]) for _, r in cells)
+    build_problem(cells[0][1][0])
+    batched, single = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_sweep(cells, "vectorized", io.StringIO())
+        batched.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _, cell_runs in cells:
+            for cfg in cell_runs:
+                run_vectorized(cfg)
+        single.append(time.perf_counter() - t0)
+    return {
+        "grid": SWEEP_GRID, "cell_runs": runs, "batched": _summary(batched), "one_at_a_time": _summary(single),
+        "batched_cell_runs_per_second": runs / statistics.median(batched),
+        "one_at_a_time_over_batched": statistics.median(single) / statistics.median(batched),
+    }
+
+
 def run_engine_bench(
     points: list[tuple[int, int]], mlp_clients: list[int], rounds: int, repeats: int, loop_limit: int = 10000,
+    sweep: bool = True,
 ) -> dict[str, Any]:
-    """Every point; prints a line each. The per-client loop runs up to ``loop_limit`` clients."""
+    """Every point, then the sweep (unless ``sweep`` is False); prints a line each.
+
+    The per-client loop runs up to ``loop_limit`` clients.
+    """
     from threadpoolctl import threadpool_limits
 
     rows = []
@@ -158,10 +196,18 @@ def run_engine_bench(
         for n in mlp_clients:
             rows.append(bench_point(mlp_config(n, rounds), rounds, repeats))
             print(line(rows[-1]), flush=True)
+        swept = bench_sweep(repeats) if sweep else None
+    if swept is not None:
+        print(
+            f"sweep of {swept['cell_runs']} runs: batched {swept['batched']['median_ms'] / 1e3:.2f} s "
+            f"({swept['batched_cell_runs_per_second']:.0f} runs/s), one at a time "
+            f"{swept['one_at_a_time']['median_ms'] / 1e3:.2f} s ({swept['one_at_a_time_over_batched']:.1f}x slower)",
+            flush=True,
+        )
     return {
         "machine": {
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "blas_threads": 1,
         },
-        "rounds": rounds, "repeats": repeats, "results": rows,
+        "rounds": rounds, "repeats": repeats, "results": rows, "sweep": swept,
     }

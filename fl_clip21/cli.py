@@ -205,7 +205,7 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rounds must be >= 2 and --repeats >= 1, got {args.rounds!r}, {args.repeats!r}")
     staged = outputs.stage_file(args.out, overwrite=args.overwrite)
     try:
-        result = run_engine_bench(points, mlp, args.rounds, args.repeats)
+        result = run_engine_bench(points, mlp, args.rounds, args.repeats, sweep=not args.no_sweep)
         staged.tmp.write_text(json.dumps(result, indent=1))
     except BaseException:
         staged.discard()
@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         help="--engines: logreg points CLIENTSxD, comma-separated",
     )
     bench.add_argument("--mlp-clients", default="20,200", help="--engines: client counts of the digits MLP")
+    bench.add_argument("--no-sweep", action="store_true", help="--engines: skip the 60-run sweep")
     bench.add_argument("--out", default="bench.json", help="JSON output file (not an existing one)")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sweep = sub.add_parser(

@@ -90,7 +90,7 @@ def test_bench_engines_prints_ratios_against_the_bound_and_the_loop(tmp_path):
     out = tmp_path / "engines.json"
     proc = subprocess.run(
         [sys.executable, "-m", "fl_clip21.cli", "bench", "--engines", "--points", "10x31,100x101",
-         "--mlp-clients", "5", "--rounds", "2", "--repeats", "1", "--out", str(out)],
+         "--mlp-clients", "5", "--rounds", "2", "--repeats", "1", "--no-sweep", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -99,3 +99,11 @@ def test_bench_engines_prints_ratios_against_the_bound_and_the_loop(tmp_path):
     for r in rows:
         assert r["batched_over_bound"] > 0 and r["loop_over_batched"] > 0 and r["bound"]["min_ms"] > 0
     assert "| problem | n | d |" in proc.stdout
+
+
+def test_bench_sweep_times_the_batched_sweep_against_one_run_at_a_time():
+    from fl_clip21.bench_engines import bench_sweep
+
+    result = bench_sweep(repeats=1)
+    assert result["cell_runs"] == 60 and result["batched_cell_runs_per_second"] > 0
+    assert result["one_at_a_time_over_batched"] > 0
