@@ -391,7 +391,7 @@ def resolve(
     _check_noise(cfg)
     _check_heterogeneity(cfg)
     if base_dir is not None:
-        for key, v in data_files(cfg).items():
+        for key, v in data_files(cfg, base_dir).items():
             p = Path(v).expanduser()
             cfg[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
     return cfg
@@ -400,13 +400,36 @@ def resolve(
 # Scenario keys that may name a data file, and the values that name built-in data instead.
 DATA_FILE_KEYS = ("problem.centers", "problem.dataset")
 
+# A Hugging Face Hub dataset id, as FederatedDataset(dataset=...) takes it: owner/name.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# Dataset tables read by file name: their suffix makes a value a path even when the file is missing.
+TABLE_SUFFIXES = (".parquet", ".csv")
 
-def data_files(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """The data files a scenario names: ``{key: path}`` for ``problem.centers`` / ``problem.dataset``."""
+
+def hub_dataset(value: str, base_dir: Path | None = None) -> bool:
+    """Whether a ``problem.dataset`` value names a Hugging Face Hub dataset rather than local data.
+
+    It does when it reads ``owner/name`` (no ``..``, no ``.parquet`` or ``.csv``
+    suffix) and no file or folder has that path, relative to ``base_dir`` (the
+    scenario's folder) or else to the working directory.
+    """
+    if not _HUB_ID.fullmatch(value) or ".." in value or value.lower().endswith(TABLE_SUFFIXES):
+        return False
+    return not ((base_dir or Path()) / value).exists()
+
+
+def data_files(cfg: Mapping[str, Any], base_dir: Path | None = None) -> dict[str, str]:
+    """The data files a scenario names: ``{key: path}`` for ``problem.centers`` / ``problem.dataset``.
+
+    A path may be a folder (a dataset table's); a Hub dataset name
+    (:func:`hub_dataset`, relative paths taken from ``base_dir``) is no data file.
+    """
     out = {}
     for key in DATA_FILE_KEYS:
         v = cfg.get(key)
         if isinstance(v, str) and v and v not in BUILTIN_DATASETS:
+            if key == "problem.dataset" and hub_dataset(v, base_dir):
+                continue
             out[key] = v
     return out
 
@@ -416,9 +439,11 @@ def with_data_dir(cfg: dict[str, Any], data_dir: Any) -> dict[str, Any]:
 
     The rule: a node whose ``data-dir`` is D opens ``D/<file name>`` for every data
     file of the scenario (``problem.centers = "/srv/a/centers.npy"`` ->
-    ``D/centers.npy``), and nothing else; a node without ``data-dir`` (None or "")
-    opens the path the scenario gives. A file missing from D is a
-    :class:`ConfigError` naming the key, the path tried and D.
+    ``D/centers.npy``; a dataset folder ``/srv/a/femnist`` -> the folder
+    ``D/femnist``), and nothing else; a node without ``data-dir`` (None or "")
+    opens the path the scenario gives. A Hub dataset name is no data file: every
+    node loads it itself. A file missing from D is a :class:`ConfigError` naming
+    the key, the path tried and D.
     """
     if data_dir is None or data_dir == "":
         return cfg
@@ -428,7 +453,7 @@ def with_data_dir(cfg: dict[str, Any], data_dir: Any) -> dict[str, Any]:
     out = dict(cfg)
     for key, path in data_files(cfg).items():
         local = folder / Path(path).name
-        if not local.is_file():
+        if not local.exists():
             raise ConfigError(
                 f"{key}: {str(local)!r} not found (the scenario names {path!r}; this node's "
                 f"{DATA_DIR} is {str(data_dir)!r} and data files are looked up there by file name)"

@@ -143,3 +143,8 @@ def test_simulated_nodes_read_their_data_from_data_dir(tmp_path):
     np.testing.assert_allclose(res["params"]["x"], [3.0], rtol=1e-12)  # mean of 1, 2, 6: the nodes' files
     errors = [line for line in collect.lines if "replied with an error" in line]
     assert errors and all("problem.centers" in e and str(tmp_path / "node-3" / "centers.npy") in e for e in errors), collect.lines
+
+
+def test_a_hub_dataset_name_is_not_looked_up_in_data_dir(tmp_path):
+    cfg = config.resolve({"num-clients": 4, "problem": {"name": "logreg", "dataset": "flwrlabs/femnist"}})
+    assert with_data_dir(cfg, str(tmp_path))["problem.dataset"] == "flwrlabs/femnist"
