@@ -104,6 +104,20 @@ def _each(check: Callable[[Any], str | None], what: str) -> Callable[[Any], str 
     return rule
 
 
+def _column(v: Any) -> str | None:
+    return None if v.strip() and "," not in v else "must name one column (not empty, no ',')"
+
+
+def _columns(v: Any) -> str | None:
+    """A comma-separated list of column names, or empty."""
+    names = [c.strip() for c in v.split(",")] if v.strip() else []
+    if "" in names:
+        return "must be column names separated by ',' (no empty name), or empty"
+    if len(set(names)) != len(names):
+        return "must not name a column twice"
+    return None
+
+
 def _file_name(v: Any) -> str | None:
     # The name is the folder results/NAME: one plain path component, on any OS.
     if v in ("", ".", "..") or any(c in v for c in "/\\\0"):
@@ -196,15 +210,20 @@ SCHEMA: dict[str, Key] = {
     "problem.centers": Key("path-or-list", None, "mean-estimation: .npy file (n x d, real numbers) or inline list; unset: drawn from seed."),
     "problem.dim": Key("int", 10, f"mean-estimation: dimension when centres are drawn (at most {MAX_DIM}).", _rules(_at_least(1), _at_most(MAX_DIM))),
     "problem.spread": Key("float", 1.0, f"mean-estimation: std of drawn centres (at most {MAX_DATA_SCALE:g}).", _rules(_positive, _at_most(MAX_DATA_SCALE))),
-    "problem.dataset": Key("str", "breast_cancer", "logreg: breast_cancer, synthetic or a LibSVM file path; mlp: digits."),
+    "problem.dataset": Key("str", "breast_cancer", "logreg: breast_cancer, synthetic or a LibSVM file path; mlp: digits; both: a dataset table, i.e. a .parquet or .csv file, a folder of parquet files or one saved by datasets' save_to_disk, or a Hugging Face Hub dataset owner/name (see the problem.*-column keys)."),
+    "problem.features-column": Key("str", "", "Dataset table: the feature columns, comma-separated, each a number or a fixed-length list of numbers per row (concatenated in this order); empty: every column but problem.label-column and partition.id-column.", _columns),
+    "problem.label-column": Key("str", "label", "Dataset table: the column of class labels (numbers, bools or strings; logreg: 2 classes, mlp: at least 2).", _column),
+    "problem.split": Key("str", "train", "Dataset table: the split the clients train on (a single file or saved Dataset is split 'train').", _column),
+    "problem.test-split": Key("str", "", "mlp on a dataset table: the split of the test accuracy; empty: problem.test-fraction of problem.split is held out.", lambda v: None if not v else _column(v)),
     "problem.rows": Key("int", 20000, f"logreg on synthetic data: rows (scikit-learn's make_classification, seeded by seed; at most {MAX_ROWS}).", _rules(_at_least(1), _at_most(MAX_ROWS))),
     "problem.features": Key("int", 30, f"logreg on synthetic data: features (the model has one more, the bias; at most {MAX_FEATURES}).", _rules(_at_least(1), _at_most(MAX_FEATURES))),
     "problem.reg": Key("float", 0.1, f"logreg: lambda of the non-convex regulariser (at most {MAX_DATA_SCALE:g}).", _rules(_non_negative, _at_most(MAX_DATA_SCALE))),
     "problem.hidden": Key("int", 32, f"mlp: hidden units (at most {MAX_HIDDEN}).", _rules(_at_least(1), _at_most(MAX_HIDDEN))),
     "problem.test-fraction": Key("float", 0.2, "mlp: share of rows held out for test accuracy.", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
-    "partition.kind": Key("str", "iid", "iid | dirichlet | label-sorted | pathological.", _one_of("iid", "dirichlet", "label-sorted", "pathological")),
+    "partition.kind": Key("str", "iid", "iid | dirichlet | label-sorted | pathological | natural-id (a dataset table's partition.id-column).", _one_of("iid", "dirichlet", "label-sorted", "pathological", "natural-id")),
     "partition.alpha": Key("float", 0.5, "dirichlet: concentration alpha.", _positive),
     "partition.classes-per-client": Key("int", 2, "pathological: classes per client.", _at_least(1)),
+    "partition.id-column": Key("str", "", "natural-id: the column of client ids (e.g. FEMNIST's writer_id); one client per distinct id, so num-clients must equal their number.", lambda v: None if not v else _column(v)),
     "partition.sizes": Key("str", "equal", "Client data sizes: equal, or client i gets a share ~ i+1 (linear), (i+1)^2 (square), e^(i+1) (exponential).", _one_of(*PARTITION_SIZES)),
 }
 
@@ -418,23 +437,66 @@ def resolve(
     _check_noise(cfg)
     _check_private(cfg)
     _check_heterogeneity(cfg)
+    _check_table_keys(cfg)
     if base_dir is not None:
-        for key, v in data_files(cfg).items():
+        for key, v in data_files(cfg, base_dir).items():
             p = Path(v).expanduser()
             cfg[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
     return cfg
 
 
+def _check_table_keys(cfg: dict[str, Any]) -> None:
+    """Rules that tie the dataset-table keys to each other."""
+    label = cfg["problem.label-column"]
+    if label in [c.strip() for c in cfg["problem.features-column"].split(",")]:
+        raise ConfigError(
+            f"problem.features-column must not include problem.label-column {label!r}, "
+            f"got {cfg['problem.features-column']!r}"
+        )
+    if cfg["problem.test-split"] == cfg["problem.split"]:
+        raise ConfigError(
+            f"problem.test-split must differ from problem.split (or be empty: problem.test-fraction is held out), "
+            f"got {cfg['problem.test-split']!r}"
+        )
+    if cfg["partition.kind"] == "natural-id" and not cfg["partition.id-column"]:
+        raise ConfigError(
+            "partition.id-column must name the column of client ids when partition.kind is 'natural-id', got ''"
+        )
+
+
 # Scenario keys that may name a data file, and the values that name built-in data instead.
 DATA_FILE_KEYS = ("problem.centers", "problem.dataset")
 
+# A Hugging Face Hub dataset id, as FederatedDataset(dataset=...) takes it: owner/name.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# Dataset tables read by file name: their suffix makes a value a path even when the file is missing.
+TABLE_SUFFIXES = (".parquet", ".csv")
 
-def data_files(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """The data files a scenario names: ``{key: path}`` for ``problem.centers`` / ``problem.dataset``."""
+
+def hub_dataset(value: str, base_dir: Path | None = None) -> bool:
+    """Whether a ``problem.dataset`` value names a Hugging Face Hub dataset rather than local data.
+
+    It does when it reads ``owner/name`` (no ``..``, no ``.parquet`` or ``.csv``
+    suffix) and no file or folder has that path, relative to ``base_dir`` (the
+    scenario's folder) or else to the working directory.
+    """
+    if not _HUB_ID.fullmatch(value) or ".." in value or value.lower().endswith(TABLE_SUFFIXES):
+        return False
+    return not ((base_dir or Path()) / value).exists()
+
+
+def data_files(cfg: Mapping[str, Any], base_dir: Path | None = None) -> dict[str, str]:
+    """The data files a scenario names: ``{key: path}`` for ``problem.centers`` / ``problem.dataset``.
+
+    A path may be a folder (a dataset table's); a Hub dataset name
+    (:func:`hub_dataset`, relative paths taken from ``base_dir``) is no data file.
+    """
     out = {}
     for key in DATA_FILE_KEYS:
         v = cfg.get(key)
         if isinstance(v, str) and v and v not in BUILTIN_DATASETS:
+            if key == "problem.dataset" and hub_dataset(v, base_dir):
+                continue
             out[key] = v
     return out
 
@@ -444,9 +506,11 @@ def with_data_dir(cfg: dict[str, Any], data_dir: Any) -> dict[str, Any]:
 
     The rule: a node whose ``data-dir`` is D opens ``D/<file name>`` for every data
     file of the scenario (``problem.centers = "/srv/a/centers.npy"`` ->
-    ``D/centers.npy``), and nothing else; a node without ``data-dir`` (None or "")
-    opens the path the scenario gives. A file missing from D is a
-    :class:`ConfigError` naming the key, the path tried and D.
+    ``D/centers.npy``; a dataset folder ``/srv/a/femnist`` -> the folder
+    ``D/femnist``), and nothing else; a node without ``data-dir`` (None or "")
+    opens the path the scenario gives. A Hub dataset name is no data file: every
+    node loads it itself. A file missing from D is a :class:`ConfigError` naming
+    the key, the path tried and D.
     """
     if data_dir is None or data_dir == "":
         return cfg
@@ -456,7 +520,7 @@ def with_data_dir(cfg: dict[str, Any], data_dir: Any) -> dict[str, Any]:
     out = dict(cfg)
     for key, path in data_files(cfg).items():
         local = folder / Path(path).name
-        if not local.is_file():
+        if not local.exists():
             raise ConfigError(
                 f"{key}: {str(local)!r} not found (the scenario names {path!r}; this node's "
                 f"{DATA_DIR} is {str(data_dir)!r} and data files are looked up there by file name)"
@@ -522,10 +586,10 @@ def _check_heterogeneity(cfg: dict[str, Any]) -> None:
                 )
     sizes = cfg["partition.sizes"]
     if sizes != "equal":
-        if cfg["partition.kind"] == "pathological":
+        if cfg["partition.kind"] in ("pathological", "natural-id"):
             raise ConfigError(
                 f"partition.sizes={sizes!r} works with partition.kind iid, dirichlet or label-sorted, "
-                "got 'pathological'"
+                f"got {cfg['partition.kind']!r}"
             )
         if cfg["problem.name"] == "mean-estimation":
             raise ConfigError(

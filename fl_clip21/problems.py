@@ -1,7 +1,8 @@
 """Federated problems: client objectives f_i, the global f = (1/n) sum_i f_i.
 
 Built in: ``mean-estimation``, ``logreg`` (non-convex regulariser, breast_cancer,
-scikit-learn's synthetic ``make_classification`` data or a LibSVM file) and ``mlp`` (a small torch classifier on digits). A plug-in
+scikit-learn's synthetic ``make_classification`` data or a LibSVM file) and ``mlp`` (a small torch classifier on digits);
+both of the last two also take a dataset table (:mod:`fl_clip21.datasets`). A plug-in
 problem is named ``module:factory``; ``factory(cfg)`` gets the resolved
 scenario dict and returns an object with the :class:`Problem` methods.
 
@@ -179,6 +180,11 @@ def _partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarr
     )
 
     n, seed, kind = cfg["num-clients"], cfg["seed"], cfg["partition.kind"]
+    if kind == "natural-id":  # fl_clip21.datasets gives a table's clients their rows
+        raise ConfigError(
+            "partition.kind 'natural-id' needs a dataset table with partition.id-column (parquet, CSV, a "
+            f"dataset folder or a Hub dataset), got problem.dataset={cfg['problem.dataset']!r}"
+        )
     if n > len(labels):
         raise ConfigError(f"num-clients must be <= the {len(labels)} data rows, got {n}")
     counts = client_sizes(cfg, len(labels))
@@ -405,13 +411,14 @@ class _ClientData(DictAPI):
 
     ``X`` and ``y`` hold client 0's rows, then client 1's, ...: ``parts[i]`` is
     the contiguous range of client i's rows, so a batch of clients' rows is
-    read in place (no copy of the data per round).
+    read in place (no copy of the data per round). ``order[r]`` is the row of
+    the data as loaded that stored row r is.
     """
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, cfg: dict[str, Any]):
-        parts = partition_indices(y, cfg)
-        order = np.concatenate(parts)
-        self.X, self.y = X[order], y[order]
+    def __init__(self, X: np.ndarray, y: np.ndarray, cfg: dict[str, Any], parts: list[np.ndarray] | None = None):
+        parts = partition_indices(y, cfg) if parts is None else parts
+        self.order = np.concatenate(parts)
+        self.X, self.y = X[self.order], y[self.order]
         self.sizes = np.array([p.size for p in parts], dtype=np.int64)
         self.starts = _segment_starts(self.sizes)
         self.parts = [np.arange(a, a + m) for a, m in zip(self.starts, self.sizes)]
@@ -452,7 +459,9 @@ class LogReg(_ClientData):
     classification = True
 
     def __init__(self, cfg: dict[str, Any]):
-        src = cfg["problem.dataset"]
+        from fl_clip21.datasets import is_table, load_table
+
+        src, parts = cfg["problem.dataset"], None
         if src == "breast_cancer":
             from sklearn.datasets import load_breast_cancer
 
@@ -468,6 +477,9 @@ class LogReg(_ClientData):
                 n_samples=rows, n_features=f, n_informative=max(1, f // 2),
                 n_redundant=0, n_clusters_per_class=1, random_state=cfg["seed"],
             )
+        elif is_table(src):
+            table = load_table(cfg, lambda rows, f, k: (LOGREG_COPIES * rows * (f + 1) * 8, f + 1), binary=True)
+            X, y, parts = table.X, table.y, table.parts
         else:
             X, y = load_libsvm(src, cfg)
         classes = np.unique(y)
@@ -476,7 +488,7 @@ class LogReg(_ClientData):
         X = (X - X.mean(axis=0)) / np.where(X.std(axis=0) > 0, X.std(axis=0), 1.0)
         X = np.hstack([X, np.ones((X.shape[0], 1))])
         labels = (y == classes[1]).astype(np.int64)
-        super().__init__(X, labels, cfg)
+        super().__init__(X, labels, cfg, parts)
         self.signs = 2.0 * self.y - 1.0
         self.reg = cfg["problem.reg"]
         self.layout = Layout.of(self.init_params())
@@ -553,19 +565,19 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -z))
 
 
-# --- a small torch MLP on digits --------------------------------------------
+# --- a small torch MLP on digits or a dataset table ---------------------------
 
 
 _DIGITS_ROWS = 1797  # scikit-learn's digits
 
 
-def _mlp_size(hidden: int) -> int:
-    """d of the 64 -> hidden -> 10 MLP: its weights and biases."""
-    return 64 * hidden + hidden + hidden * 10 + 10
+def _mlp_size(hidden: int, inputs: int = 64, classes: int = 10) -> int:
+    """d of the inputs -> hidden -> classes MLP: its weights and biases."""
+    return inputs * hidden + hidden + hidden * classes + classes
 
 
 class DigitsMLP(_ClientData):
-    """64 -> hidden -> 10 MLP with cross-entropy on scikit-learn's digits."""
+    """inputs -> hidden -> classes MLP with cross-entropy; 64 -> hidden -> 10 on scikit-learn's digits."""
 
     classification = True
 
@@ -574,20 +586,32 @@ class DigitsMLP(_ClientData):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
-        if cfg["problem.dataset"] not in ("digits", "breast_cancer"):
-            raise ConfigError(f"problem.dataset must be 'digits' for mlp, got {cfg['problem.dataset']!r}")
-        h = cfg["problem.hidden"]
-        # The hidden activations of every digits row, their tanh and their gradient (float32).
-        check_memory(f"problem.hidden={h}", cfg, _DIGITS_ROWS * h * 4 * 3, _mlp_size(h))
-        X, y = load_digits(return_X_y=True)
-        X = X / 16.0
-        if cfg["problem.test-fraction"] > 0:
-            X, Xt, y, yt = train_test_split(
-                X, y, test_size=cfg["problem.test-fraction"], random_state=cfg["seed"], stratify=y
+        from fl_clip21.datasets import is_table, load_table
+
+        h, parts = cfg["problem.hidden"], None
+        if is_table(cfg["problem.dataset"]):
+            # Features in float64 (twice while test rows are held out) and as float32 tensors;
+            # every row's hidden activations, their tanh and their gradient (float32).
+            table = load_table(cfg, lambda rows, f, k: (rows * (f * 20 + h * 12), _mlp_size(h, f, k)), test=True)
+            X, y, Xt, yt, parts = table.X, table.y, table.X_test, table.y_test, table.parts
+            classes = table.classes.size
+        elif cfg["problem.dataset"] not in ("digits", "breast_cancer"):
+            raise ConfigError(
+                f"problem.dataset must be 'digits' or a dataset table for mlp, got {cfg['problem.dataset']!r}"
             )
         else:
-            Xt, yt = X, y
-        super().__init__(X, y, cfg)
+            # The hidden activations of every digits row, their tanh and their gradient (float32).
+            check_memory(f"problem.hidden={h}", cfg, _DIGITS_ROWS * h * 4 * 3, _mlp_size(h))
+            X, y = load_digits(return_X_y=True)
+            X, classes = X / 16.0, 10
+            if cfg["problem.test-fraction"] > 0:
+                X, Xt, y, yt = train_test_split(
+                    X, y, test_size=cfg["problem.test-fraction"], random_state=cfg["seed"], stratify=y
+                )
+            else:
+                Xt, yt = X, y
+        super().__init__(X, y, cfg, parts)
+        self.inputs, self.classes = X.shape[1], classes
         self.torch = torch
         self.Xtr = torch.tensor(self.X, dtype=torch.float32)
         self.ytr = torch.tensor(self.y, dtype=torch.int64)
@@ -600,7 +624,7 @@ class DigitsMLP(_ClientData):
     def _model(self):
         torch = self.torch
         return torch.nn.Sequential(
-            torch.nn.Linear(64, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 10)
+            torch.nn.Linear(self.inputs, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, self.classes)
         )
 
     def _seeded_model(self):

@@ -143,3 +143,30 @@ def test_simulated_nodes_read_their_data_from_data_dir(tmp_path):
     np.testing.assert_allclose(res["params"]["x"], [3.0], rtol=1e-12)  # mean of 1, 2, 6: the nodes' files
     errors = [line for line in collect.lines if "replied with an error" in line]
     assert errors and all("problem.centers" in e and str(tmp_path / "node-3" / "centers.npy") in e for e in errors), collect.lines
+
+
+def test_a_dataset_folder_is_looked_up_in_data_dir_by_its_name(tmp_path):
+    import datasets
+
+    datasets.disable_progress_bars()
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3))
+    table = datasets.Dataset.from_dict({"x": X.tolist(), "label": (X[:, 0] > 0).astype(int).tolist()})
+    server, node = tmp_path / "server", tmp_path / "node"
+    table.save_to_disk(server / "table")
+    table.save_to_disk(node / "table")
+    cfg = config.resolve({"num-clients": 4, "problem": {"name": "logreg", "dataset": str(server / "table") + "/"}})
+    got = with_data_dir(cfg, str(node))
+    assert got["problem.dataset"] == str(node / "table")  # a folder, like a file; a trailing '/' changes nothing
+    here, there = problems.build_problem(cfg), problems.build_problem(got)
+    w = {"w": np.linspace(-1, 1, 4)}
+    for i in range(4):
+        np.testing.assert_array_equal(there.client_grad(i, w)["w"], here.client_grad(i, w)["w"])
+    with pytest.raises(ConfigError) as ei:
+        with_data_dir(cfg, str(tmp_path))  # no folder 'table' there
+    assert "problem.dataset" in str(ei.value) and str(tmp_path / "table") in str(ei.value)
+
+
+def test_a_hub_dataset_name_is_not_looked_up_in_data_dir(tmp_path):
+    cfg = config.resolve({"num-clients": 4, "problem": {"name": "logreg", "dataset": "flwrlabs/femnist"}})
+    assert with_data_dir(cfg, str(tmp_path))["problem.dataset"] == "flwrlabs/femnist"
