@@ -395,9 +395,8 @@ class Clip21Strategy(Strategy):
             nid = reply.metadata.src_node_id
             if nid not in nodes or nid in claims:
                 continue
-            if reply.has_error():
-                log(WARNING, "node %d failed the handshake: %s", nid, reply.error.reason)
-                self._refused.add(nid)
+            if reply.has_error():  # the node could not answer now (a crash, a restart): it is asked again
+                log(WARNING, "node %d failed the handshake (asked again): %s", nid, reply.error.reason)
                 continue
             try:
                 claims[nid] = V.decode_handshake(reply.content, self.num_clients)
