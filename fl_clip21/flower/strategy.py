@@ -217,6 +217,7 @@ class Clip21Strategy(Strategy):
         self.round = 0  # the last round completed
         self.history: list[dict[str, Any]] = []
         self._refused: set[int] = set()  # nodes whose claim was refused: never asked again this run
+        self._handshake_errors: dict[int, str] = {}  # node -> the error its last handshake reply carried
         self._bound: float | None = None
         self.layout: Layout | None = None
         self._sparse_k: int | None = None
@@ -396,7 +397,9 @@ class Clip21Strategy(Strategy):
             if nid not in nodes or nid in claims:
                 continue
             if reply.has_error():  # the node could not answer now (a crash, a restart): it is asked again
-                log(WARNING, "node %d failed the handshake (asked again): %s", nid, reply.error.reason)
+                if self._handshake_errors.get(nid) != reply.error.reason:
+                    log(WARNING, "node %d failed the handshake (asked again): %s", nid, reply.error.reason)
+                self._handshake_errors[nid] = reply.error.reason
                 continue
             try:
                 claims[nid] = V.decode_handshake(reply.content, self.num_clients)
@@ -474,6 +477,8 @@ class Clip21Strategy(Strategy):
                     f"only {len(self.registry.bound_clients())} of num-clients={self.num_clients} partitions are "
                     f"held by a node after {self.node_wait_timeout:.0f} s ({len(connected)} nodes connected, "
                     f"{len(self._refused)} refused); no node holds partitions {missing[:20]}"
+                    + (f"; handshake errors: {sorted(set(self._handshake_errors.values()))[:3]}"
+                       if self._handshake_errors else "")
                 )
             if now > next_note:
                 log(INFO, "fl-clip21: waiting for nodes: %d of %d partitions held, %d nodes connected",
