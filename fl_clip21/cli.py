@@ -171,6 +171,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from fl_clip21.tune import cmd_tune
+
+    return cmd_tune(args)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``fl-clip21 calibrate``: print the update-norm quantiles and the tau they suggest."""
     from fl_clip21.calibrate import calibrate, report
@@ -365,6 +371,19 @@ def main(argv: list[str] | None = None) -> int:
         "else ...-sweep-2, -3, ...)",
     )
     sweep.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    tune = sub.add_parser(
+        "tune", parents=[common],
+        help="each algorithm at its best cell of a grid (chosen on selection seeds), evaluated on held-out seeds",
+    )
+    tune.add_argument("scenario", help="scenario TOML file (its target-epsilon list: each epsilon tuned on its own)")
+    tune.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="a hyper-parameter and its values")
+    tune.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key in every cell")
+    tune.add_argument("--metric", default="final_loss", help="final_loss (default, lowest), final_accuracy (highest) "
+                      "or final_grad_norm_sq (lowest)")
+    tune.add_argument("--select-seeds", default="0", help="seeds the best cell is chosen on (default 0)")
+    tune.add_argument("--eval-seeds", default="1,2,3", help="held-out seeds the winners are evaluated on")
+    tune.add_argument("--out", help="output folder (default: a new results/<scenario name>-tune)")
+    tune.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     calibrate = sub.add_parser(
         "calibrate", parents=[common],
         help="choose tau: quantiles of the clients' update norms (unclipped GD/SGD, in process) and the tau they suggest",
@@ -382,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
         command = cmd_sweep
     else:
-        command = {"bench": cmd_bench, "calibrate": cmd_calibrate}.get(args.command, cmd_run)
+        command = {"bench": cmd_bench, "calibrate": cmd_calibrate, "tune": _cmd_tune}.get(args.command, cmd_run)
     try:
         if getattr(args, "help", False):
             _help(run if args.command == "run" else sweep, args)
