@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fl_clip21.cli import main
 
 
+@pytest.mark.slow  # a Flower simulation per client count; the engines bench is in tests/test_batched.py
 def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--clients", "3", "--rounds", "2", "--repeats", "1", "--soak-rounds", "6", "--out", str(out)])

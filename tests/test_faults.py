@@ -71,6 +71,7 @@ def test_late_replies_and_wiped_client_state_keep_the_invariant():
     assert _final_gns(res) <= cfg["target"]
 
 
+@pytest.mark.slow  # hostile replies: tests/test_strategy.py (property test) and test_flower.py
 def test_oversized_increments_are_rejected_and_the_run_recovers():
     cfg = _cfg(rounds=60, fraction=0.5)
     mods = [scale_reply_mod(1e6, clients=[0, 3], rounds=range(1, 21))]
@@ -113,6 +114,7 @@ def test_server_stopped_and_resumed_from_its_checkpoint_gives_the_same_trajector
     _assert_invariant(recs[15:])
 
 
+@pytest.mark.slow  # the verified copies file: tests/test_copies.py
 def test_resuming_without_the_copies_file_is_an_error_naming_it(tmp_path):
     cfg = _cfg(rounds=6, audit=False)
 

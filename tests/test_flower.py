@@ -98,7 +98,7 @@ def test_cli_centres_from_npy_file(tmp_path):
     out = tmp_path / "out"
     proc = _cli(
         str(SCENARIOS / "mean-estimation.toml"), "--set", f"problem.centers={centres}",
-        "--set", "algorithms=clip21-gd", "--set", "rounds=60", "--out", str(out), cwd=tmp_path,
+        "--set", "algorithms=clip21-gd", "--set", "rounds=60", "--engine", "vectorized", "--out", str(out), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = json.loads((out / "metrics.json").read_text())["algorithms"]["clip21-gd"]

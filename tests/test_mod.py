@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import ServerApp
@@ -27,6 +28,7 @@ def _run(server_main, client_app, **kw):
     return out["result"]
 
 
+@pytest.mark.slow  # the converted quickstart app: tests/test_example.py
 def test_plain_app_becomes_clip21_with_the_mod_and_the_strategy():
     plain = _run(digits_example.plain_main, plain_app)
     result, strategy = _run(digits_example.clip21_main, clip21_app, audit=True)
