@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# One profile for every property test: no deadline and no "too slow" health check,
+# since these 2-core machines are shared (a loaded run once failed a health check,
+# never an assertion), and derandomized, so that a run's examples are the same on
+# every machine and a failure reproduces with the same command.
+settings.register_profile(
+    "fl-clip21", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("fl-clip21")
 
 
 @pytest.fixture
