@@ -255,6 +255,10 @@ class MemoryCopies:
             raise CopiesError(f"short write to {str(self.path)!r} at byte {offset}: {written} of {self._slot}")
         self._tags[client, slot] = round_
 
+    def require(self, client: int, round_: int) -> None:
+        """:class:`CopiesError` unless the file holds ``client``'s copy as of ``round_`` (its slots are verified)."""
+        self._find(client, round_)
+
     def get(self, client: int, round_: int) -> Params:
         """``client``'s copy holding its increments up to ``round_`` (new arrays)."""
         return {k: v.copy() for k, v in self._view(client, self._find(client, round_)).items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 
 from fl_clip21.flower import records as R
@@ -19,9 +19,9 @@ def reply_from(node: int, to: Message, content: RecordDict) -> Message:
 
 
 class FakeGrid:
-    """Nodes ``claims`` (node id -> the handshake reply content it gives, or a partition-id)."""
+    """Nodes ``claims`` (node id -> the handshake reply content it gives, a partition-id, or an Error)."""
 
-    def __init__(self, claims: dict[int, int | RecordDict], keys: dict[int, bytes] | None = None) -> None:
+    def __init__(self, claims: dict[int, int | RecordDict | Error], keys: dict[int, bytes] | None = None) -> None:
         self.claims = dict(claims)
         self.keys = keys or {}
         self.queried: list[int] = []
@@ -39,6 +39,11 @@ class FakeGrid:
             node = msg.metadata.dst_node_id
             self.queried.append(node)
             claim = self.claims[node]
+            if isinstance(claim, Error):
+                reply = Message(error=claim, reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = node
+                out.append(reply)
+                continue
             content = claim if isinstance(claim, RecordDict) else RecordDict(
                 {R.CONFIG: ConfigRecord({R.PARTITION_ID: claim, R.NUM_PARTITIONS: -1})}
             )

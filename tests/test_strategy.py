@@ -312,6 +312,58 @@ def test_the_same_client_app_error_from_every_node_stops_the_run(tmp_path):
     assert strategy2.history[-1]["failed"] == 3
 
 
+def _error_replies(msgs, code, reason_of):
+    from flwr.app import Error, Message
+
+    replies = []
+    for nid, m in msgs.items():
+        reply = Message(error=Error(code=code, reason=reason_of(nid)), reply_to=m)
+        reply.metadata.__dict__["_src_node_id"] = nid
+        replies.append(reply)
+    return replies
+
+
+def test_a_client_app_error_that_differs_only_in_a_path_or_number_stops_the_run(tmp_path):
+    # Before: the run stopped only when every node's error text was the same string.
+    from flwr.common.constant import ErrorCode
+
+    from fl_clip21.flower.strategy import ClientSetupError
+
+    # Prepare: every node fails to read its own data file (a path with its node id in it).
+    strategy, grid, msgs = _start(tmp_path)
+    def missing(nid):
+        return (f"<class 'flwr.clientapp.client_app.ClientAppException'>:<'Exception ConfigError occurred. Message: "
+                f"data file '/srv/node-{nid}/part{nid % 10}.csv' not found (node {nid})'>")
+    # Execute, Assert: one set-up error, named with the first node's own text.
+    with pytest.raises(ClientSetupError, match=r"round 1: every reply failed .*'/srv/node-10/part0.csv' not found"):
+        strategy.aggregate_train(1, _error_replies(msgs, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, missing))
+    # Errors that differ in what they say do not stop the run, nor do the same words with another code.
+    strategy2, _, msgs2 = _start(tmp_path)
+    words = {10: "ConfigError: no data", 11: "ConfigError: no data", 12: "MemoryError: cannot allocate"}
+    strategy2.aggregate_train(1, _error_replies(msgs2, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, words.get))
+    assert strategy2.history[-1]["failed"] == 3
+    strategy3, _, msgs3 = _start(tmp_path)
+    codes = iter([ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION,
+                  ErrorCode.CLIENT_APP_RAISED_EXCEPTION])
+    replies = [r for nid in msgs3 for r in _error_replies({nid: msgs3[nid]}, next(codes), missing)]
+    strategy3.aggregate_train(1, replies)
+    assert strategy3.history[-1]["failed"] == 3
+
+
+def test_setup_reason_keeps_what_no_later_round_changes():
+    from flwr.common.constant import ErrorCode
+
+    from fl_clip21.flower.strategy import setup_reason
+
+    a = setup_reason(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "no file /data/a/x.csv on node 1234, port 9092")
+    b = setup_reason(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "no file C:\\data\\b.csv on node 77, port 9093")
+    assert a[0] == b[0] and a[1].startswith("no file /data/a/x.csv")
+    assert setup_reason(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "KeyError: 'lr'")[0] != \
+        setup_reason(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "KeyError: 'tau'")[0]
+    assert setup_reason(ErrorCode.NODE_UNAVAILABLE, "gone") is None  # a lost reply: a later round may get one
+    assert setup_reason(ErrorCode.MESSAGE_UNAVAILABLE, "/x/1") is None
+
+
 def test_the_apps_train_metrics_are_averaged_as_fedavg_does_beside_fl_clip21s_own(tmp_path):
     strategy, grid, msgs = _start(tmp_path)
 

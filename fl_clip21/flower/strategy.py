@@ -3,64 +3,67 @@
 The strategy holds the model x and the algorithm's server state (Clip21's
 aggregate g). Each round it samples clients, sends x, checks every reply
 before using it, and applies the algorithm's server update to the accepted
-replies. It composes four parts, each in its own module:
+replies. It keeps configure and aggregate and composes the rest, each part in
+its own module:
 
 - :mod:`~fl_clip21.flower.validation`: every field of a reply decoded and
   checked; a reply that fails is counted (``rejected``), logged with its node
   id and client index, and changes nothing;
-- :mod:`~fl_clip21.flower.registry`: which node holds which client, and
-  whether a node that takes a client over proved it is that client;
+- :mod:`~fl_clip21.flower.nodes` and :mod:`~fl_clip21.flower.registry`: the
+  handshake with the nodes, which node holds which client, and whether a node
+  that takes a client over proved it is that client;
 - :mod:`~fl_clip21.flower.protocol`: the consistency protocol's acks, copies
   of the clients' memories (in a file), resyncs and resets;
-- :mod:`~fl_clip21.flower.late`: replies that missed their round.
-
-With ``checkpoint`` it saves its state after every round, atomically, and
-:meth:`resume` continues from it.
+- :mod:`~fl_clip21.flower.late`: replies that missed their round;
+- :mod:`~fl_clip21.flower.saved_state`: with ``checkpoint``, the state saved
+  after every round, atomically, and checked and restored by :meth:`resume`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
-from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
-from fl_clip21 import checkpoint as ckpt
 from fl_clip21 import core
 from fl_clip21.algorithms import Algorithm, model_size
 from fl_clip21.copies import MemoryCopies
+from fl_clip21.core import Params
 from fl_clip21.engine import norm_quantiles, reports_norms, round_epsilon, sample_clients, server_noise
 from fl_clip21.flower import metrics as client_metrics
 from fl_clip21.flower import records as R
+from fl_clip21.flower import saved_state
 from fl_clip21.flower import validation as V
 from fl_clip21.flower.late import LateReplies
+from fl_clip21.flower.nodes import ClientSetupError, NodeSync
 from fl_clip21.flower.protocol import Audit, ProtocolState
-from fl_clip21.flower.registry import Binding, NodeRegistry, Refused
+from fl_clip21.flower.registry import Binding
 from fl_clip21.layout import Layout
 
-NORM_SLACK = V.NORM_SLACK
+__all__ = ["Clip21Strategy", "ClientSetupError", "setup_reason"]
+
 # Error replies of a ClientApp that fails the same way every round (not a lost or late reply).
 SETUP_ERRORS = frozenset({
     ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.MOD_FAILED_PRECONDITION,
 })
-PROGRESS_EVERY = 5.0  # seconds between "waiting for nodes" lines
-
-
-class ClientSetupError(RuntimeError):
-    """The nodes that registered do not form the expected set of clients."""
+# What differs between nodes failing the same way: paths (a node's data file), hex ids, numbers (node ids, ports).
+_NODE_SPECIFIC = re.compile(r"(?:[A-Za-z]:)?(?:[\w.~-]*[/\\])+[\w.~-]*|\b0x[0-9a-fA-F]+\b|\b\d+(?:\.\d+)?\b")
 
 
 def _check(name: str, value: object, ok: bool, rule: str) -> None:
@@ -68,11 +71,43 @@ def _check(name: str, value: object, ok: bool, rule: str) -> None:
         raise ValueError(f"{name} {rule}, got {value!r}")
 
 
-def _on_simulation_engine(grid: Grid) -> bool:
-    """Whether ``grid`` is Flower's simulation engine, which assigns every node's partition-id itself."""
-    from flwr.superlink.grid import InMemoryGrid
+def setup_reason(code: int, reason: str) -> tuple[str, str] | None:
+    """``(what every node failing this way has in common, the reason)`` of an error reply, or None.
 
-    return isinstance(grid, InMemoryGrid)
+    None for an error a later round may not see (a lost or late reply, a node
+    that left). For a ClientApp that could not be loaded, raised, or whose mod
+    refused the message, the error code and the reason with its paths and
+    numbers blanked out: two nodes whose data files differ fail the same way.
+    """
+    if code not in SETUP_ERRORS:
+        return None
+    return f"{code}: {_NODE_SPECIFIC.sub('#', reason)}", reason
+
+
+def _stop_if_no_round_can_succeed(reasons: list[tuple[str, str] | None], k: int) -> None:
+    """:class:`ClientSetupError` when every reply of round ``k`` failed the same way, one no later round can fix."""
+    if reasons and None not in reasons and len({common for common, _ in reasons}) == 1:
+        raise ClientSetupError(
+            f"round {k}: every reply failed for the same reason, which no later round can fix: {reasons[0][1]}"
+        )
+
+
+@dataclass
+class _Tally:
+    """What a round's replies amount to, as they are read."""
+
+    accepted: list[Params] = field(default_factory=list)  # the messages applied
+    norms: list[tuple[float, float]] = field(default_factory=list)
+    app_metrics: list[dict] = field(default_factory=list)
+    rejected: int = 0
+    failed: int = 0
+    clipped: int = 0
+    bytes_up: int = 0
+    resyncs: int = 0
+    setup_reasons: list[tuple[str, str] | None] = field(default_factory=list)  # per reply, see setup_reason
+    applied: set[int] = field(default_factory=set)  # clients whose increment was applied
+    responded: set[int] = field(default_factory=set)  # nodes
+    answered: set[str] = field(default_factory=set)  # message ids
 
 
 class Clip21Strategy(Strategy):
@@ -91,9 +126,12 @@ class Clip21Strategy(Strategy):
         the order of their ids instead of by a partition-id handshake.
     num_clients:
         n, the number of clients; g divides by n whatever the participation.
-        None (only for apps without the partition-id handshake, ``scenario``
-        None): the nodes connected once ``min_available_nodes`` are, as
-        FedAvg samples among them; n is then fixed for the run.
+        None (the default; only for apps without the partition-id handshake,
+        ``scenario`` None, else a ValueError): n is counted at the first
+        round, as the nodes connected once ``min_available_nodes`` are (as
+        FedAvg samples among them), and fixed for the run; a node that joins
+        later takes the index of a client whose node left. :meth:`resume`
+        takes n from the checkpoint.
     min_available_nodes:
         With ``num_clients`` None, the nodes to wait for before the first round.
     sampling:
@@ -105,7 +143,8 @@ class Clip21Strategy(Strategy):
         Clients also return their memory; each round reports ``invariant_gap`` =
         max |g - mean_i v_i| over the memories the clients last reported.
     node_wait_timeout:
-        Seconds to wait for all ``num_clients`` partitions to be held at the start.
+        Seconds to wait for all ``num_clients`` partitions to be held at the
+        start (for the nodes to be counted, too, without ``num_clients``).
     delta:
         delta at which ``epsilon`` is reported (algorithms with DP noise).
     client_of_node:
@@ -154,7 +193,7 @@ class Clip21Strategy(Strategy):
         *,
         algorithm: Algorithm,
         scenario: dict[str, Any] | None,
-        num_clients: int | None,
+        num_clients: int | None = None,
         fraction: float = 1.0,
         seed: int = 0,
         audit: bool = False,
@@ -181,14 +220,13 @@ class Clip21Strategy(Strategy):
             _check("num_clients", num_clients, scenario is None, "may be left out only without a scenario (clip21_mod apps)")
             _check("min_available_nodes", min_available_nodes,
                    isinstance(min_available_nodes, int) and min_available_nodes >= 1, "must be an integer >= 1")
+            _check("client_of_node", client_of_node, not client_of_node, "needs num_clients")
         else:
             _check("num_clients", num_clients, isinstance(num_clients, int) and num_clients >= 1,
                    "must be an integer >= 1")
-        self.min_available_nodes = min_available_nodes
         _check("sampling", sampling, sampling in ("fixed", "poisson"), "must be 'fixed' or 'poisson'")
-        self.sampling = sampling
-        _check("node_wait_timeout", node_wait_timeout, node_wait_timeout > 0, "must be > 0 seconds")
         _check("delta", delta, 0 < delta < 1, "must be in (0, 1)")
+        self.sampling = sampling
         self.algorithm = algorithm
         self.num_clients: int | None = num_clients
         self.fraction = fraction
@@ -196,28 +234,31 @@ class Clip21Strategy(Strategy):
         self.seed = seed
         self.audit = audit and algorithm.memory is not None
         self.delta = delta
-        self.node_wait_timeout = node_wait_timeout
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.copies_dir = Path(copies_dir) if copies_dir is not None else None
         self.evaluate = evaluate
         self.fraction_evaluate = fraction_evaluate
         self.on_round = on_round
-        self.trust_partition_ids = trust_partition_ids
         self._scenario_json = json.dumps(scenario, sort_keys=True) if scenario is not None else None
         self.config = dict(config if config is not None else scenario or {})
         self.session = uuid.uuid4().hex[:16]  # scopes the clients' state to this run of this algorithm
-        self._node_keys = node_keys
-        self._size(num_clients or 1)
+        # With the scenario, the nodes also build their problem at the handshake: a node's first
+        # training round is then not slower than the others (round-timeout).
+        self.nodes = NodeSync(
+            num_clients=num_clients, handshake=scenario is not None,
+            query={R.SCENARIO: self._scenario_json} if self._scenario_json is not None else {},
+            wait_timeout=node_wait_timeout, node_keys=node_keys, trust_partition_ids=trust_partition_ids,
+            min_available_nodes=min_available_nodes,
+        )
+        self.protocol = ProtocolState(num_clients or 1)  # sized again once n is counted (num_clients None)
         for nid, c in (client_of_node or {}).items():
-            self.registry.claim(int(nid), int(c), connected=())
+            self.nodes.registry.claim(int(nid), int(c), connected=())
         self.late = LateReplies(late_reply_wait)
         self.audit_state: Audit | None = None
         self.params: dict[str, np.ndarray] | None = None
         self.server_state: dict | None = None
         self.round = 0  # the last round completed
         self.history: list[dict[str, Any]] = []
-        self._refused: set[int] = set()  # nodes whose claim was refused: never asked again this run
-        self._handshake_errors: dict[int, str] = {}  # node -> the error its last handshake reply carried
         self._bound: float | None = None
         self.layout: Layout | None = None
         self._sparse_k: int | None = None
@@ -229,29 +270,31 @@ class Clip21Strategy(Strategy):
 
     def _size(self, num_clients: int) -> None:
         """Registry and protocol state for ``num_clients`` clients."""
-        self.registry = NodeRegistry(num_clients, node_keys=self._node_keys)
+        self.num_clients = num_clients
+        self.nodes.resize(num_clients)
         self.protocol = ProtocolState(num_clients)
 
     @property
     def client_of_node(self) -> dict[int, int]:
         """Node id -> client index of the nodes connected and bound now."""
-        return self.registry.client_of_node
+        return self.nodes.registry.client_of_node if self.nodes.registry is not None else {}
 
     # --- state ----------------------------------------------------------------
 
     def _copies_path(self) -> Path:
         if self.checkpoint is not None:
-            return self.checkpoint.with_name(self.checkpoint.name + ".copies")
+            return saved_state.copies_path(self.checkpoint)
         folder = self.copies_dir
         if folder is None:
             folder = Path(tempfile.mkdtemp(prefix="fl-clip21-copies-"))
             weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
         return folder / f"{self.algorithm.name}.{self.session}.copies"
 
-    def _open_copies(self, params: dict[str, np.ndarray], create: bool, path: Path | None = None) -> MemoryCopies:
+    def _open_copies(self, params: dict[str, np.ndarray]) -> MemoryCopies:
+        """A new copies file for this run (every copy zero)."""
         return MemoryCopies(
-            path or self._copies_path(), params, self.num_clients,
-            slots=2 if self.checkpoint is not None else 1, create=create,
+            self._copies_path(), params, self.num_clients,
+            slots=saved_state.SLOTS if self.checkpoint is not None else 1, create=True,
         )
 
     def _init_state(self, params: dict[str, np.ndarray], copies: MemoryCopies | None = None) -> None:
@@ -262,7 +305,7 @@ class Clip21Strategy(Strategy):
             for k, v in self.algorithm.server_init(self.layout.size, self.layout.dtype).items()
         }
         if self.algorithm.memory is not None:
-            copies = copies if copies is not None else self._open_copies(params, create=True)
+            copies = copies if copies is not None else self._open_copies(params)
             self.protocol = ProtocolState(self.num_clients, copies, layout=params)
         if self.audit:  # the memories the clients reported (only when auditing: n more copies)
             self.audit_state = Audit({i: core.zeros_like(params) for i in range(self.num_clients)})
@@ -286,18 +329,15 @@ class Clip21Strategy(Strategy):
             "round": self.round,
             "history": self.history,
             "protocol": self.protocol.state_dict(),
-            "registry": self.registry.state_dict(),
+            "registry": self.nodes.registry.state_dict(),
             "copies": self.protocol.copies.path.name if self.protocol.copies is not None else None,
         }
 
     def save_checkpoint(self) -> None:
-        """Write the server's whole state to :attr:`checkpoint` (atomically)."""
+        """Write the server's whole state to :attr:`checkpoint` (atomically; :mod:`~fl_clip21.flower.saved_state`)."""
         if self.checkpoint is None or self.params is None or self.server_state is None:
             raise RuntimeError("save_checkpoint needs a checkpoint path and a started run")
-        arrays = {"params": self.params, **{f"server.{k}": v for k, v in self.server_state.items()}}
-        if self.protocol.copies is not None:
-            self.protocol.copies.flush()  # the checkpoint refers to them
-        ckpt.save(self.checkpoint, arrays, self._meta())
+        saved_state.save(self.checkpoint, self.params, self.server_state, self._meta(), self.protocol.copies)
 
     def resume(self, path: str | Path) -> int:
         """Load a checkpoint; return the number of rounds it had completed.
@@ -305,119 +345,37 @@ class Clip21Strategy(Strategy):
         The checkpoint must have been made by this algorithm with the same
         hyper-parameters, clients, seed and configuration: any difference is a
         :class:`~fl_clip21.checkpoint.CheckpointError` (a ValueError) naming the
-        key and both values, as is a corrupted file. Every client is
-        resynced on its next round: it may have lost its state with the old
+        key and both values, as is a corrupted file; a corrupted or foreign
+        copies file is a :class:`~fl_clip21.copies.CopiesError`. Every client
+        is resynced on its next round: it may have lost its state with the old
         run, or hold increments of rounds after the checkpoint.
         """
         path = Path(path)
-        arrays, meta = ckpt.load(path)
-        what = f"checkpoint {str(path)!r}"
-        if self.num_clients is None and type(meta.get("num_clients")) is int and meta["num_clients"] >= 1:
-            self.num_clients = meta["num_clients"]  # counted when the run started
-            self._size(self.num_clients)
-        current = {
-            "algorithm": self.algorithm.name, "hyper": dict(self.algorithm.hyper),
-            "num_clients": self.num_clients, "seed": self.seed,
-        }
-        made = {k: meta[k] for k in current if k in meta}
-        ckpt.compare_config(made, {k: current[k] for k in made}, what)
-        if meta.get("config") and self.config:
-            ckpt.compare_config(meta["config"], self.config, what)
-        try:
-            params = arrays["params"]
-            protocol = meta.get("protocol") or {k: meta[k] for k in ("times_asked", "last_applied")}
-            session, done, history = str(meta["session"]), int(meta["round"]), list(meta["history"])
-            copies = self._restore_copies(path, arrays, meta, params, protocol) if self.algorithm.memory else None
-            self.session = session
-            self._init_state(params, copies)
-            self.server_state = {g.removeprefix("server."): v for g, v in arrays.items() if g.startswith("server.")}
-            self.protocol.load_state_dict(protocol)
-            self.registry.load_state_dict(meta.get("registry", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, ckpt.CheckpointError):
-                raise
-            raise ckpt.CheckpointError(f"{what} is incomplete or malformed ({type(e).__name__}: {e})") from None
+        saved = saved_state.load(
+            path, algorithm=self.algorithm.name, hyper=self.algorithm.hyper, num_clients=self.num_clients,
+            seed=self.seed, config=self.config,
+        )
+        if self.num_clients is None:
+            self._size(saved.num_clients)
+        with saved_state.malformed(path):
+            copies = None
+            if self.algorithm.memory is not None:
+                copies = saved_state.restore_copies(
+                    path, saved, new=lambda: self._open_copies(saved.params),
+                    carry_on_in=self._copies_path() if self.checkpoint is not None else None,
+                )
+            self.session = saved.session
+            self._init_state(saved.params, copies)
+            self.server_state = saved.server_state
+            self.protocol.load_state_dict(saved.protocol)
+            self.nodes.registry.load_state_dict(saved.registry)
         if self.audit_state is not None:
             self.audit_state.memories = {i: self.server_copy(i) for i in range(self.num_clients)}
-        self.round = done
-        self.history = history
+        self.round = saved.round
+        self.history = saved.history
         return self.round
 
-    def _restore_copies(
-        self, path: Path, arrays: dict, meta: dict, params: dict[str, np.ndarray], protocol: dict
-    ) -> MemoryCopies:
-        """The copies file of this strategy, as of the checkpoint ``path``."""
-        last_applied = [int(r) for r in protocol["last_applied"]]
-        name = meta.get("copies")
-        if name is None and "shadow.0" in arrays:  # written before the copies file: they are inside
-            copies = self._open_copies(params, create=True)
-            for i in range(self.num_clients):
-                copies.put(i, arrays[f"shadow.{i}"], last_applied[i])
-            return copies
-        if name is None:
-            raise ckpt.CheckpointError(f"checkpoint {str(path)!r} has no copies file of the clients' memories")
-        source = MemoryCopies(path.with_name(name), params, self.num_clients, slots=2, create=False)
-        if self.checkpoint is not None and source.path.resolve() == self._copies_path().resolve():
-            return source  # carry on in the same file
-        copies = self._open_copies(params, create=True)
-        for i in range(self.num_clients):
-            copies.put(i, source.get(i, last_applied[i]), last_applied[i])
-        source.close()
-        return copies
-
     # --- nodes ----------------------------------------------------------------
-
-    def _public_keys(self, grid: Grid, nodes: Iterable[int]) -> dict[int, bytes]:
-        """The canonical public key of each of ``nodes``, as the SuperLink authenticated it."""
-        if self.registry.node_keys is None:
-            return {}
-        from fl_clip21.flower.identity import normalise_public_key
-
-        wanted, out = set(nodes), {}
-        for info in grid.get_nodes():
-            if info.node_id in wanted and info.public_key:
-                try:
-                    out[info.node_id] = normalise_public_key(info.public_key)
-                except ValueError as e:
-                    log(WARNING, "node %d: its public key cannot be read (%s)", info.node_id, e)
-        return out
-
-    def _query(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
-        """Ask ``nodes`` which partition they hold; returns the claims that decode (the rest are refused)."""
-        # With the scenario, the nodes also build their problem now: a node's first
-        # training round is then not slower than the others (round-timeout).
-        query = {R.SCENARIO: self._scenario_json} if self._scenario_json is not None else {}
-        msgs = [
-            Message(RecordDict({R.CONFIG: ConfigRecord(query)}), dst_node_id=nid, message_type=MessageType.QUERY)
-            for nid in nodes
-        ]
-        claims: dict[int, int] = {}
-        for reply in grid.send_and_receive(msgs, timeout=self.node_wait_timeout):
-            nid = reply.metadata.src_node_id
-            if nid not in nodes or nid in claims:
-                continue
-            if reply.has_error():  # the node could not answer now (a crash, a restart): it is asked again
-                if self._handshake_errors.get(nid) != reply.error.reason:
-                    log(WARNING, "node %d failed the handshake (asked again): %s", nid, reply.error.reason)
-                self._handshake_errors[nid] = reply.error.reason
-                continue
-            try:
-                claims[nid] = V.decode_handshake(reply.content, self.num_clients)
-            except V.ReplyError as e:
-                log(WARNING, "refused node %d: its handshake reply is malformed: %s", nid, e)
-                self._refused.add(nid)
-        return claims
-
-    def _bind(self, grid: Grid, claims: dict[int, int], connected: set[int]) -> list[Binding]:
-        keys = self._public_keys(grid, claims)
-        bindings = []
-        for nid, c in claims.items():
-            try:
-                bindings.append(self.registry.claim(nid, c, connected, keys.get(nid)))
-            except Refused as e:
-                log(WARNING, "refused node %d: %s", nid, e)
-                self._refused.add(nid)
-        return bindings
 
     def _took_over(self, binding: Binding) -> None:
         """A node now holds ``binding.client``: it gets the server's copy, or, unproven, a reset."""
@@ -439,71 +397,24 @@ class Clip21Strategy(Strategy):
             "bound to): the client's memory is reset to zero and removed from g", nid, c,
         )
 
-    def _sync_nodes(self, grid: Grid, connected: set[int] | None = None) -> list[Binding]:
+    def _sync_nodes(self, grid: Grid) -> None:
         """Follow nodes that left or joined; a node taking a client over is resynced or reset."""
-        trust = self.trust_partition_ids
-        self.registry.trust_claims = _on_simulation_engine(grid) if trust is None else trust
-        connected = set(grid.get_node_ids()) if connected is None else connected
-        for nid, c in self.registry.forget_gone(connected):
-            log(WARNING, "node %d (client %d) left", nid, c)
-        new = sorted(connected - set(self.registry.client_of_node) - self._refused)
-        if not new:
-            return []
-        if self._scenario_json is None:  # an app without the handshake: a new node takes a free index
-            bindings = self.registry.bind_numbered(new)
-        else:
-            bindings = self._bind(grid, self._query(grid, new), connected)
-        for b in bindings:
+        for binding in self.nodes.sync(grid):
             if self.params is not None:
-                self._took_over(b)
-        return bindings
+                self._took_over(binding)
 
     def handshake(self, grid: Grid) -> None:
-        """Wait until every client index (partition) is held by a node that claimed it."""
-        deadline = time.monotonic() + self.node_wait_timeout
-        next_note = time.monotonic() + PROGRESS_EVERY
-        if self.num_clients is None:
-            self._count_nodes(grid, deadline)
-        while len(self.registry.bound_clients()) < self.num_clients:
-            connected = set(grid.get_node_ids())
-            if self._scenario_json is not None or len(connected) >= self.num_clients:
-                self._sync_nodes(grid, connected)
-            if len(self.registry.bound_clients()) == self.num_clients:
-                break
-            now = time.monotonic()
-            if now > deadline:
-                missing = sorted(set(range(self.num_clients)) - self.registry.bound_clients())
-                raise ClientSetupError(
-                    f"only {len(self.registry.bound_clients())} of num-clients={self.num_clients} partitions are "
-                    f"held by a node after {self.node_wait_timeout:.0f} s ({len(connected)} nodes connected, "
-                    f"{len(self._refused)} refused); no node holds partitions {missing[:20]}"
-                    + (f"; handshake errors: {sorted(set(self._handshake_errors.values()))[:3]}"
-                       if self._handshake_errors else "")
-                )
-            if now > next_note:
-                log(INFO, "fl-clip21: waiting for nodes: %d of %d partitions held, %d nodes connected",
-                    len(self.registry.bound_clients()), self.num_clients, len(connected))
-                next_note = now + PROGRESS_EVERY
-            time.sleep(0.2)
-        log(INFO, "fl-clip21: %d nodes hold clients 0..%d", len(self.registry.client_of_node), self.num_clients - 1)
+        """Wait until every client index (partition) is held by a node (:meth:`NodeSync.wait_for_all`).
 
-    def _count_nodes(self, grid: Grid, deadline: float) -> None:
-        """n: the nodes connected once ``min_available_nodes`` are (FedAvg's wait)."""
-        next_note = time.monotonic() + PROGRESS_EVERY
-        while len(connected := set(grid.get_node_ids())) < self.min_available_nodes:
-            now = time.monotonic()
-            if now > deadline:
-                raise ClientSetupError(
-                    f"only {len(connected)} of min_available_nodes={self.min_available_nodes} nodes connected "
-                    f"within {self.node_wait_timeout:.0f} s"
-                )
-            if now > next_note:
-                log(INFO, "fl-clip21: waiting for nodes: %d of %d connected", len(connected), self.min_available_nodes)
-                next_note = now + PROGRESS_EVERY
-            time.sleep(0.2)
-        self.num_clients = len(connected)
-        self._size(self.num_clients)
-        log(INFO, "fl-clip21: %d nodes connected: num_clients=%d for this run", len(connected), self.num_clients)
+        Without ``num_clients``, n is first counted: the nodes connected once
+        ``min_available_nodes`` are.
+        """
+        deadline = self.nodes.deadline()  # one wait for both
+        if self.num_clients is None:
+            self._size(self.nodes.count(grid, deadline))
+        for binding in self.nodes.wait_for_all(grid, deadline):
+            if self.params is not None:  # a resumed run: its clients' copies exist
+                self._took_over(binding)
 
     def sample_clients(self, server_round: int) -> list[int]:
         """The client indices that take part in ``server_round`` (seeded)."""
@@ -538,7 +449,7 @@ class Clip21Strategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._grid = grid
-        if not self.registry.client_of_node:  # a new run, or a resumed one
+        if not self.client_of_node:  # a new run, or a resumed one
             self.handshake(grid)
         if self.params is None:
             self._init_state(R.from_record(arrays))
@@ -547,7 +458,7 @@ class Clip21Strategy(Strategy):
         k = self.round + 1
         clients = self.sample_clients(k)
         self.protocol.times_asked[clients] += 1  # asked, whether or not its node is there: never undercount epsilon
-        self._asked = {nid: c for c in clients if (nid := self.registry.node_of(c)) is not None}
+        self._asked = {nid: c for c in clients if (nid := self.nodes.registry.node_of(c)) is not None}
         self.await_late_replies(grid, self._asked)
         self._expected = len(clients)
         self._round_start = time.perf_counter()
@@ -566,8 +477,66 @@ class Clip21Strategy(Strategy):
             messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
         return self.late.sending(messages)
 
-    def _decode(self, reply: Message, k: int, client: int, node: int) -> V.TrainReply:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.params is None or self.server_state is None:
+            raise RuntimeError("aggregate_train before configure_train: the strategy has no model yet")
+        k = self.round + 1
+        tally = _Tally()
+        sent_to = self.late.destinations()
+        for reply in replies:
+            self._read_reply(reply, k, sent_to, tally)
+        tally.failed += self._expected - len(tally.responded & set(self._asked))  # replies that never came
+        _stop_if_no_round_can_succeed(tally.setup_reasons, k)
+        if self.algorithm.memory is not None:
+            self.protocol.end_round(set(self._asked.values()), tally.applied)
+        self.late.round_over(tally.answered, self._grid)
+        self._server_step(tally.accepted)
+        self.round = k
+        record = self._record(k, tally)
+        self.history.append(record)
+        if self.checkpoint is not None:
+            self.save_checkpoint()
+        if self.on_round is not None:
+            self.on_round(record)
+        own = {f"{R.PREFIX}{key}": v for key, v in record.items() if key not in ("round", "train_metrics")}
+        # The app's keys never carry fl-clip21's prefix (validation drops them); own keys go last all the same.
+        return R.to_record(self.params), MetricRecord({**record.get("train_metrics", {}), **own})
+
+    def _read_reply(self, reply: Message, k: int, sent_to: Mapping[str, int], tally: _Tally) -> None:
+        """Count ``reply`` in ``tally`` and, if it passes every check, apply it (its client's copy)."""
+        nid = reply.metadata.src_node_id
+        if reply.has_error():
+            # The SuperLink answers for a node that went away with an error reply of its
+            # own (src_node_id is the SuperLink's): such a reply is the node's by its id.
+            nid = sent_to.get(reply.metadata.reply_to_message_id, nid)
+        tally.answered.add(reply.metadata.reply_to_message_id)
+        c = self._asked.get(nid)
+        duplicate = nid in tally.responded
+        tally.responded.add(nid)
+        if reply.has_error():
+            tally.failed += 1
+            log(WARNING, "round %d: node %d replied with an error: %s", k, nid, reply.error.reason)
+            tally.setup_reasons.append(setup_reason(reply.error.code, reply.error.reason))
+            return
+        tally.bytes_up += V.payload_bytes(reply.content.get(R.ARRAYS))
+        try:
+            decoded = self._decode(reply, k, c, nid, duplicate)
+        except V.ReplyError as e:
+            tally.rejected += 1
+            log(WARNING, "round %d: rejected the reply of node %d (client %s): %s", k, nid, c, e)
+            tally.setup_reasons.append((str(e), str(e)) if isinstance(e, V.NotClip21Reply) else None)
+            return
+        tally.setup_reasons.append(None)
+        self._apply(decoded, k, c, nid, tally)
+
+    def _decode(self, reply: Message, k: int, client: int | None, node: int, duplicate: bool) -> V.TrainReply:
         """The reply of ``client`` (on ``node``) decoded and checked (:class:`ReplyError` if it cannot be used)."""
+        if client is None:
+            raise V.ReplyError("node was not asked this round")
+        if duplicate:
+            raise V.ReplyError("duplicate reply")
         try:
             decoded = V.decode_train_reply(reply.content, self.params, self._bound, self._sparse_k, self.audit)
         except V.ReplyError:
@@ -579,85 +548,37 @@ class Clip21Strategy(Strategy):
             raise V.ReplyError(f"reply is for round {decoded.round}, this is round {k}")
         return decoded
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self.params is None or self.server_state is None:
-            raise RuntimeError("aggregate_train before configure_train: the strategy has no model yet")
-        k = self.round + 1
-        accepted: list[dict[str, np.ndarray]] = []
-        norms: list[tuple[float, float]] = []
-        app_metrics: list[dict] = []
-        rejected = failed = clipped = bytes_up = resyncs = 0
-        setup_reasons: list[str | None] = []  # per reply: a reason no later round can fix, or None
-        applied: set[int] = set()  # clients whose increment was applied
-        responded: set[int] = set()
-        answered: set[str] = set()
-        # The SuperLink answers for a node that went away with an error reply of its
-        # own (src_node_id is the SuperLink's): such a reply is the node's by its id.
-        sent_to = self.late.destinations()
-        for reply in replies:
-            nid = reply.metadata.src_node_id
-            if reply.has_error():
-                nid = sent_to.get(reply.metadata.reply_to_message_id, nid)
-            answered.add(reply.metadata.reply_to_message_id)
-            c = self._asked.get(nid)
-            duplicate = nid in responded
-            responded.add(nid)
-            if reply.has_error():
-                failed += 1
-                log(WARNING, "round %d: node %d replied with an error: %s", k, nid, reply.error.reason)
-                setup_reasons.append(reply.error.reason if reply.error.code in SETUP_ERRORS else None)
-                continue
-            bytes_up += V.payload_bytes(reply.content.get(R.ARRAYS))
-            try:
-                if c is None:
-                    raise V.ReplyError("node was not asked this round")
-                if duplicate:
-                    raise V.ReplyError("duplicate reply")
-                decoded = self._decode(reply, k, c, nid)
-            except V.ReplyError as e:
-                rejected += 1
-                log(WARNING, "round %d: rejected the reply of node %d (client %s): %s", k, nid, c, e)
-                setup_reasons.append(str(e) if isinstance(e, V.NotClip21Reply) else None)
-                continue
-            setup_reasons.append(None)
-            if self.audit_state is not None and decoded.audit_start is not None:
-                self.audit_state.started(c, decoded.audit_start, self.server_copy(c))
-            if decoded.needs_resync:
-                resyncs += 1
-                log(WARNING, "round %d: client %d (node %d) lost its memory: resync next time", k, c, nid)
-                continue
-            accepted.append(decoded.message)
-            clipped += int(decoded.clipped)
-            if decoded.norms is not None:
-                norms.append(decoded.norms)
-            if decoded.metrics:
-                app_metrics.append(decoded.metrics)
-            if self.algorithm.memory is not None:
-                self.protocol.apply(c, decoded.message, k)
-                applied.add(c)
-                if self.audit_state is not None and decoded.audit_end is not None:
-                    self.audit_state.ended(c, decoded.audit_end)
-        failed += self._expected - len(responded & set(self._asked))  # replies that never came
-        if setup_reasons and None not in setup_reasons and len(set(setup_reasons)) == 1:
-            raise ClientSetupError(
-                f"round {k}: every reply failed for the same reason, which no later round can fix: {setup_reasons[0]}"
-            )
+    def _apply(self, decoded: V.TrainReply, k: int, c: int, nid: int, tally: _Tally) -> None:
+        """An accepted reply of client ``c``: its increment into its copy, its figures into ``tally``."""
+        if self.audit_state is not None and decoded.audit_start is not None:
+            self.audit_state.started(c, decoded.audit_start, self.server_copy(c))
+        if decoded.needs_resync:
+            tally.resyncs += 1
+            log(WARNING, "round %d: client %d (node %d) lost its memory: resync next time", k, c, nid)
+            return
+        tally.accepted.append(decoded.message)
+        tally.clipped += int(decoded.clipped)
+        if decoded.norms is not None:
+            tally.norms.append(decoded.norms)
+        if decoded.metrics:
+            tally.app_metrics.append(decoded.metrics)
         if self.algorithm.memory is not None:
-            self.protocol.end_round(set(self._asked.values()), applied)
-        self.late.round_over(answered, self._grid)
-        self._server_step(accepted)
-        self.round = k
+            self.protocol.apply(c, decoded.message, k)
+            tally.applied.add(c)
+            if self.audit_state is not None and decoded.audit_end is not None:
+                self.audit_state.ended(c, decoded.audit_end)
+
+    def _record(self, k: int, tally: _Tally) -> dict[str, Any]:
+        """Round ``k``'s record (history, checkpoint, progress) from its tally and the new state."""
         record: dict[str, Any] = {
             "round": k,
             "participants": self._expected,
-            "accepted": len(accepted),
-            "clip_fraction": clipped / len(accepted) if accepted else 0.0,
-            "rejected": rejected,
-            "failed": failed,
-            "resyncs": resyncs,
-            "bytes_up": bytes_up,
+            "accepted": len(tally.accepted),
+            "clip_fraction": tally.clipped / len(tally.accepted) if tally.accepted else 0.0,
+            "rejected": tally.rejected,
+            "failed": tally.failed,
+            "resyncs": tally.resyncs,
+            "bytes_up": tally.bytes_up,
             "seconds": time.perf_counter() - self._round_start,
         }
         if self.audit_state is not None:
@@ -665,19 +586,13 @@ class Clip21Strategy(Strategy):
             record["memory_gap"] = self.audit_state.take_round()
         record.update(round_epsilon(self.algorithm, self.protocol.times_asked, self.delta, k))
         if reports_norms(self.algorithm):
-            record.update(norm_quantiles(norms))
-        train_metrics = client_metrics.aggregate(app_metrics)
+            record.update(norm_quantiles(tally.norms))
+        train_metrics = client_metrics.aggregate(tally.app_metrics)
         if train_metrics:
             record["train_metrics"] = train_metrics
         if self.evaluate is not None:
             record.update(self.evaluate(self.params))
-        self.history.append(record)
-        if self.checkpoint is not None:
-            self.save_checkpoint()
-        if self.on_round is not None:
-            self.on_round(record)
-        own = {f"{R.PREFIX}{k2}": v for k2, v in record.items() if k2 not in ("round", "train_metrics")}
-        return R.to_record(self.params), MetricRecord({**own, **train_metrics})
+        return record
 
     def _server_step(self, accepted: list[dict[str, np.ndarray]]) -> None:
         """The algorithm's server step with the round's accepted messages, on flat vectors."""
@@ -699,9 +614,9 @@ class Clip21Strategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.fraction_evaluate == 0 or not self.registry.client_of_node:
+        if self.fraction_evaluate == 0 or not self.client_of_node:
             return []
-        nodes = sorted(self.registry.client_of_node)
+        nodes = sorted(self.client_of_node)
         m = max(1, int(round(self.fraction_evaluate * len(nodes))))
         rng = np.random.default_rng([self.seed, 0xE7A1, self.round])
         chosen = sorted(int(nodes[j]) for j in rng.choice(len(nodes), size=m, replace=False))
