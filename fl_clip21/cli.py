@@ -57,10 +57,14 @@ def _check_resume(ckpt_root: Path, runs: list[dict]) -> None:
     """Every checkpoint the runs will resume from is intact and was made with the run's configuration.
 
     Checked here, before the simulation starts, so that a corrupted or edited
-    checkpoint is an error naming the file (and the key, with both values).
+    checkpoint, or a corrupted copies file beside it, is an error naming the
+    file and what is wrong (and the key, with both values), and no Flower
+    simulation starts only to stop at its first round.
     """
     from fl_clip21 import checkpoint
     from fl_clip21.algorithms import algorithm_from_config
+    from fl_clip21.copies import CopiesError
+    from fl_clip21.flower import saved_state
 
     for j, cfg in enumerate(runs):
         for name in cfg["algorithms"]:
@@ -69,14 +73,16 @@ def _check_resume(ckpt_root: Path, runs: list[dict]) -> None:
                 continue
             what = f"--resume: checkpoint {str(path)!r}"
             try:
-                _, meta = checkpoint.load(path)
+                arrays, meta = checkpoint.load(path)
                 if meta.get("config"):
                     checkpoint.compare_config(meta["config"], cfg, what)
                 if "hyper" in meta and name in ALGORITHMS:
                     checkpoint.compare_config(
                         {"hyper": meta["hyper"]}, {"hyper": dict(algorithm_from_config(name, cfg).hyper)}, what
                     )
-            except (OSError, ValueError) as e:
+                # and the copies of the clients' memories it refers to (header, every slot), changing nothing
+                saved_state.check_copies(path, arrays, meta)
+            except (OSError, ValueError, CopiesError) as e:
                 raise ConfigError(str(e) if str(e).startswith("--resume") else f"--resume: {e}") from None
 
 

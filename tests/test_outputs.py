@@ -456,6 +456,51 @@ def test_cli_resume_with_an_edited_config_names_the_key_and_both_values(tmp_path
     assert "tau must be > 0, got -1.0" in proc.stderr
 
 
+def test_cli_resume_with_a_flipped_byte_in_the_copies_file_names_it_before_the_simulation(tmp_path, flower_task):
+    # Before: the run started Ray, then exited 1 with SimulationError(CopiesError ...) and a "continue with
+    # --resume" hint that could only fail again.
+    from fake_grid import FakeGrid, train_reply
+    from flwr.app import ConfigRecord
+
+    from fl_clip21.algorithms import algorithm_from_config
+    from fl_clip21.checkpoint import load
+    from fl_clip21.config import expand_runs, resolve
+    from fl_clip21.copies import HEADER_ALIGN
+    from fl_clip21.flower import records as R
+    from fl_clip21.flower import saved_state
+    from fl_clip21.flower.strategy import Clip21Strategy
+    from fl_clip21.problems import build_problem
+
+    # Prepare: round 1 of clip21-gd checkpointed as the run does it, then a byte of client 1's copy flipped.
+    out = tmp_path / "out"
+    _killed_run(out)
+    saved = json.loads((out / CHECKPOINT / "config.json").read_text())
+    run = expand_runs(resolve({k: v for k, v in saved.items() if v is not None}))[0]  # as --resume reads it
+    path = out / CHECKPOINT / "run-0" / "clip21-gd.npz"
+    strategy = Clip21Strategy(algorithm=algorithm_from_config("clip21-gd", run), scenario=run,
+                              num_clients=run["num-clients"], seed=run["seed"], checkpoint=path)
+    grid = FakeGrid({10 + i: i for i in range(run["num-clients"])})
+    msgs = strategy.configure_train(1, R.to_record(build_problem(run).init_params()), ConfigRecord({}), grid)
+    strategy.aggregate_train(1, [train_reply(m, m.metadata.dst_node_id, {"x": np.full(1, 0.25)}, 1) for m in msgs])
+    strategy.protocol.copies.close()
+    arrays, meta = load(path)
+    saved_state.check_copies(path, arrays, meta)  # intact: the check passes
+    copies = saved_state.copies_path(path)
+    slot = (copies.stat().st_size - HEADER_ALIGN) // (run["num-clients"] * saved_state.SLOTS)
+    data = bytearray(copies.read_bytes())
+    data[HEADER_ALIGN + 3 * slot + 16] ^= 0x40  # client 1, slot 1: its copy as of round 1, the checkpoint's
+    copies.write_bytes(bytes(data))
+    before = _tree(out / CHECKPOINT)
+    # Execute
+    proc = _cli("run", "--resume", str(out), cwd=tmp_path)
+    # Assert: exit 2 naming the file, the client, the slot and the fault; nothing started, nothing lost.
+    _nothing_ran(proc)
+    assert f"fl-clip21: error: --resume: the server's copies file {str(copies)!r}, client 1 slot 1: checksum mismatch" \
+        in proc.stderr
+    assert "continue with" not in proc.stderr and "Ray" not in proc.stderr
+    assert _tree(out / CHECKPOINT) == before
+
+
 def test_cli_a_grid_run_prints_the_files_it_wrote(tmp_path):
     # Before: "wrote DIR/ (metrics.json, ...)" for a folder with no metrics.json.
     out = tmp_path / "grid"
