@@ -58,7 +58,7 @@ def train_reply(msg: Message, node: int, message: dict[str, np.ndarray], server_
                 clipped: int = 0, extra: Callable[[RecordDict], None] | None = None) -> Message:
     """What a well-behaved Clip21 client replies to train message ``msg``."""
     content = RecordDict({R.ARRAYS: R.to_record(message),
-                          R.METRICS: MetricRecord({R.ROUND: server_round, "clipped": clipped})})
+                          R.REPLY: MetricRecord({R.ROUND: server_round, R.CLIPPED: clipped})})
     if extra is not None:
         extra(content)
     return reply_from(node, msg, content)

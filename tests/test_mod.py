@@ -76,7 +76,8 @@ def test_mod_sends_only_the_clipped_increment_and_commits_v_with_its_round(flowe
     assert set(c) == set(arrays.keys())
     norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in c.values()))
     assert abs(norm - 0.01) < 1e-6  # clipped to tau
-    assert reply.content["metrics"]["clipped"] == 1
+    assert reply.content["fl_clip21.reply"]["clipped"] == 1
+    assert dict(reply.content["metrics"]) == {"num-examples": 360}  # the app's record, as the app wrote it
     (key,) = [k for k in ctx.state if k.endswith(".v")]  # the client keeps one copy of its memory
     record = ctx.state[key]
     v = np.frombuffer(record["data"], dtype=np.float32)  # the memory: one flat vector, the model's entries in order

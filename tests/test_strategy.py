@@ -163,7 +163,7 @@ def test_a_topk_reply_with_more_than_k_entries_is_rejected_and_g_stays_the_mean(
     replies = []
     for nid, m in msgs.items():
         content = RecordDict({R.ARRAYS: sparse([0, 1, 2, 3, 4] if nid == 10 else [0, 1, 2]),
-                              R.METRICS: MetricRecord({R.ROUND: 1, "clipped": 1})})
+                              R.REPLY: MetricRecord({R.ROUND: 1, R.CLIPPED: 1})})
         replies.append(reply_from(nid, m, content))
     strategy.aggregate_train(1, replies)
     metrics = strategy.history[-1]
@@ -176,7 +176,7 @@ def test_a_topk_reply_with_more_than_k_entries_is_rejected_and_g_stays_the_mean(
 def test_bytes_up_counts_the_bytes_received_not_the_headers(tmp_path):
     strategy, grid, msgs = _start(tmp_path)
     forged = ArrayRecord({"w": Array(dtype="float64", shape=(D,), stype=V.NUMPY_STYPE, data=Array(np.zeros(1)).data)})
-    replies = [reply_from(10, msgs[10], RecordDict({R.ARRAYS: forged, R.METRICS: MetricRecord({R.ROUND: 1, "clipped": 0})}))]
+    replies = [reply_from(10, msgs[10], RecordDict({R.ARRAYS: forged, R.REPLY: MetricRecord({R.ROUND: 1, R.CLIPPED: 0})}))]
     replies += [train_reply(msgs[nid], nid, _increment(nid), 1) for nid in (11, 12)]
     strategy.aggregate_train(1, replies)
     metrics = strategy.history[-1]
@@ -253,7 +253,7 @@ def test_any_reply_content_is_never_an_exception_and_a_rejected_reply_changes_no
         if name == "clip21-gd":
             return [train_reply(messages[nid], nid, _increment(nid), 1) for nid in (11, 12)]
         return [reply_from(nid, messages[nid], RecordDict({
-            R.ARRAYS: R.encode_sparse({"w": np.eye(D)[nid]}, 3), R.METRICS: MetricRecord({R.ROUND: 1, R.CLIPPED: 1})}))
+            R.ARRAYS: R.encode_sparse({"w": np.eye(D)[nid]}, 3), R.REPLY: MetricRecord({R.ROUND: 1, R.CLIPPED: 1})}))
             for nid in (11, 12)]
 
     # Execute: node 10's reply is hostile; nothing raises
@@ -369,8 +369,7 @@ def test_the_apps_train_metrics_are_averaged_as_fedavg_does_beside_fl_clip21s_ow
 
     def with_metrics(loss, examples):
         def extra(content):
-            content[R.METRICS]["train_loss"] = loss
-            content[R.METRICS]["num-examples"] = examples
+            content[R.METRICS] = MetricRecord({"train_loss": loss, "num-examples": examples})
         return extra
 
     replies = [train_reply(msgs[10], 10, _increment(10), 1, extra=with_metrics(1.0, 10)),
@@ -385,13 +384,49 @@ def test_the_apps_train_metrics_are_averaged_as_fedavg_does_beside_fl_clip21s_ow
     assert "accepted" not in returned and "num-examples" not in returned
 
 
+def test_an_apps_metric_may_have_any_name_but_never_overwrites_the_servers_own(tmp_path, caplog):
+    # Before: an app key 'fl_clip21.accepted' replaced the server's own count in the round's MetricRecord,
+    # and app metrics named 'clipped' or 'server-round' were dropped (the protocol used those names).
+    # Prepare: every node's app reports clipped, server-round and fl_clip21.accepted=99, in a record named "train".
+    strategy, grid, msgs = _start(tmp_path)
+
+    def app(value):
+        def extra(content):
+            content["train"] = MetricRecord({"clipped": value, "server-round": 7 * value, "fl_clip21.accepted": 99})
+        return extra
+
+    replies = [train_reply(msgs[nid], nid, _increment(nid), 1, extra=app(float(j))) for j, nid in enumerate(sorted(msgs))]
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _, returned = strategy.aggregate_train(1, replies)
+    # Assert
+    assert returned["clipped"] == pytest.approx(1.0) and returned["server-round"] == pytest.approx(7.0)
+    assert returned["fl_clip21.accepted"] == 3 and strategy.history[-1]["train_metrics"].keys() == {"clipped", "server-round"}
+    assert ("round 1: node 10 (client 0): left out of the app's metrics: keys ['fl_clip21.accepted'] "
+            "(the prefix 'fl_clip21.' is the server's)") in caplog.text
+
+
+def test_a_reply_with_several_app_metric_records_is_used_without_its_metrics(tmp_path, caplog):
+    strategy, grid, msgs = _start(tmp_path)
+
+    def two(content):
+        content["a"] = MetricRecord({"loss": 1.0})
+        content["b"] = MetricRecord({"loss": 2.0})
+
+    replies = [train_reply(msgs[10], 10, _increment(10), 1, extra=two)]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _, returned = strategy.aggregate_train(1, replies)
+    assert strategy.history[-1]["accepted"] == 1 and "loss" not in returned
+    assert "left out of the app's metrics: 2 MetricRecords ['a', 'b'], expected one" in caplog.text
+
+
 def test_each_round_reports_quantiles_of_the_norms_tau_is_chosen_from(tmp_path):
     strategy, grid, msgs = _start(tmp_path)
 
     def norms(update, diff):
         def extra(content):
-            content[R.METRICS][R.UPDATE_NORM] = update
-            content[R.METRICS][R.INPUT_NORM] = diff
+            content[R.REPLY][R.UPDATE_NORM] = update
+            content[R.REPLY][R.INPUT_NORM] = diff
         return extra
 
     replies = [train_reply(msgs[nid], nid, _increment(nid), 1, extra=norms(float(j + 1), 0.5 * (j + 1)))

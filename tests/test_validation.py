@@ -18,7 +18,7 @@ def _content(message=None, metrics=None, **extra) -> RecordDict:
     message = {"w": np.full(31, 0.01)} if message is None else message
     metrics = {R.ROUND: 1, "clipped": 0} if metrics is None else metrics
     content = RecordDict({R.ARRAYS: R.to_record(message) if isinstance(message, dict) else message,
-                          R.METRICS: MetricRecord(metrics)})
+                          R.REPLY: MetricRecord(metrics)})
     for k, v in extra.items():
         content[k] = v
     return content
@@ -107,8 +107,9 @@ def test_non_finite_and_oversized_messages_are_refused():
 def test_missing_records_and_wrong_record_types_are_refused():
     for content in (
         RecordDict({}),
-        RecordDict({R.METRICS: ConfigRecord({R.ROUND: 1})}),
-        RecordDict({R.METRICS: MetricRecord({"clipped": 0})}),
+        RecordDict({R.REPLY: ConfigRecord({R.ROUND: 1})}),
+        RecordDict({R.REPLY: MetricRecord({"clipped": 0})}),
+        RecordDict({R.METRICS: MetricRecord({R.ROUND: 1, "clipped": 0})}),  # the fields outside their record
         _content(ConfigRecord({"w": 1})),
         _content({"v": np.zeros(31)}),
     ):

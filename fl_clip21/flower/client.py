@@ -160,7 +160,7 @@ def train(msg: Message, context: Context) -> Message:
     scope = enter_session(context, config, algorithm.name)
     if mem is not None and sync_memory(context, scope, mem, msg, int(config.get(R.ACK, 0)), layout):
         metrics = MetricRecord({R.NEEDS_RESYNC: 1, PARTITION_ID: i, R.ROUND: server_round})
-        return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
+        return Message(RecordDict({R.REPLY: metrics}), reply_to=msg)
     state = load_state(context, scope, algorithm.client_state, layout.size, layout.dtype)
     audit = bool(config.get(R.DO_AUDIT, False)) and mem is not None
     # The memory this round starts from (the round writes the new one into the same array).
@@ -177,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             R.ARRAYS: message,
-            R.METRICS: MetricRecord(_reply_metrics(algorithm, out, i, server_round)),
+            R.REPLY: MetricRecord(_reply_metrics(algorithm, out, i, server_round)),
         }
     )
     if audit:

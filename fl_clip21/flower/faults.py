@@ -77,9 +77,9 @@ def stale_reply_mod(clients: Iterable[int] | None = None, rounds: Iterable[int] 
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, context)
-        if not hit(msg, context) or reply.has_error() or R.METRICS not in reply.content:
+        if not hit(msg, context) or reply.has_error() or R.REPLY not in reply.content:
             return reply
-        metrics = reply.content[R.METRICS]
+        metrics = reply.content[R.REPLY]
         metrics[R.ROUND] = int(metrics[R.ROUND]) - 1
         return reply
 

@@ -68,7 +68,7 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
     if sync_memory(context, scope, MEMORY, msg, ack, layout):
         metrics = MetricRecord({R.NEEDS_RESYNC: 1, R.ROUND: server_round})
-        return Message(RecordDict({R.METRICS: metrics}), reply_to=msg)
+        return Message(RecordDict({R.REPLY: metrics}), reply_to=msg)
 
     reply = call_next(msg, context)
     if reply.has_error():
@@ -87,13 +87,11 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
     del reply.content.array_records[out_name]
     reply.content[R.ARRAYS] = R.to_record(layout.unflatten(step.increment[0]))
-    metrics = reply.content.metric_records.get(R.METRICS)
-    if metrics is None:
-        metrics = MetricRecord({})
-        reply.content[R.METRICS] = metrics
-    metrics[R.CLIPPED] = int(step.active[0])
-    metrics[R.ROUND] = server_round
-    metrics[R.UPDATE_NORM], metrics[R.INPUT_NORM] = float(core.row_norms(target)), float(step.input_norms[0])
+    # The protocol's fields in a record of their own: the app's metrics stay as the app wrote them.
+    reply.content[R.REPLY] = MetricRecord({
+        R.CLIPPED: int(step.active[0]), R.ROUND: server_round,
+        R.UPDATE_NORM: float(core.row_norms(target)), R.INPUT_NORM: float(step.input_norms[0]),
+    })
     if bool(config.get(R.DO_AUDIT, False)):
         reply.content[R.AUDIT_START] = R.to_record(start)
         reply.content[R.AUDIT_END] = R.to_record(layout.unflatten(step.memory[0]))

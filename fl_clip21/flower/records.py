@@ -14,7 +14,10 @@ from fl_clip21.core import Params
 # Keys of the records in a message's RecordDict.
 ARRAYS = "arrays"  # server -> client: the model x; client -> server: the message c_i
 CONFIG = "config"
-METRICS = "metrics"
+METRICS = "metrics"  # an app's metrics (Flower's convention); fl-clip21's own reply fields are in REPLY
+# client -> server: the consistency protocol's fields of a train reply (the keys below), in a MetricRecord
+# of their own, so that an app's metrics may use any name (and the app's record any name, as FedAvg allows)
+REPLY = "fl_clip21.reply"
 # client -> server, only when auditing: the memory the client started the round from / ends it with
 AUDIT_START = "fl_clip21.audit.start"
 AUDIT_END = "fl_clip21.audit.end"
@@ -28,9 +31,10 @@ DO_AUDIT = "fl_clip21.audit"
 SESSION = "fl_clip21.session"  # id of the strategy instance (run x algorithm); scopes client state
 TAU = "fl_clip21.tau"  # for clip21_mod: the clipping threshold
 ACK = "fl_clip21.ack"  # the last round whose increment of this client the server applied
-NEEDS_RESYNC = "needs-resync"  # reply metric: this client's memory is not the one the server mirrors
-CLIPPED = "clipped"  # reply metric: 1 if the client's operator was active
-# Reply metrics of noise-free algorithms: ||update|| and ||operator input|| (what tau is chosen from).
+# In the REPLY record: ROUND (the round the client worked on), and
+NEEDS_RESYNC = "needs-resync"  # this client's memory is not the one the server mirrors
+CLIPPED = "clipped"  # 1 if the client's operator was active
+# and, for noise-free algorithms, ||update|| and ||operator input|| (what tau is chosen from).
 UPDATE_NORM = "fl_clip21.update-norm"
 INPUT_NORM = "fl_clip21.input-norm"
 # Node config keys of a client's partition (the handshake reply carries them back).

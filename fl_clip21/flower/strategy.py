@@ -562,6 +562,8 @@ class Clip21Strategy(Strategy):
             tally.norms.append(decoded.norms)
         if decoded.metrics:
             tally.app_metrics.append(decoded.metrics)
+        if decoded.left_out:
+            log(WARNING, "round %d: node %d (client %d): left out of the app's metrics: %s", k, nid, c, decoded.left_out)
         if self.algorithm.memory is not None:
             self.protocol.apply(c, decoded.message, k)
             tally.applied.add(c)

@@ -58,8 +58,13 @@ class TrainReply:
     norms:
         ``(||update||, ||operator input||)`` the client reported, or None.
     metrics:
-        The app's own metrics in the reply (every key that is not fl-clip21's),
-        as sent: :mod:`fl_clip21.flower.metrics` checks them when aggregating.
+        The app's own metrics: the items of the reply's one MetricRecord that
+        is not fl-clip21's (:data:`~fl_clip21.flower.records.REPLY`), whatever
+        its name, as FedAvg takes it, less any key under fl-clip21's prefix
+        (those name the server's own round metrics). Values as sent:
+        :mod:`fl_clip21.flower.metrics` checks them when aggregating.
+    left_out:
+        What of the app's metrics was left out and why (for the log), or None.
     """
 
     round: int
@@ -70,6 +75,7 @@ class TrainReply:
     audit_end: Params | None = None
     norms: tuple[float, float] | None = None
     metrics: dict = field(default_factory=dict)
+    left_out: str | None = None
 
 
 def _describe(value: object) -> str:
@@ -213,15 +219,30 @@ def check_values(arrays: Params, bound: float | None) -> None:
             raise ReplyError(f"norm {norm:.6g} exceeds the bound {bound:.6g}")
 
 
-# Reply metric keys of fl-clip21 itself; every other key is the app's.
-OWN_METRICS = frozenset({R.ROUND, R.CLIPPED, R.NEEDS_RESYNC, R.PARTITION_ID, R.UPDATE_NORM, R.INPUT_NORM})
-
-
 def norm_value(value: object, what: str) -> float:
     """A finite number >= 0 (an int or a float), else :class:`ReplyError`."""
     if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
         raise ReplyError(f"{what} must be a finite number >= 0, got {_describe(value)}")
     return float(value)
+
+
+def app_metrics(content: Mapping) -> tuple[dict, str | None]:
+    """The app's metrics in a reply's ``content`` and what was left out of them (None: nothing).
+
+    The app's record is the reply's MetricRecord that is not fl-clip21's
+    (:data:`~fl_clip21.flower.records.REPLY`); several are left out whole, as
+    FedAvg refuses them. A key under fl-clip21's prefix is left out: the
+    server reports its own round metrics under those names.
+    """
+    records = {name: r for name, r in content.items() if isinstance(r, MetricRecord) and name != R.REPLY}
+    if not records:
+        return {}, None
+    if len(records) > 1:
+        return {}, f"{len(records)} MetricRecords {sorted(records)[:4]}, expected one"
+    (record,) = records.values()
+    own = sorted(k for k in record if k.startswith(R.PREFIX))
+    kept = {k: v for k, v in record.items() if not k.startswith(R.PREFIX)}
+    return kept, (f"keys {own[:8]} (the prefix {R.PREFIX!r} is the server's)" if own else None)
 
 
 def _norms(metrics: MetricRecord) -> tuple[float, float] | None:
@@ -267,18 +288,18 @@ def decode_train_reply(
     audit:
         Decode the audit records too (their absence is not an error).
     """
-    if not hasattr(content, "get"):
+    if not isinstance(content, Mapping):
         raise ReplyError(f"reply content is a {type(content).__name__}, not a RecordDict")
-    metrics = content.get(R.METRICS)
+    metrics = content.get(R.REPLY)
     if not isinstance(metrics, MetricRecord):
         raise NotClip21Reply(
-            f"no {R.METRICS!r} MetricRecord in the reply: the ClientApp's train handler must run "
-            "fl_clip21.flower.mod.clip21_mod (app.train(mods=[clip21_mod]))"
+            f"no {R.REPLY!r} MetricRecord in the reply: the ClientApp's train handler must run "
+            "fl_clip21.flower.mod.clip21_mod (app.train(mods=[clip21_mod])), of this version of fl-clip21"
         )
     if R.ROUND not in metrics:
         raise NotClip21Reply(
-            f"the reply's metrics have no {R.ROUND!r} round tag: the ClientApp's train handler must run "
-            "fl_clip21.flower.mod.clip21_mod (app.train(mods=[clip21_mod]))"
+            f"the reply's {R.REPLY!r} record has no {R.ROUND!r} round tag: the ClientApp's train handler must "
+            "run fl_clip21.flower.mod.clip21_mod (app.train(mods=[clip21_mod])), of this version of fl-clip21"
         )
     round_ = strict_int(metrics[R.ROUND], f"round tag {R.ROUND!r}")
     start = _memory(content, R.AUDIT_START, layout) if audit else None
@@ -286,7 +307,6 @@ def decode_train_reply(
         return TrainReply(round_, True, None, False, start)
     clipped = flag(metrics.get(R.CLIPPED, 0), repr(R.CLIPPED))
     norms = _norms(metrics)
-    app_metrics = {k: v for k, v in metrics.items() if k not in OWN_METRICS}
     record = content.get(R.ARRAYS)
     if sparse_k is None:
         message = decode_arrays(record, layout)
@@ -294,12 +314,13 @@ def decode_train_reply(
         message = decode_sparse(record, layout, sparse_k)
     check_values(message, bound)
     end = _memory(content, R.AUDIT_END, layout) if audit else None
-    return TrainReply(round_, False, message, clipped, start, end, norms, app_metrics)
+    kept, left_out = app_metrics(content)
+    return TrainReply(round_, False, message, clipped, start, end, norms, kept, left_out)
 
 
 def decode_handshake(content: object, num_clients: int) -> int:
     """The partition-id a node's handshake reply claims, checked against ``num_clients``."""
-    config = content.get(R.CONFIG) if hasattr(content, "get") else None
+    config = content.get(R.CONFIG) if isinstance(content, Mapping) else None
     if not isinstance(config, ConfigRecord):
         raise ReplyError(f"handshake reply has no {R.CONFIG!r} ConfigRecord")
     if R.PARTITION_ID not in config:
