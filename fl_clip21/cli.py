@@ -10,7 +10,7 @@ from typing import Any
 
 from fl_clip21 import outputs
 from fl_clip21.algorithms import ALGORITHMS
-from fl_clip21.config import ConfigError, expand_runs, keys_help, load_scenario, parse_sets, resolve
+from fl_clip21.config import ConfigError, check_work, expand_runs, keys_help, load_scenario, parse_sets, resolve
 from fl_clip21.outputs import CHECKPOINT
 
 # fl-clip21 bench --engines: logreg (clients, d) points
@@ -120,7 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = load_scenario(args.scenario, parse_sets(args.set or []))
     from fl_clip21.problems import build_problem
 
-    build_problem(cfg)  # data errors surface here, before anything starts
+    # data errors surface here, before anything starts, and a run that would take days
+    check_work(cfg, build_problem(cfg).layout.size)
     flower = args.engine == "flower"
     if flower:
         from fl_clip21.flower.simulation import backend_config, check_cluster_fits

@@ -147,6 +147,12 @@ MAX_DIM = 10**8
 MAX_ROWS = 10**7
 MAX_FEATURES = 10**6
 MAX_HIDDEN = 10**6
+# The work of one algorithm's run: rounds x clients asked a round x (d + WORK_OVERHEAD), client-coordinate
+# updates plus each client-round's fixed cost (the batched engine: 0.9 us a client-round at d = 31, 146 us
+# at d = 10,001; README, "The batched engine"). MAX_WORK is 4 to 8 hours there at those rates, days on
+# Flower's engine: beyond it a run is a typo (rounds and num-clients both at their bounds) or a job for a cluster.
+MAX_WORK = 1e12
+WORK_OVERHEAD = 32
 # scikit-learn's random_state (make_classification, train_test_split) takes seeds below 2**32.
 MAX_SEED = 2**32 - 1
 # Ray starts about CPUs / num-cpus actors: at most 10 per CPU, and 100 clients per GPU.
@@ -443,6 +449,24 @@ def resolve(
             p = Path(v).expanduser()
             cfg[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
     return cfg
+
+
+def check_work(cfg: Mapping[str, Any], d: int) -> None:
+    """Refuse a run longer than :data:`MAX_WORK` (a :class:`ConfigError` naming the keys and values).
+
+    ``d`` is the model's number of entries (known once the problem is built);
+    the clients asked a round are ``fraction`` x ``num-clients`` (at least one).
+    """
+    n, rounds, fraction = cfg["num-clients"], cfg["rounds"], cfg["fraction"]
+    asked = max(1, round(fraction * n))
+    work = rounds * asked * (d + WORK_OVERHEAD)
+    if work > MAX_WORK:
+        share = f" x fraction={fraction:g}" if fraction < 1 else ""
+        raise ConfigError(
+            f"rounds={rounds} x num-clients={n}{share} x (d={d} + {WORK_OVERHEAD}) = {work:.3g} client-coordinate "
+            f"updates per algorithm, more than {MAX_WORK:g} (hours on the batched engine, days on Flower's): "
+            "lower rounds, num-clients or fraction, or the model's size"
+        )
 
 
 def _check_table_keys(cfg: dict[str, Any]) -> None:

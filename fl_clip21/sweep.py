@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from fl_clip21.config import ConfigError, expand_runs, load_scenario, parse_sets
+from fl_clip21.config import ConfigError, check_work, expand_runs, load_scenario, parse_sets
 from fl_clip21.engine import OnRound, check_vectorized
 from fl_clip21.outputs import claim
 from fl_clip21.problems import build_problem
@@ -113,7 +113,7 @@ def resolve_cells(
                 )
             if engine == "vectorized":
                 check_vectorized(cfg)
-            build_problem(cfg)
+            check_work(cfg, build_problem(cfg).layout.size)
         except ValueError as e:  # ConfigError, or an epsilon the accountant cannot reach
             raise ConfigError(f"--grid cell {_cell_text(cell)}: {e}") from None
         out.append((cell, runs))

@@ -467,6 +467,26 @@ def test_cli_hostile_input_exits_2_naming_key_and_value(item, key, value, tmp_pa
     assert not out.exists()
 
 
+def test_a_run_of_more_work_than_max_work_is_refused_naming_the_keys(tmp_path):
+    # Before: rounds=1e6 with num-clients=1e6 was accepted and ran (each key within its own bound).
+    from fl_clip21.config import MAX_WORK, WORK_OVERHEAD, check_work, load_scenario, parse_sets
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('algorithms = ["clip21-gd"]\n[problem]\nname = "mean-estimation"\ndim = 10\n')
+    sets = ["rounds=1000000", "num-clients=1000000"]
+    cfg = load_scenario(scenario, parse_sets(sets))
+    with pytest.raises(ConfigError, match=r"rounds=1000000 x num-clients=1000000 x \(d=10 \+ 32\) = 4.2e\+13 "):
+        check_work(cfg, 10)
+    check_work({**cfg, "fraction": 1 / 64}, 10)  # 15,625 clients a round: within the bound
+    assert 1000 * 1000 * (10_001 + WORK_OVERHEAD) < MAX_WORK  # a long study at the benchmarks' largest sizes runs
+    out = tmp_path / "o"
+    proc = _cli("run", str(scenario), *(a for s in sets for a in ("--set", s)), "--engine", "vectorized",
+                "--out", str(out), timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "rounds=1000000 x num-clients=1000000" in proc.stderr and "more than 1e+12" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_cli_binary_scenario_exits_2(tmp_path):
     scenario, out = tmp_path / "s.toml", tmp_path / "o"
     scenario.write_bytes(bytes(range(256)))
