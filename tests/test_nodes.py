@@ -134,3 +134,25 @@ def test_a_node_leaving_is_forgotten_and_logged(caplog):
         assert nodes.sync(grid) == []
     assert nodes.registry.client_of_node == {10: 0, 12: 2}
     assert "node 11 (client 1) left" in caplog.text
+
+
+def test_with_a_key_map_a_node_holds_only_the_partition_its_authenticated_key_maps_to(caplog):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from fl_clip21.flower.identity import normalise_public_key
+
+    # Prepare: the SuperLink authenticated nodes 10, 11 and 12 with their keys (PEM, as NodeInfo holds them);
+    # the key map gives partitions 0 and 1 to the keys of nodes 10 and 11; node 12 claims partition 1 too.
+    pem = {nid: ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
+        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo) for nid in (10, 11, 12)}
+    keys = {normalise_public_key(pem[10]): 0, normalise_public_key(pem[11]): 1}
+    nodes = NodeSync(num_clients=2, handshake=True, node_keys=keys, trust_partition_ids=False)
+    grid = FakeGrid({10: 0, 12: 1, 11: 1}, keys=pem)
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        bindings = nodes.sync(grid)
+    # Assert: nodes 10 and 11 are proven by their keys; node 12's key is not in the map.
+    assert sorted((b.node, b.client, b.proven) for b in bindings) == [(10, 0, True), (11, 1, True)]
+    assert nodes.refused == {12}
+    assert "refused node 12: node 12 claims partition 1 but its public key is not in the key map" in caplog.text
