@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from fl_clip21 import outputs
 from fl_clip21.algorithms import ALGORITHMS
+from fl_clip21.calibrate import PROBE_ROUNDS
 from fl_clip21.config import ConfigError, check_work, expand_runs, keys_help, load_scenario, parse_sets, resolve
+from fl_clip21.flower.stop import RunStopped, StopNow
 from fl_clip21.outputs import CHECKPOINT
 
 # fl-clip21 bench --engines: logreg (clients, d) points
@@ -155,15 +158,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 ckpt_root.mkdir()
                 (ckpt_root / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
             dirs = [ckpt_root / f"run-{j}" for j in range(len(runs))]
+            kept = f"the checkpoint is kept: continue with fl-clip21 run --resume {output.shown}"
             try:
                 results = simulate(
                     runs, on_round=_progress(), verbose=args.verbose, checkpoint_dirs=dirs, ray_address=args.ray_address
                 )
+            except (RunStopped, StopNow) as e:  # a signal: one line, from main()
+                raise type(e)(e.signum, kept) from None
             except BaseException:
-                print(
-                    f"fl-clip21: the checkpoint is kept: continue with fl-clip21 run --resume {output.shown}",
-                    file=sys.stderr,
-                )
+                print(f"fl-clip21: {kept}", file=sys.stderr)
                 raise
         else:
             from fl_clip21.engine import run_vectorized
@@ -397,10 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     calibrate.add_argument("scenario", help="scenario TOML file (see scenarios/)")
     calibrate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
-    calibrate.add_argument("--rounds", type=int, default=1, help="rounds to report (default 1)")
+    calibrate.add_argument(
+        "--rounds", type=int, default=PROBE_ROUNDS,
+        help=f"probe rounds K: tau is the largest QUANTILE of rounds 1..K (default {PROBE_ROUNDS}; round 1 alone "
+        "misleads when the updates grow once training starts)",
+    )
     calibrate.add_argument(
         "--quantile", default="q50", choices=("q10", "q50", "q90", "max"),
-        help="the first-round quantile tau is set to (default q50: clips about half the clients at the start)",
+        help="the quantile of each round's update norms tau is taken from (default q50: clips about half "
+        "the updates of that round)",
     )
     args = parser.parse_args(argv)
     if args.command == "sweep":
@@ -418,6 +426,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fl-clip21: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # SIGINT or SIGTERM during a simulation (fl_clip21.flower.stop)
+        if args.debug:
+            raise
+        print(f"fl-clip21: {e}", file=sys.stderr)
+        return e.exit_status
+    except StopNow as e:
+        # A second signal interrupted Flower's runtime mid-way (Ray is shut down in its finally):
+        # its worker threads may still wait on Ray, and the interpreter's exit would join them.
+        print(f"fl-clip21: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(e.exit_status)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -408,3 +408,19 @@ def test_the_readme_example_builds(tmp_path):
         original = [row_of[float(v)] for v in problem.Xtr[rows, 0].numpy()]
         assert rows.size > 0 and set(writer[original]) == {f"writer-{i}"}
     assert sum(p.size for p in problem.parts) == 160
+
+
+@pytest.mark.parametrize("name, label, k", [("logreg", "label", 1), ("mlp", "label3", 2)])
+def test_pathological_gives_each_client_rows_of_its_classes_only(tmp_path, name, label, k):
+    # flwr-datasets' PathologicalPartitioner, deterministic: client i holds classes (i + j) mod C, j < k
+    cfg = _cfg(_write(tmp_path, "parquet"), name, clients=4, problem_label_column=label,
+               partition_kind="pathological", partition_classes_per_client=k)
+    problem = problems.build_problem(cfg)
+    labels = problem.ytr.numpy() if name == "mlp" else (problem.signs > 0).astype(int)
+    classes = np.unique(labels)
+    rows = np.concatenate(problem.parts)
+    assert np.array_equal(np.sort(rows), np.arange(len(labels)))  # every (training) row, each to one client
+    for i, part in enumerate(problem.parts):
+        assert set(labels[part]) == {int(classes[(i + j) % len(classes)]) for j in range(k)}, i
+    losses = [r["loss"] for r in run_local(cfg, "clip21-gd")["records"]]
+    assert losses[-1] < losses[0]

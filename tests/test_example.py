@@ -139,13 +139,16 @@ def test_evaluate_metrics_are_aggregated_as_fedavg_does(fedavg_and_clip21):
         }
 
 
-def test_round_one_of_a_large_tau_suggests_tau(fedavg_and_clip21):
+def test_the_probe_rounds_of_a_large_tau_suggest_tau(fedavg_and_clip21):
     _, clip21, strategy = fedavg_and_clip21
     first = strategy.history[0]
     # v_i = 0 in round 1: what clip21_mod would clip is the whole update x - y_i
     assert first["input_norm_q50"] == pytest.approx(first["update_norm_q50"])
     assert suggest_tau(first) == suggest_tau(clip21.train_metrics_clientapp[1]) == first["input_norm_q50"]
     assert first["update_norm_q10"] <= first["update_norm_q50"] <= first["update_norm_max"] < 1e6
+    # the rule: the largest median of the probe's rounds, from the history or from the Result
+    largest = max(r["input_norm_q50"] for r in strategy.history)
+    assert suggest_tau(strategy.history) == suggest_tau(clip21.train_metrics_clientapp) == largest
 
 
 @pytest.mark.usefixtures("flower_task")

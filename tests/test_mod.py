@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -9,10 +17,12 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import ServerApp
 
 from clients.digits_example import clip21_app, plain_app, train
-from fl_clip21.flower.mod import clip21_mod
+from fl_clip21.flower import records as R
+from fl_clip21.flower.mod import NOT_CLIP21, clip21_mod
 from fl_clip21.flower.simulation import simulate_app
 from server import digits_example
 
+ROOT = Path(__file__).resolve().parent.parent
 SIM = {"num-clients": 5, "num-cpus": 1.0}
 
 
@@ -67,7 +77,8 @@ def test_mod_sends_only_the_clipped_increment_and_commits_v_with_its_round(flowe
     from clients.digits_example import make_model
 
     arrays = ArrayRecord(make_model().state_dict())
-    cfg = ConfigRecord({"lr": 0.5, "local-epochs": 1, "server-round": 1, "fl_clip21.tau": 0.01, "fl_clip21.ack": 0})
+    cfg = ConfigRecord({"lr": 0.5, "local-epochs": 1, "server-round": 1, "fl_clip21.tau": 0.01, "fl_clip21.ack": 0,
+                        R.SESSION: "s1"})
     msg = Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=7, message_type=MessageType.TRAIN)
     ctx = _context()
     reply = clip21_mod(msg, ctx, train)
@@ -83,3 +94,34 @@ def test_mod_sends_only_the_clipped_increment_and_commits_v_with_its_round(flowe
     v = np.frombuffer(record["data"], dtype=np.float32)  # the memory: one flat vector, the model's entries in order
     np.testing.assert_array_equal(v, np.concatenate([c[k].ravel() for k in arrays.keys()]))  # v = 0 + c
     assert record["fl_clip21.memory-round"] == 1
+
+
+def test_the_mod_under_flowers_fedavg_says_once_per_node_that_the_server_is_not_clip21():
+    # Execute: FedAvg (3 rounds) with clip21_mod on the nodes, a real simulation in a fresh process,
+    # with Ray's merging of similar log lines off so that each node's line shows.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fedavg_with_mod.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Assert: every reply of every round is the error that names the fix; nothing was trained unclipped
+    assert len(out["nodes"]) == 3 and set(out["errors"]) == {"1", "2", "3"}
+    for reasons in out["errors"].values():
+        assert reasons == [NOT_CLIP21] * 3
+    assert "Clip21Strategy in the ServerApp" in NOT_CLIP21
+    # and each node said so once in the run, not once a round
+    warned = [int(n) for n in re.findall(r"node (\d+): clip21_mod: .*\(shown once per node and run\)", proc.stderr)]
+    assert sorted(warned) == out["nodes"], proc.stderr[-3000:]
+
+
+def test_the_warning_is_logged_once_per_node_state(flower_task, caplog):
+    msg = Message(RecordDict({"arrays": ArrayRecord({}), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=7, message_type=MessageType.TRAIN)
+    ctx = _context()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        replies = [clip21_mod(msg, ctx, train) for _ in range(3)]
+        clip21_mod(msg, _context(), train)  # another run (a new context): said again
+    assert [r.error.reason for r in replies] == [NOT_CLIP21] * 3
+    assert [r.getMessage() for r in caplog.records].count(f"node 7: {NOT_CLIP21} (shown once per node and run)") == 2

@@ -3,9 +3,10 @@
 1. A probe: the Clip21 version with tau above every update (it is then FedAvg)
    for ``--probe-rounds`` rounds; each round's quantiles of the clients' update
    norms and of the norms clip21_mod clips (``input_norm``) come back in the
-   round's train metrics. Suggested tau: the q50 of round 1
-   (``suggest_tau(result.train_metrics_clientapp[1])``), and the largest q50
-   of the probe's rounds.
+   round's train metrics. Suggested tau: fl-clip21's rule
+   (``suggest_tau(result.train_metrics_clientapp)``, fl_clip21/calibrate.py),
+   the largest q50 of the probe's rounds; and, to show why the rule looks past
+   round 1, round 1's q50 alone.
 2. FedAvg and Clip21 at each suggested tau and at ``--contrast-tau``, for each
    seed, the same rounds and clients; accuracy of the final model on the
    server's test set (after the last round, and its mean over the last three
@@ -28,16 +29,16 @@ from collections.abc import Sequence
 import flwr
 import torch
 
-from fl_clip21.calibrate import suggest_tau
+from fl_clip21.calibrate import PROBE_ROUNDS, suggest_tau
 from pytorchexample.inprocess import Run, run_config, simulate
 
 ABOVE_EVERY_UPDATE = 1e6
 
 
-def probe(rounds: int, clients: int, seed: int) -> list[dict]:
-    """The train metrics of each round of Clip21 with tau above every update."""
+def probe(rounds: int, clients: int, seed: int) -> dict[int, dict]:
+    """The train metrics of each round of Clip21 with tau above every update (Result.train_metrics_clientapp)."""
     (run,) = simulate([("clip21", run_config(num_server_rounds=rounds, seed=seed, tau=ABOVE_EVERY_UPDATE))], clients)
-    return [run.result.train_metrics_clientapp[k] for k in range(1, rounds + 1)]
+    return dict(run.result.train_metrics_clientapp)
 
 
 def _median_round_seconds(run: Run) -> float:
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
-    parser.add_argument("--probe-rounds", type=int, default=5)
+    parser.add_argument("--probe-rounds", type=int, default=PROBE_ROUNDS)
     parser.add_argument("--contrast-tau", type=float, default=0.1)
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -59,12 +60,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = probe(args.probe_rounds, args.clients, seeds[0])
     print(f"Probe: clip21-gd, tau = {ABOVE_EVERY_UPDATE:g} (no clipping), seed {seeds[0]}, {args.clients} clients\n")
     print("| round | update_norm q10 | q50 | q90 | max | input_norm q50 |\n|---|---|---|---|---|---|")
-    for k, r in enumerate(records, 1):
+    for k, r in sorted(records.items()):
         norms = [r[f"fl_clip21.update_norm_{q}"] for q in ("q10", "q50", "q90", "max")]
         print(f"| {k} | " + " | ".join(f"{v:.3g}" for v in norms) + f" | {r['fl_clip21.input_norm_q50']:.3g} |")
     taus = {
-        "q50 of round 1": suggest_tau(records[0]),
-        f"largest q50 of rounds 1-{args.probe_rounds}": max(suggest_tau(r) for r in records),
+        "q50 of round 1": suggest_tau(records[1]),
+        f"largest q50 of rounds 1-{args.probe_rounds}": suggest_tau(records),
         "for contrast": args.contrast_tau,
     }
     print("\n" + "\n".join(f"suggested tau ({why}): {tau:.3g}" for why, tau in taus.items() if why != "for contrast"))

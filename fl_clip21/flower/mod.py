@@ -17,14 +17,20 @@ The mod keeps the client's memory v_i in ``context.state`` (with the round tag o
 the consistency protocol, as in :mod:`fl_clip21.flower.client`), and replies with
 only ``c_i = clip_tau(pseudo_gradient - v_i)`` under the same array keys. A
 message without the keys it needs gets Flower's ``MOD_FAILED_PRECONDITION``
-error reply.
+error reply. A train message from another strategy (Flower's FedAvg, say) gets
+that error reply too, naming Clip21Strategy, and the node logs the reason once
+per run: passing the message through would train without clipping while the app
+believes it clips, so FedAvg's rounds get 0 results and keep the initial model.
 """
 
 from __future__ import annotations
 
+from logging import WARNING
+
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
+from flwr.supercore import log
 
 from fl_clip21 import core
 from fl_clip21.flower import records as R
@@ -34,10 +40,33 @@ from fl_clip21.layout import Layout
 MODE = "fl_clip21.update"
 STATE = "clip21_mod"
 MEMORY = "v"
+WARNED = "clip21_mod.warned"  # context.state record: this node has logged NOT_CLIP21 in this run
+NOT_CLIP21 = (
+    "clip21_mod: the ServerApp's strategy is not Clip21Strategy (its train messages carry no "
+    f"{R.SESSION!r}); every train message gets this error reply, nothing is trained: use "
+    "fl_clip21.flower.strategy.Clip21Strategy in the ServerApp, or remove clip21_mod from the ClientApp"
+)
 
 
 def _error(msg: Message, reason: str) -> Message:
     return Message(error=Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+
+
+def _from_clip21_strategy(msg: Message) -> bool:
+    """Whether a Clip21Strategy sent ``msg``: it tags every train config with its session id."""
+    return any(R.SESSION in record for record in msg.content.config_records.values())
+
+
+def _warn_once(context: Context, reason: str) -> None:
+    """Log ``reason`` the first time this node meets it in this run.
+
+    The mark lives in ``context.state``, which Flower keeps per node and run
+    (across Ray actors in a simulation, across ClientApp processes in a deployment).
+    """
+    if WARNED in context.state:
+        return
+    context.state[WARNED] = ConfigRecord({"reason": reason})
+    log(WARNING, "node %d: %s (shown once per node and run)", context.node_id, reason)
 
 
 def _config(msg: Message) -> ConfigRecord | None:
@@ -51,12 +80,15 @@ def clip21_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     """Clip21 on the client: send ``clip_tau(pseudo_gradient - v_i)`` and keep v_i."""
     if not msg.metadata.message_type.startswith(MessageType.TRAIN):
         return call_next(msg, context)
+    if not _from_clip21_strategy(msg):
+        _warn_once(context, NOT_CLIP21)
+        return _error(msg, NOT_CLIP21)
     config = _config(msg)
     if config is None or R.ROUND not in config or len(msg.content.array_records) != 1:
         return _error(
             msg,
             f"clip21_mod needs one ArrayRecord and a ConfigRecord with {R.TAU!r}, {R.ROUND!r} and {R.ACK!r}: "
-            "use fl_clip21.flower.strategy.Clip21Strategy (algorithm clip21-gd) in the ServerApp",
+            "give Clip21Strategy algorithm=make_algorithm('clip21-gd', ...) and scenario=None",
         )
     tau, server_round, ack = float(config[R.TAU]), int(config[R.ROUND]), int(config.get(R.ACK, 0))
     mode = str(config.get(MODE, "arrays"))

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import sys
+import threading
 import warnings
+from collections.abc import Callable, Iterator
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from fl_clip21.config import ConfigError
+from fl_clip21.flower import stop
 from fl_clip21.flower.client import make_client_app
 from fl_clip21.flower.server import OnRound, run_scenario
 
@@ -34,6 +42,13 @@ class _DropDeprecation(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "run_simulation" not in record.getMessage()
+
+
+class _Silence(logging.Filter):
+    """Drop every record (Flower's log once a second signal stops the run at once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
 
 
 # ray.init(address="local") starts a new Ray instance, whatever else runs on the machine.
@@ -141,6 +156,103 @@ def backend_config(cfg: dict[str, Any], address: str | None = None) -> dict[str,
     }
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A stopped ServerApp ends the simulation once the messages the clients are
+# working on come back; past this many seconds, say why the run has not ended.
+STOP_NOTICE_S = 3.0
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[], None]]:
+    """While in the block, SIGINT and SIGTERM stop the run (:mod:`fl_clip21.flower.stop`) instead of the process.
+
+    Python's default turns SIGINT into a KeyboardInterrupt wherever the main
+    thread happens to be, and the ServerApp's thread waits on: the process
+    never exits. Here the first signal sets the stop flag; the ServerApp raises
+    :class:`~fl_clip21.flower.stop.RunStopped` at its next grid call (or wait),
+    Flower stops its runtime and shuts Ray down, and the simulation raises
+    RunStopped. A second signal raises :class:`~fl_clip21.flower.stop.StopNow`
+    in the main thread at once.
+
+    The block gets a function that installs the handlers again: ``ray.init``
+    replaces SIGTERM's (with one that exits mid-way, and a C++ one that aborts).
+    On leaving, the handlers from before the block come back. Only in the main
+    thread (where Python delivers signals); elsewhere nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    done = threading.Event()
+
+    def notice() -> None:
+        if not done.wait(STOP_NOTICE_S):
+            log(WARNING, "fl-clip21: stopping: the clients' work in progress finishes first (a second signal stops at once)")
+
+    silence = _Silence()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.requested():
+            # What Flower's threads log next (the actors' deaths, with tracebacks) is this stop, not news.
+            logging.getLogger("flwr").addFilter(silence)
+            raise stop.StopNow(signum)
+        stop.request(signum)
+        threading.Thread(target=notice, daemon=True).start()
+
+    def install() -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, on_signal)
+
+    stop.reset()
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    install()
+    try:
+        yield install
+    finally:
+        done.set()
+        logging.getLogger("flwr").removeFilter(silence)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def init_ray(config: dict[str, Any], verbose: bool) -> None:
+    """Start (or attach to) Ray as Flower's RayBackend would, so that Flower finds it running.
+
+    The same arguments as Flower's ``RayBackend.init_ray`` and its defaults
+    (``run_simulation`` without ``verbose_logging``: Ray's log at WARNING, the
+    workers' output to this process), and the driver's ``sys.path`` to the
+    workers. Done here, in the main thread, so that the signal handlers can be
+    installed again after ``ray.init`` (:func:`stop_on_signals`).
+    """
+    import ray
+    from flwr.supercore.constant import DEFAULT_SIMULATION_CONFIG
+
+    if ray.is_initialized():
+        return
+    args: dict[str, Any] = {"include_dashboard": False}
+    if not verbose:
+        args.update(
+            logging_level=DEFAULT_SIMULATION_CONFIG.init_args_logging_level,
+            log_to_driver=DEFAULT_SIMULATION_CONFIG.init_args_log_to_driver,
+        )
+    args.update(config["init_args"])
+    pythonpath = os.pathsep.join([*sys.path, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **args)
+
+
+def stoppable_app(server_app: ServerApp) -> ServerApp:
+    """``server_app`` on a grid whose calls raise RunStopped once a stop is asked for (:func:`stop.stoppable`)."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        stop.check()
+        server_app(stop.stoppable(grid), context)
+
+    return app
+
+
 def simulate_app(
     server_app: ServerApp,
     client_app: ClientApp,
@@ -151,6 +263,8 @@ def simulate_app(
     """Run ``server_app`` with ``cfg['num-clients']`` simulated nodes of ``client_app`` (Ray).
 
     ``ray_address``: the Ray cluster to run on (see :func:`backend_config`).
+    SIGINT and SIGTERM stop the run (:func:`stop_on_signals`): Ray is shut
+    down and :class:`~fl_clip21.flower.stop.RunStopped` raised.
     """
     config = backend_config(cfg, ray_address)
     check_cluster_fits(config)
@@ -167,16 +281,23 @@ def simulate_app(
         # One BLAS thread in the driver: the cores belong to the Ray workers, and
         # OpenBLAS's spinning threads, called from the ServerApp's thread while the
         # workers run, were seen to take minutes over a 20000 x 15 matrix product.
-        with warnings.catch_warnings(), threadpool_limits(limits=1):
+        with warnings.catch_warnings(), threadpool_limits(limits=1), stop_on_signals() as reinstall:
             warnings.simplefilter("ignore")
+            init_ray(config, verbose)
+            reinstall()
             run_simulation(
-                server_app=server_app,
+                server_app=stoppable_app(server_app),
                 client_app=client_app,
                 num_supernodes=cfg["num-clients"],
                 backend_config=config,
                 verbose_logging=verbose,
             )
+            stop.check()  # a signal after the ServerApp's last grid call still stops the run
     finally:
+        import ray
+
+        if ray.is_initialized():  # Flower shuts Ray down when its runtime ends; not when it never started
+            ray.shutdown()
         flwr_logger.setLevel(level)
         flwr_logger.removeFilter(drop)
 
@@ -217,6 +338,8 @@ def simulate(
 
     try:
         simulate_app(server_app, client_app or make_client_app(), cfgs[0], verbose, ray_address)
+    except stop.RunStopped:
+        raise
     except Exception as e:
         if not errors:
             raise
