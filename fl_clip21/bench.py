@@ -196,7 +196,7 @@ def cpu_per_client_round(cfg: dict[str, Any], rounds: int = 5) -> dict[str, floa
     ]
     strategy = Clip21Strategy(
         algorithm=algorithm_from_config("clip21-gd", cfg), scenario=cfg, num_clients=n,
-        client_of_node={i: i for i in range(n)},
+        client_of_node={i: i for i in range(n)}, fraction_evaluate=0.0,
     )
     fedavg_config = ConfigRecord({R.SCENARIO: json.dumps(cfg, sort_keys=True)})
     parts: dict[str, list[float]] = {k: [] for k in ("configure", "train", "pickle", "aggregate", "fedavg_train", "fedavg_pickle")}
@@ -273,7 +273,7 @@ def bench_clients(cfg: dict[str, Any], rounds: int, repeats: int, soak_rounds: i
         def clip21(**kwargs):
             return Clip21Strategy(
                 algorithm=algorithm_from_config("clip21-gd", cfg), scenario=cfg, num_clients=n,
-                client_of_node=mapping, **kwargs,
+                client_of_node=mapping, fraction_evaluate=0.0, **kwargs,
             )
 
         # Warm-up: Ray actors, imports, the problem cache on every actor; the
@@ -378,7 +378,9 @@ def bench_memory(cfg: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
         rss["fedavg"] = driver_rss()
         tracemalloc.start()
         try:
-            strategy = Clip21Strategy(algorithm=algorithm_from_config("clip21-gd", cfg), scenario=cfg, num_clients=n)
+            strategy = Clip21Strategy(
+                algorithm=algorithm_from_config("clip21-gd", cfg), scenario=cfg, num_clients=n, fraction_evaluate=0.0
+            )
             _time_rounds(strategy, grid, cfg, rounds, None)
             rss["clip21"] = driver_rss()
             live["clip21"] = tracemalloc.get_traced_memory()[0]

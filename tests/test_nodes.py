@@ -156,3 +156,23 @@ def test_with_a_key_map_a_node_holds_only_the_partition_its_authenticated_key_ma
     assert sorted((b.node, b.client, b.proven) for b in bindings) == [(10, 0, True), (11, 1, True)]
     assert nodes.refused == {12}
     assert "refused node 12: node 12 claims partition 1 but its public key is not in the key map" in caplog.text
+
+
+def test_a_stop_request_ends_a_wait_for_nodes_within_one_poll():
+    # Before: the wait slept with time.sleep and ran on to its timeout (600 s by default) after SIGINT.
+    import threading
+    import time
+
+    from fl_clip21.flower import stop
+
+    nodes = NodeSync(num_clients=5, handshake=False, wait_timeout=60.0)
+    timer = threading.Timer(0.3, stop.request, args=(2,))
+    timer.start()
+    begun = time.monotonic()
+    try:
+        with pytest.raises(stop.RunStopped, match="SIGINT"):
+            nodes.wait_for_all(FakeGrid({10: 0}))
+    finally:
+        timer.cancel()
+        stop.reset()
+    assert time.monotonic() - begun < 5.0

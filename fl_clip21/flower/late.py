@@ -23,6 +23,8 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from fl_clip21.flower import stop
+
 
 class LateReplies:
     """The messages of a round whose replies did not come in time, per node."""
@@ -71,7 +73,7 @@ class LateReplies:
             for reply in grid.pull_messages(ids):
                 ids.discard(reply.metadata.reply_to_message_id)
             if ids:
-                time.sleep(0.02)
+                stop.wait(0.02)
         for nid, mid in waiting.items():
             del self.pending[nid]
             self.activated.pop(nid, None)

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fl_clip21.flower import records as R
+from fl_clip21.flower import stop
 from fl_clip21.flower import validation as V
 from fl_clip21.flower.registry import Binding, NodeRegistry, Refused
 
@@ -195,7 +196,7 @@ class NodeSync:
             if now > next_note:
                 log(INFO, "fl-clip21: waiting for nodes: %d of %d connected", len(connected), self.min_available_nodes)
                 next_note = now + PROGRESS_EVERY
-            time.sleep(POLL)
+            stop.wait(POLL)  # ends at once, with RunStopped, on SIGINT/SIGTERM
         self.resize(len(connected))
         log(INFO, "fl-clip21: %d nodes connected: num_clients=%d for this run", len(connected), len(connected))
         return len(connected)
@@ -224,7 +225,7 @@ class NodeSync:
             if now > next_note:
                 log(INFO, "fl-clip21: waiting for nodes: %s", self.progress(connected))
                 next_note = now + PROGRESS_EVERY
-            time.sleep(POLL)
+            stop.wait(POLL)  # ends at once, with RunStopped, on SIGINT/SIGTERM
         log(INFO, "fl-clip21: %d nodes hold clients 0..%d", len(registry.client_of_node), n - 1)
         return bindings
 

@@ -84,6 +84,7 @@ def run_algorithm(
         checkpoint=checkpoint,
         node_keys=node_keys,
         evaluate=lambda params: evaluate(problem, params),
+        fraction_evaluate=0.0,  # the server evaluates the model itself (evaluate=), the nodes only train
         on_round=(lambda rec: on_round(name, rec, cfg["rounds"])) if on_round is not None else None,
     )
     done = strategy.resume(checkpoint) if checkpoint is not None and checkpoint.exists() else 0

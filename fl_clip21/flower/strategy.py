@@ -163,7 +163,8 @@ class Clip21Strategy(Strategy):
     fraction_evaluate:
         Share of nodes sent Flower evaluate messages after each round (their
         ``MetricRecord`` replies are averaged, weighted by ``num-examples``);
-        0 skips client-side evaluation (``evaluate_fn`` of :meth:`start` still runs).
+        1 (FedAvg's default) asks every node; 0 skips client-side evaluation
+        (``evaluate_fn`` of :meth:`start` still runs).
     availability:
         Probability that a client is online in a round; each round samples
         among the online clients (:func:`~fl_clip21.engine.sample_clients`).
@@ -203,7 +204,7 @@ class Clip21Strategy(Strategy):
         checkpoint: str | Path | None = None,
         evaluate: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
-        fraction_evaluate: float = 0.0,
+        fraction_evaluate: float = 1.0,
         availability: float = 1.0,
         late_reply_wait: float = 600.0,
         copies_dir: str | Path | None = None,
