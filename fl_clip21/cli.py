@@ -123,9 +123,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_cluster_fits(backend_config(cfg, args.ray_address))
     try:
         runs = expand_runs(cfg)
-        if not flower:
-            from fl_clip21.engine import check_vectorized
+        from fl_clip21.engine import check_flower, check_vectorized
 
+        if flower:
+            check_flower(cfg)
+        else:
             check_vectorized(cfg)
     except ValueError as e:  # ConfigError, or an epsilon the accountant cannot reach
         raise ConfigError(str(e)) from None

@@ -34,7 +34,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from fl_clip21.config import ConfigError, expand_runs, load_scenario, parse_sets
-from fl_clip21.engine import OnRound, check_vectorized
+from fl_clip21.engine import OnRound, check_flower, check_vectorized
 from fl_clip21.outputs import claim
 from fl_clip21.problems import build_problem
 from fl_clip21.report import plot_title, rounds_to_target
@@ -113,6 +113,8 @@ def resolve_cells(
                 )
             if engine == "vectorized":
                 check_vectorized(cfg)
+            else:
+                check_flower(cfg)
             build_problem(cfg)
         except ValueError as e:  # ConfigError, or an epsilon the accountant cannot reach
             raise ConfigError(f"--grid cell {_cell_text(cell)}: {e}") from None
