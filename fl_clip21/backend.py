@@ -51,6 +51,9 @@ class Numpy:
     def stack(self, arrays: list[np.ndarray], axis: int = 0) -> np.ndarray:
         return np.stack(arrays, axis=axis)
 
+    def concatenate(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(arrays)
+
     def broadcast_copy(self, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """A new array of ``shape`` holding ``a`` broadcast (a model copied to every row)."""
         return np.array(np.broadcast_to(a, shape), copy=True)
@@ -183,6 +186,9 @@ class Torch:
 
     def stack(self, arrays: list, axis: int = 0):
         return self.torch.stack(arrays, dim=axis)
+
+    def concatenate(self, arrays: list):
+        return self.torch.cat(arrays)
 
     def broadcast_copy(self, a, shape: tuple[int, ...]):
         return a.expand(shape).clone(memory_format=self.torch.contiguous_format)

@@ -89,7 +89,7 @@ class Problem(Protocol):
     def evaluate(self, x: np.ndarray, client_grads: bool = False) -> Evaluation:
         """f, its gradient and accuracy at ``x``; with ``client_grads`` also every client's full gradient."""
 
-    def evaluate_many(self, xs: np.ndarray) -> list[Evaluation]:
+    def evaluate_many(self, xs: np.ndarray, client_grads: bool = False) -> list[Evaluation]:
         """:meth:`evaluate` of each of the (C, d) models ``xs``."""
 
 
@@ -103,8 +103,8 @@ class DictAPI:
 
     layout: Layout
 
-    def evaluate_many(self, xs: np.ndarray) -> list[Evaluation]:
-        return [self.evaluate(x) for x in xs]
+    def evaluate_many(self, xs: np.ndarray, client_grads: bool = False) -> list[Evaluation]:
+        return [self.evaluate(x, client_grads) for x in xs]
 
     def client_grad(self, i: int, params: Params, minibatch: Minibatch | None = None) -> Params:
         return self.layout.unflatten(self.grads(self.layout.flatten(params), np.array([i]), minibatch)[0])
@@ -569,17 +569,30 @@ class LogReg(_ClientData):
         per_client += self._reg_grad(x)
         return Evaluation(loss, per_client.mean(axis=0), accuracy, per_client)
 
-    def evaluate_many(self, xs: np.ndarray) -> list[Evaluation]:
-        """:meth:`evaluate` of C models from one (N, C) product with X."""
+    def evaluate_many(self, xs: np.ndarray, client_grads: bool = False) -> list[Evaluation]:
+        """:meth:`evaluate` of C models from one (N, C) product with X.
+
+        With ``client_grads`` every client's gradient at every model too, in
+        one (C n, d) array, cell after cell (f's gradient is their mean).
+        """
         xp = self.xp
         Z = self.X @ xs.T
         margin = self.signs[:, None] * Z
         reg = self.reg * (xs**2 / (1 + xs**2)).sum(axis=1)
         data = xp.segment_means(xp.logaddexp0(-margin), self.starts, self.sizes).mean(axis=0)
         s = -self.signs[:, None] * self._sigmoid(-margin) * self._row_weight[:, None]
-        grads = (self.X.T @ s).T / self.num_clients + self._reg_grad(xs)
         accuracy = xp.fraction((Z > 0) == (self.signs[:, None] > 0), axis=0)
-        return [Evaluation(float(data[c] + reg[c]), grads[c], float(accuracy[c])) for c in range(len(xs))]
+        C, N = len(xs), self.X.shape[0]
+        if not client_grads:
+            grads = (self.X.T @ s).T / self.num_clients + self._reg_grad(xs)
+            return [Evaluation(float(data[c] + reg[c]), grads[c], float(accuracy[c])) for c in range(C)]
+        per_client = xp.weighted_row_sums(
+            self.X, s.T.reshape(-1), xp.asarray(np.tile(np.arange(N), C)), np.tile(self.sizes, C)
+        )
+        blocks = per_client.reshape(C, self.num_clients, -1)
+        blocks += self._reg_grad(xs)[:, None, :]
+        grads = blocks.mean(axis=1)
+        return [Evaluation(float(data[c] + reg[c]), grads[c], float(accuracy[c]), blocks[c]) for c in range(C)]
 
     def _sigmoid(self, z: np.ndarray) -> np.ndarray:
         return self.xp.exp(-self.xp.logaddexp0(-z))
@@ -862,8 +875,8 @@ class _OnHost:
     def evaluate(self, x, client_grads: bool = False) -> Evaluation:
         return self._back(self.inner.evaluate(self.xp.to_numpy(x), client_grads))
 
-    def evaluate_many(self, xs) -> list[Evaluation]:
-        return [self._back(ev) for ev in self.inner.evaluate_many(self.xp.to_numpy(xs))]
+    def evaluate_many(self, xs, client_grads: bool = False) -> list[Evaluation]:
+        return [self._back(ev) for ev in self.inner.evaluate_many(self.xp.to_numpy(xs), client_grads)]
 
     def _back(self, ev: Evaluation) -> Evaluation:
         grads = None if ev.client_grads is None else self.xp.asarray(ev.client_grads)
