@@ -6,6 +6,8 @@ array per client state (fl_clip21.layout), the server holds x and g as (d,)
 vectors. The batched engine calls the client function with thousands of rows,
 the Flower client with one, the Flower strategy the server function with the
 round's accepted messages stacked: no engine has its own copy of an update rule.
+The arrays are numpy's, or torch's on a device (fl_clip21.backend): the
+functions compute on the backend of the arrays they are given.
 
 Hyper-parameters come in ``hp`` (default: the algorithm's own ``hyper``); a
 batched sweep passes an (m,) array per key instead, one value per row.
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from fl_clip21 import core
+from fl_clip21 import backend, core
 from fl_clip21.core import Params
 
 # grads(points, step) -> (m, d): the batch's (minibatch) gradients at points, (d,) or (m, d);
@@ -112,12 +114,14 @@ class Algorithm:
     hyper: Mapping[str, float] = field(default_factory=dict)
     central: CentralDP | None = None
 
-    def client_init(self, m: int, d: int, dtype=np.float64) -> dict[str, np.ndarray]:
-        """Zero state of m clients for a model of d entries."""
-        return {name: np.zeros((m, d), dtype=dtype) for name in self.client_state}
+    def client_init(
+        self, m: int, d: int, dtype=np.float64, xp: backend.Backend = backend.NUMPY
+    ) -> dict[str, np.ndarray]:
+        """Zero state of m clients for a model of d entries (on the backend ``xp``)."""
+        return {name: xp.zeros((m, d), dtype=dtype) for name in self.client_state}
 
-    def server_init(self, d: int, dtype=np.float64) -> dict[str, np.ndarray]:
-        return {name: np.zeros(d, dtype=dtype) for name in self.server_state}
+    def server_init(self, d: int, dtype=np.float64, xp: backend.Backend = backend.NUMPY) -> dict[str, np.ndarray]:
+        return {name: xp.zeros(d, dtype=dtype) for name in self.server_state}
 
     def client_round(
         self, x: np.ndarray, state: Mapping[str, np.ndarray], grads: Grads, noise: Noise | None = None,
@@ -136,7 +140,8 @@ class Algorithm:
         the engine) and the sum of the messages is noised here, the one place
         every engine adds it.
         """
-        total = messages.sum(axis=0, dtype=np.float64) if len(messages) else np.zeros(x.shape[-1])
+        xp = backend.of(x)
+        total = xp.sum_rows(messages) if len(messages) else xp.zeros(x.shape[-1])
         count: float = len(messages)
         if self.central is not None:
             if noise is None:
@@ -159,17 +164,17 @@ def gaussian_noise_bound(sigma: float, d: int) -> float:
     return sigma * (np.sqrt(d) + 10.0)
 
 
-def _col(value: float | np.ndarray) -> float | np.ndarray:
-    """A hyper-parameter ready to scale rows: a number, or an (m,) array as an (m, 1) column."""
+def _col(value: float | np.ndarray, like: np.ndarray) -> float | np.ndarray:
+    """A hyper-parameter ready to scale the rows of ``like``: a number, or an (m,) array as an (m, 1) column."""
     a = np.asarray(value)
-    return a[:, None] if a.ndim else float(a)
+    return backend.of(like).asarray(a[:, None]) if a.ndim else float(a)
 
 
 def _noisy(messages: np.ndarray, sigma: float | np.ndarray, noise: Noise | None, step: int = 0) -> np.ndarray:
     """``messages + sigma * N(0, I)`` per row (nothing drawn where sigma is 0 everywhere)."""
     if not np.any(np.asarray(sigma) > 0):
         return messages
-    return (messages + _col(sigma) * noise(step)).astype(messages.dtype, copy=False)
+    return backend.of(messages).cast(messages + _col(sigma, messages) * noise(step), messages.dtype)
 
 
 # --- the update rules, on batches (docs/algorithms.md) --------------------------
@@ -178,11 +183,12 @@ def _noisy(messages: np.ndarray, sigma: float | np.ndarray, noise: Noise | None,
 def _gradient_client(x, state, grads, noise, hp, *, clip: bool):
     """GD, Clip-GD (clip=True): send the gradient, or clip_tau of it plus N(0, sigma^2) noise."""
     g = grads(x, 0)
+    xp = backend.of(g)
     if not clip:
         norms = core.row_norms(g)
-        return ClientRound(g, {}, np.zeros(len(g), dtype=bool), np.stack([norms, norms], axis=1))
+        return ClientRound(g, {}, xp.zeros(len(g), dtype=bool), xp.stack([norms, norms], axis=1))
     c, active, norms = core.clip_rows(hp["tau"])(g)
-    return ClientRound(_noisy(c, hp.get("sigma", 0.0), noise), {}, active, np.stack([norms, norms], axis=1))
+    return ClientRound(_noisy(c, hp.get("sigma", 0.0), noise), {}, active, xp.stack([norms, norms], axis=1))
 
 
 def _averaging_server(x, state, total, count, n, hp, *, clip: bool):
@@ -192,7 +198,7 @@ def _averaging_server(x, state, total, count, n, hp, *, clip: bool):
     direction = total / count
     if clip:
         direction = core.clip_rows(hp["tau"])(direction[None, :])[0][0]
-    return (x - hp["lr"] * direction).astype(x.dtype), state
+    return backend.of(x).cast(x - hp["lr"] * direction, x.dtype), state
 
 
 def _ef_client(x, state, grads, noise, hp, *, operator, memory="v"):
@@ -202,11 +208,13 @@ def _ef_client(x, state, grads, noise, hp, *, operator, memory="v"):
     m_i <- (1 - beta1) m_i + beta1 grad (Clip21-SGD2M, state ``v``, memory ``g``).
     """
     target = grads(x, 0)
+    xp = backend.of(target)
     beta1, beta2 = hp.get("beta1", 1.0), hp.get("beta2", 1.0)
     new_state = {}
     momentum = memory != "v" and "v" in state  # SGD2M's momentum (kept only when beta1 < 1)
     if momentum:
-        target = ((1 - _col(beta1)) * state["v"] + _col(beta1) * target).astype(state["v"].dtype, copy=False)
+        v = state["v"]
+        target = xp.cast((1 - _col(beta1, v)) * v + _col(beta1, v) * target, v.dtype)
         new_state["v"] = target
     target_norms = core.row_norms(target)
     step = core.ef_step_rows(
@@ -216,29 +224,31 @@ def _ef_client(x, state, grads, noise, hp, *, operator, memory="v"):
     new_state[memory] = step.memory
     messages = _noisy(step.increment, hp.get("sigma", 0.0), noise)
     if np.any(np.asarray(beta2) != 1):
-        messages = (_col(beta2) * messages).astype(step.increment.dtype, copy=False)
-    return ClientRound(messages, new_state, step.active, np.stack([target_norms, step.input_norms], axis=1))
+        messages = xp.cast(_col(beta2, messages) * messages, step.increment.dtype)
+    return ClientRound(messages, new_state, step.active, xp.stack([target_norms, step.input_norms], axis=1))
 
 
 def _ef_server(x, state, total, count, n, hp):
     """g <- g + total / n (the sum of the messages, divided by all n clients), x <- x - lr g."""
-    g = (state["g"] + total / n).astype(state["g"].dtype)
-    return (x - hp["lr"] * g).astype(x.dtype), {"g": g}
+    xp = backend.of(x)
+    g = xp.cast(state["g"] + total / n, state["g"].dtype)
+    return xp.cast(x - hp["lr"] * g, x.dtype), {"g": g}
 
 
 def _celgc_client(x, state, grads, noise, hp):
     """I local steps y <- y - lr clip_tau(grad(y)) from x; sends x - y."""
     g = grads(x, 0)  # the first step is at x itself: (m, d), which also says how many clients
-    y = np.array(np.broadcast_to(x, g.shape), copy=True)
-    active = np.zeros(len(g), dtype=bool)
+    xp = backend.of(g)
+    y = xp.broadcast_copy(x, g.shape)
+    active = xp.zeros(len(g), dtype=bool)
     clip, first = core.clip_rows(hp["tau"]), None
     for s in range(int(hp["local-steps"])):
         c, a, norms = clip(g if s == 0 else grads(y, s))
         first = norms if first is None else first
-        y -= (_col(hp["lr"]) * c).astype(y.dtype, copy=False)
+        y -= xp.cast(_col(hp["lr"], y) * c, y.dtype)
         active |= a
-    update = (x - y).astype(y.dtype, copy=False)
-    return ClientRound(update, {}, active, np.stack([core.row_norms(update), first], axis=1))
+    update = xp.cast(x - y, y.dtype)
+    return ClientRound(update, {}, active, xp.stack([core.row_norms(update), first], axis=1))
 
 
 def _clip_op(hp: Hyper, d: int) -> core.RowOperator:

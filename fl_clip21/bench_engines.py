@@ -5,15 +5,23 @@ data, and for the digits MLP, in one process with one BLAS thread
 (threadpoolctl), repeated (min and median reported):
 
 - **batched**: a round of clip21-gd with its evaluation, as ``--engine
-  vectorized`` runs it (:func:`fl_clip21.engine.run_local`): the wall time between
-  consecutive rounds' records, the first round left out (it computes the
-  gradients the later rounds read from the evaluation);
-- **bound**: a numpy copy of the bytes a round must move at least, the data
-  read once and the clients' memories V read and written once: a copy of
-  ``X.nbytes + V.nbytes`` bytes reads and writes that many;
+  vectorized`` runs it (:func:`fl_clip21.engine.run_local`) on numpy: the wall
+  time between consecutive rounds' records, the first round left out (it
+  computes the gradients the later rounds read from the evaluation);
+- **bound**: the time of the bytes a round must move at least: the data read
+  once (``D``: logreg's design matrix X in float64, the MLP's training features
+  in float32) and the clients' memories V (n x d in the model's dtype) read and
+  written once, ``D + 2 V`` bytes in all. It is timed as one numpy copy of
+  ``D / 2 + V`` bytes, which reads that many and writes that many;
 - **loop**: the same round with one Python call per client per round (its
   gradient, its update, as the engine before the batched core did: a batch of
   one each), and the evaluation.
+
+With ``device`` (``cpu``, ``cuda``, or ``auto``: cuda where torch sees a GPU,
+else cpu) each point also runs the batched round on torch on that device
+(``device=...``, fl_clip21.backend), with the device's own bound (a torch copy
+of the same bytes on it), the device synchronised before every clock reading;
+torch on the CPU runs one thread, as numpy's BLAS does.
 
 Each point prints ms per round, us per client-round and the ratios
 batched / bound and loop / batched. Then a 60-run sweep (20 cells x 3
@@ -23,6 +31,7 @@ algorithms of logreg-nonconvex, 100 rounds): runs per second batched
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -31,8 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from fl_clip21 import backend
 from fl_clip21.algorithms import algorithm_from_config
-from fl_clip21.config import resolve
+from fl_clip21.config import ConfigError, resolve
 from fl_clip21.engine import batch_grads, batch_noise, run_local
 from fl_clip21.problems import build_problem
 
@@ -53,9 +63,14 @@ def mlp_config(n: int, rounds: int) -> dict[str, Any]:
     })
 
 
-def _batched_round_seconds(cfg: dict[str, Any], rounds: int) -> list[float]:
+def _batched_round_seconds(cfg: dict[str, Any], rounds: int, xp: backend.Backend = backend.NUMPY) -> list[float]:
     stamps: list[float] = []
-    run_local({**cfg, "rounds": rounds + 1}, "clip21-gd", lambda *_: stamps.append(time.perf_counter()))
+
+    def stamp(*_: Any) -> None:
+        xp.synchronize()
+        stamps.append(time.perf_counter())
+
+    run_local({**cfg, "rounds": rounds + 1, "device": xp.name}, "clip21-gd", stamp)
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -83,32 +98,58 @@ def _loop_round_seconds(cfg: dict[str, Any], rounds: int) -> list[float]:
     return times
 
 
-def _copy_seconds(nbytes: int, repeats: int) -> list[float]:
-    src = np.ones(max(1, nbytes // 8))
-    dst = np.empty_like(src)
+def _copy_seconds(nbytes: int, repeats: int, xp: backend.Backend = backend.NUMPY) -> list[float]:
+    """Seconds of copies of ``nbytes`` bytes (float64s) on ``xp``'s memory."""
+    src = xp.asarray(np.ones(max(1, nbytes // 8)))
+    dst = xp.copy(src)
     times = []
     for _ in range(repeats):
+        xp.synchronize()
         t0 = time.perf_counter()
-        np.copyto(dst, src)
+        dst[...] = src
+        xp.synchronize()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def round_bytes(problem: Any, n: int) -> tuple[int, int]:
+    """(D, V): the bytes of the data a round reads once, and of the clients' memories it reads and writes once."""
+    data = getattr(problem, "Xtr", None)  # the MLP computes on its float32 tensor
+    data = problem.X if data is None else data
+    return int(data.nbytes), n * problem.layout.size * problem.layout.dtype.itemsize
 
 
 def _summary(seconds: list[float]) -> dict[str, float]:
     return {"min_ms": 1e3 * min(seconds), "median_ms": 1e3 * statistics.median(seconds)}
 
 
-def bench_point(cfg: dict[str, Any], rounds: int, repeats: int, loop: bool = True) -> dict[str, Any]:
-    """One point: batched, bound (and loop) ms per round, min and median over ``repeats`` x ``rounds``."""
+def _device_point(
+    cfg: dict[str, Any], rounds: int, repeats: int, xp: backend.Backend, half_bytes: int, numpy_median: float
+) -> dict[str, Any]:
+    """The batched round on torch on ``xp``'s device, and that device's bound."""
+    batched = [s for _ in range(repeats) for s in _batched_round_seconds(cfg, rounds, xp)]
+    out: dict[str, Any] = {
+        "device": xp.name, "batched": _summary(batched), "bound": _summary(_copy_seconds(half_bytes, repeats * rounds, xp)),
+        "batched_us_per_client_round": 1e6 * statistics.median(batched) / cfg["num-clients"],
+    }
+    out["batched_over_bound"] = out["batched"]["median_ms"] / out["bound"]["median_ms"]
+    out["numpy_over_device"] = 1e3 * numpy_median / out["batched"]["median_ms"]
+    return out
+
+
+def bench_point(
+    cfg: dict[str, Any], rounds: int, repeats: int, loop: bool = True, device: backend.Torch | None = None
+) -> dict[str, Any]:
+    """One point: batched, bound (and loop, and the device's) ms per round, min and median over ``repeats`` x ``rounds``."""
     problem = build_problem(cfg)
     n, d = cfg["num-clients"], problem.layout.size
-    data = problem.X.nbytes if hasattr(problem, "X") else 0
-    memories = n * d * problem.layout.dtype.itemsize
+    data, memories = round_bytes(problem, n)
+    half = data // 2 + memories  # a copy of these bytes reads D + 2V / 2 and writes as many
     batched = [s for _ in range(repeats) for s in _batched_round_seconds(cfg, rounds)]
-    bound = _copy_seconds(data + memories, repeats * rounds)
+    bound = _copy_seconds(half, repeats * rounds)
     row: dict[str, Any] = {
-        "problem": cfg["problem.name"], "clients": n, "d": d, "bytes_moved": data + memories,
-        "batched": _summary(batched), "bound": _summary(bound),
+        "problem": cfg["problem.name"], "clients": n, "d": d, "data_bytes": data, "memory_bytes": memories,
+        "bytes_moved": data + 2 * memories, "batched": _summary(batched), "bound": _summary(bound),
         "batched_us_per_client_round": 1e6 * statistics.median(batched) / n,
     }
     row["batched_over_bound"] = row["batched"]["median_ms"] / row["bound"]["median_ms"]
@@ -116,6 +157,8 @@ def bench_point(cfg: dict[str, Any], rounds: int, repeats: int, loop: bool = Tru
         looped = [s for _ in range(repeats) for s in _loop_round_seconds(cfg, max(1, rounds // 2))]
         row["loop"] = _summary(looped)
         row["loop_over_batched"] = row["loop"]["median_ms"] / row["batched"]["median_ms"]
+    if device is not None:
+        row["device"] = _device_point(cfg, rounds, repeats, device, half, statistics.median(batched))
     return row
 
 
@@ -123,26 +166,45 @@ def line(row: dict[str, Any]) -> str:
     loop = (
         f"  loop {row['loop']['median_ms']:9.2f} ms ({row['loop_over_batched']:5.1f}x slower)" if "loop" in row else ""
     )
+    dev = row.get("device")
+    device = (
+        f"  torch-{dev['device']} {dev['batched']['median_ms']:9.2f} ms (min {dev['batched']['min_ms']:.2f}; "
+        f"bound {dev['bound']['median_ms']:.2f} ms, {dev['batched_over_bound']:5.2f}x; "
+        f"numpy / torch {dev['numpy_over_device']:.2f})" if dev else ""
+    )
     return (
         f"{row['problem']:>7} n={row['clients']:>6} d={row['d']:>6}: batched {row['batched']['median_ms']:9.2f} ms "
         f"(min {row['batched']['min_ms']:.2f}), {row['batched_us_per_client_round']:8.2f} us/client-round; "
-        f"bound {row['bound']['median_ms']:8.2f} ms ({row['batched_over_bound']:5.2f}x){loop}"
+        f"bound {row['bound']['median_ms']:8.2f} ms ({row['batched_over_bound']:5.2f}x){loop}{device}"
     )
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    out = [
+    """The points as a Markdown table; with a device, its columns after numpy's."""
+    device = next((r["device"]["device"] for r in rows if "device" in r), None)
+    head = (
         "| problem | n | d | batched ms/round (median, min) | us/client-round | bound ms | batched / bound | "
-        "per-client loop ms | loop / batched |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+        "per-client loop ms | loop / batched |"
+    )
+    rule = "|---|---|---|---|---|---|---|---|---|"
+    if device:
+        head += f" torch-{device} ms/round (median, min) | torch-{device} bound ms | torch / bound | numpy / torch |"
+        rule += "---|---|---|---|"
+    out = [head, rule]
     for r in rows:
         loop = (f"{r['loop']['median_ms']:.2f}", f"{r['loop_over_batched']:.1f}x") if "loop" in r else ("-", "-")
-        out.append(
+        text = (
             f"| {r['problem']} | {r['clients']} | {r['d']} | {r['batched']['median_ms']:.2f} ({r['batched']['min_ms']:.2f}) "
             f"| {r['batched_us_per_client_round']:.2f} | {r['bound']['median_ms']:.2f} | {r['batched_over_bound']:.2f}x "
             f"| {loop[0]} | {loop[1]} |"
         )
+        if device:
+            dev = r["device"]
+            text += (
+                f" {dev['batched']['median_ms']:.2f} ({dev['batched']['min_ms']:.2f}) | {dev['bound']['median_ms']:.3f} "
+                f"| {dev['batched_over_bound']:.2f}x | {dev['numpy_over_device']:.2f}x |"
+            )
+        out.append(text)
     return "\n".join(out)
 
 
@@ -178,23 +240,34 @@ def bench_sweep(repeats: int) -> dict[str, Any]:
     }
 
 
+def bench_device(name: str) -> backend.Torch:
+    """The torch backend of ``--device``: cpu, cuda, or auto (cuda where torch sees a GPU, else cpu)."""
+    if name == "auto":
+        name = "cpu" if backend.cuda_problem() else "cuda"
+    elif name == "cuda" and backend.cuda_problem():
+        raise ConfigError(f"--device cuda needs a CUDA GPU, but {backend.cuda_problem()}; use --device auto or cpu")
+    return backend.get(name)
+
+
 def run_engine_bench(
     points: list[tuple[int, int]], mlp_clients: list[int], rounds: int, repeats: int, loop_limit: int = 10000,
-    sweep: bool = True,
+    sweep: bool = True, device: str | None = None,
 ) -> dict[str, Any]:
     """Every point, then the sweep (unless ``sweep`` is False); prints a line each.
 
-    The per-client loop runs up to ``loop_limit`` clients.
+    The per-client loop runs up to ``loop_limit`` clients. With ``device``
+    (:func:`bench_device`), every point also on torch on that device.
     """
     from threadpoolctl import threadpool_limits
 
+    xp = bench_device(device) if device else None
     rows = []
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=1), _torch_threads(1):
         for n, d in points:
-            rows.append(bench_point(logreg_config(n, d, rounds), rounds, repeats, loop=n <= loop_limit))
+            rows.append(bench_point(logreg_config(n, d, rounds), rounds, repeats, loop=n <= loop_limit, device=xp))
             print(line(rows[-1]), flush=True)
         for n in mlp_clients:
-            rows.append(bench_point(mlp_config(n, rounds), rounds, repeats))
+            rows.append(bench_point(mlp_config(n, rounds), rounds, repeats, loop=n <= loop_limit, device=xp))
             print(line(rows[-1]), flush=True)
         swept = bench_sweep(repeats) if sweep else None
     if swept is not None:
@@ -207,7 +280,28 @@ def run_engine_bench(
     return {
         "machine": {
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "blas_threads": 1,
+            "cpus": os.cpu_count(), "python": platform.python_version(), "blas_threads": 1, **_torch_machine(xp),
         },
         "rounds": rounds, "repeats": repeats, "results": rows, "sweep": swept,
     }
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    """torch's intra-op threads set to ``count`` (as numpy's BLAS is) while the bench runs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _torch_machine(xp: backend.Torch | None) -> dict[str, Any]:
+    if xp is None:
+        return {}
+    torch = xp.torch
+    gpu = torch.cuda.get_device_name(xp.device) if xp.device.type == "cuda" else None
+    return {"torch": torch.__version__, "device": xp.name, "gpu": gpu, "torch_threads": 1}

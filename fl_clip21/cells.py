@@ -6,9 +6,12 @@ their clients can be one batch: C cells of n clients are C x n rows of the
 stacked client state, each row with its own cell's hyper-parameters (an (m,)
 array per key) and its own cell's model as its point. A round runs the
 algorithm's client function once on every sampled row of every cell; the
-server step and the evaluation run per cell on (d,) vectors. Each cell's
+server step runs per cell on (d,) vectors, the evaluation of every cell in one
+batched call, whose per-client gradients a full-batch algorithm's next round
+reads (as :func:`fl_clip21.engine.run_local` does). Each cell's
 trajectory is the one :func:`fl_clip21.engine.run_local` gives it alone (the
-random streams are per client, not per batch), to float rounding.
+random streams are per client, not per batch), to float rounding, on the
+cells' ``device`` (fl_clip21.backend) as on numpy.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from fl_clip21 import backend, streams
 from fl_clip21.algorithms import algorithm_from_config
-from fl_clip21 import streams
 from fl_clip21.engine import (
-    _drops_possible, late_clients, message_bytes, metrics, norm_quantiles_by_group, reports_norms, round_epsilon,
+    _drops_possible, late_clients, message_bytes, metrics_many, norm_quantiles_by_group, reports_norms, round_epsilon,
     sample_clients, server_noise,
 )
 from fl_clip21.problems import Minibatch, build_problem
@@ -47,21 +50,23 @@ def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = N
     if len(keys) != 1:
         raise ValueError(f"run_cells needs cells that differ only in {', '.join(ROW_KEYS)}, got {len(keys)} kinds")
     cfg0 = cfgs[0]
-    problem = build_problem(cfg0)
+    xp = backend.get(cfg0.get("device", "numpy"))
+    problem = build_problem(cfg0, xp.name)
     algorithms = [algorithm_from_config(name, c) for c in cfgs]
     algorithm = algorithms[0]
     n, C, layout = cfg0["num-clients"], len(cfgs), problem.layout
     d, dtype = layout.size, layout.dtype
-    x = np.tile(layout.flatten(problem.init_params()), (C, 1))
-    servers = [algorithm.server_init(d, dtype) for _ in range(C)]
-    state = algorithm.client_init(C * n, d, dtype)  # row c * n + i: client i of cell c
-    copies = layout.zeros(C * n) if algorithm.memory is not None and _drops_possible(cfg0) else None
+    x = xp.asarray(np.tile(layout.flatten(problem.init_params()), (C, 1)))
+    servers = [algorithm.server_init(d, dtype, xp) for _ in range(C)]
+    state = algorithm.client_init(C * n, d, dtype, xp)  # row c * n + i: client i of cell c
+    copies = xp.zeros((C * n, d), dtype) if algorithm.memory is not None and _drops_possible(cfg0) else None
     # Per row: the hyper-parameters the cells vary; the others are the batch's.
     hyper = {k: np.array([a.hyper[k] for a in algorithms], dtype=np.float64) for k in algorithm.hyper if k in ROW_KEYS}
     times_asked = np.zeros((C, n), dtype=np.int64)
     records: list[list[dict[str, Any]]] = [[] for _ in range(C)]
     stochastic = cfg0["batch-size"] if algorithm.stochastic else None
     reports = [reports_norms(a) for a in algorithms]
+    cached = None  # every row's full gradient at its cell's model, from the last evaluation (full batch)
     start = time.perf_counter()
     for k in range(1, cfg0["rounds"] + 1):
         t0 = time.perf_counter()
@@ -71,51 +76,69 @@ def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = N
         cell_of_row = np.repeat(np.arange(C), [len(s) for s in sampled])
         client_of_row = np.concatenate(sampled) if sampled else np.zeros(0, dtype=np.int64)
         index = cell_of_row * n + client_of_row
+        everyone = len(clients) == n  # then the rows are the state arrays themselves, in order
+        rows = xp.asarray(index)
         for c, s in enumerate(sampled):
             times_asked[c, s] += 1
 
-        def grads(points: np.ndarray, step: int) -> np.ndarray:
+        def grads(points: np.ndarray, step: int, cached=cached, rows=rows, everyone=everyone) -> np.ndarray:
             batch = Minibatch(cfg0["seed"], k, stochastic, step) if stochastic else None
+            if points is at_cells and cached is not None:
+                return cached if everyone else cached[rows]
             if points is at_cells:  # every row at its cell's model: C distinct points
                 return problem.grads(x, client_of_row, batch, point_of_row=cell_of_row)
             return problem.grads(points, client_of_row, batch)
 
         def noise(step: int) -> np.ndarray:
-            return streams.normals(cfg0["seed"], streams.NOISE, client_of_row, k, d, step).astype(dtype, copy=False)
+            return xp.cast(xp.normals(cfg0["seed"], streams.NOISE, client_of_row, k, d, step), dtype)
 
         hp = {**algorithm.hyper, **{key: values[cell_of_row] for key, values in hyper.items()}}
-        at_cells = x[cell_of_row]
-        out = algorithm.client_round(at_cells, {s: v[index] for s, v in state.items()}, grads, noise, hp)
+        at_cells = x[xp.asarray(cell_of_row)]
+        out = algorithm.client_round(
+            at_cells, {s: v if everyone else v[rows] for s, v in state.items()}, grads, noise, hp
+        )
+        cached = None  # the round may have written into it
         late = np.isin(client_of_row, sorted(late_clients(cfg0, k, client_of_row.tolist())))
         for s, v in out.state.items():
-            state[s][index] = v
+            if not everyone:
+                state[s][rows] = v
+            elif v is not state[s]:
+                state[s][...] = v
         if late.any() and algorithm.memory is not None:
-            state[algorithm.memory][index[late]] = copies[index[late]]
+            dropped = xp.asarray(index[late])
+            state[algorithm.memory][dropped] = copies[dropped]
         if copies is not None:
-            copies[index[~late]] += out.messages[~late]
+            copies[xp.asarray(index[~late])] += out.messages[xp.asarray(~late)]
         for c in range(C):
-            mine = (cell_of_row == c) & ~late
+            mine = xp.asarray((cell_of_row == c) & ~late)
             x[c], servers[c] = algorithms[c].server_round(
-                x[c], servers[c], out.messages[mine], n, noise=server_noise(cfg0["seed"], k, d)
+                x[c], servers[c], out.messages[mine], n, noise=server_noise(cfg0["seed"], k, d, xp)
             )
-        evaluations = problem.evaluate_many(x)
+        evaluations = problem.evaluate_many(x, client_grads=stochastic is None)
+        if stochastic is None and all(ev.client_grads is not None for ev in evaluations):
+            cached = evaluations[0].client_grads if C == 1 else xp.concatenate([ev.client_grads for ev in evaluations])
         arrived = ~late
-        quantiles = norm_quantiles_by_group(out.norms[arrived], cell_of_row[arrived], C) if any(reports) else None
+        active, norms = xp.to_numpy(out.active), xp.to_numpy(out.norms)
+        summaries = metrics_many(evaluations)
+        quantiles = norm_quantiles_by_group(norms[arrived], cell_of_row[arrived], C) if any(reports) else None
         seconds = time.perf_counter() - t0
         for c in range(C):
             mine = (cell_of_row == c) & ~late
             accepted = int(mine.sum())
             rec = {
                 "round": k, "participants": int((cell_of_row == c).sum()), "accepted": accepted,
-                "clip_fraction": float(out.active[mine].sum()) / accepted if accepted else 0.0, "rejected": 0,
+                "clip_fraction": float(active[mine].sum()) / accepted if accepted else 0.0, "rejected": 0,
                 "failed": int(((cell_of_row == c) & late).sum()), "resyncs": 0,
                 "bytes_up": accepted * message_bytes(algorithm, d, dtype), "seconds": seconds / C,
                 **round_epsilon(algorithms[c], times_asked[c], cfgs[c]["delta"], k),
                 **(quantiles[c] if reports[c] else {}),
             }
-            rec.update(metrics(evaluations[c]))
+            rec.update(summaries[c])
             records[c].append(rec)
             if on_round is not None:
                 on_round(c, name, rec, cfg0["rounds"])
     wall = time.perf_counter() - start
-    return [{"records": records[c], "params": layout.unflatten(x[c]), "wall_seconds": wall / C} for c in range(C)]
+    return [
+        {"records": records[c], "params": layout.unflatten(xp.to_numpy(x[c])), "wall_seconds": wall / C}
+        for c in range(C)
+    ]

@@ -133,9 +133,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_cluster_fits(backend_config(cfg, args.ray_address))
     try:
         runs = expand_runs(cfg)
-        if not flower:
-            from fl_clip21.engine import check_vectorized
+        from fl_clip21.engine import check_flower, check_vectorized
 
+        if flower:
+            check_flower(cfg)
+        else:
             check_vectorized(cfg)
     except ValueError as e:  # ConfigError, or an epsilon the accountant cannot reach
         raise ConfigError(str(e)) from None
@@ -219,9 +221,13 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
     mlp = _int_list(args.mlp_clients, "--mlp-clients")
     if args.rounds < 2 or args.repeats < 1:
         raise ConfigError(f"--rounds must be >= 2 and --repeats >= 1, got {args.rounds!r}, {args.repeats!r}")
+    if args.device:
+        from fl_clip21.bench_engines import bench_device
+
+        bench_device(args.device)  # a GPU asked for and missing is refused before anything runs
     staged = outputs.stage_file(args.out, overwrite=args.overwrite)
     try:
-        result = run_engine_bench(points, mlp, args.rounds, args.repeats, sweep=not args.no_sweep)
+        result = run_engine_bench(points, mlp, args.rounds, args.repeats, sweep=not args.no_sweep, device=args.device)
         staged.tmp.write_text(json.dumps(result, indent=1))
     except BaseException:
         staged.discard()
@@ -235,6 +241,8 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.engines:
         return cmd_bench_engines(args)
+    if args.device:
+        raise ConfigError(f"--device works with --engines, got --device {args.device} without it")
     from fl_clip21.bench import DEFAULT_SCENARIO, MEMORY_SCENARIO, run_bench
 
     try:
@@ -363,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--mlp-clients", default="20,200", help="--engines: client counts of the digits MLP")
     bench.add_argument("--no-sweep", action="store_true", help="--engines: skip the 60-run sweep")
+    bench.add_argument(
+        "--device", choices=("cpu", "cuda", "auto"),
+        help="--engines: also run every point on torch on this device (auto: cuda where torch sees a GPU, else cpu)",
+    )
     bench.add_argument("--out", default="bench.json", help="JSON output file (not an existing one)")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sweep = sub.add_parser(

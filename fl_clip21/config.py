@@ -212,6 +212,7 @@ SCHEMA: dict[str, Key] = {
     "straggler-fraction": Key("float", 0.0, "Probability that a sampled client is slow in a round (seeded).", _unit_interval),
     "straggler-delay": Key("float", 0.0, f"Seconds a slow client's reply comes late (at most {MAX_SECONDS:g}).", _rules(_non_negative, _at_most(MAX_SECONDS))),
     "round-timeout": Key("float", 0.0, f"Seconds the server waits for replies; later ones are dropped (0: up to an hour; at most {MAX_SECONDS:g}).", _rules(_non_negative, _at_most(MAX_SECONDS))),
+    "device": Key("str", "numpy", "Where the batched engine (--engine vectorized, sweep, tune) computes: numpy, or torch on cpu or cuda (the same trajectories to float rounding; the Flower engine always computes on numpy).", _one_of("numpy", "cpu", "cuda")),
     "problem.name": Key("str", "mean-estimation", "mean-estimation | logreg | mlp | module.path:factory (a plug-in runs code: see below)."),
     "problem.centers": Key("path-or-list", None, "mean-estimation: .npy file (n x d, real numbers) or inline list; unset: drawn from seed."),
     "problem.dim": Key("int", 10, f"mean-estimation: dimension when centres are drawn (at most {MAX_DIM}).", _rules(_at_least(1), _at_most(MAX_DIM))),
@@ -441,6 +442,7 @@ def resolve(
             f"(Python identifiers), got {name!r}"
         )
     _check_noise(cfg)
+    _check_device(cfg)
     _check_private(cfg)
     _check_heterogeneity(cfg)
     _check_table_keys(cfg)
@@ -467,6 +469,16 @@ def check_work(cfg: Mapping[str, Any], d: int) -> None:
             f"updates per algorithm, more than {MAX_WORK:g} (hours on the batched engine, days on Flower's): "
             "lower rounds, num-clients or fraction, or the model's size"
         )
+
+
+def _check_device(cfg: Mapping[str, Any]) -> None:
+    """``device=cuda`` needs a GPU torch can use; say so before anything runs."""
+    if cfg["device"] == "cuda":
+        from fl_clip21.backend import cuda_problem
+
+        why = cuda_problem()
+        if why:
+            raise ConfigError(f"device='cuda' needs a CUDA GPU, but {why}; use device=cpu or device=numpy")
 
 
 def _check_table_keys(cfg: dict[str, Any]) -> None:

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fl_clip21 import backend
+
 Params = dict[str, np.ndarray]
 
 
@@ -68,7 +70,8 @@ def mean(items: list[Mapping[str, np.ndarray]], divisor: int | None = None) -> P
 # Every engine holds a batch of clients as an (m, d) array, one flattened model
 # per row (fl_clip21.layout). The operators below act row by row with no Python
 # loop over the rows; a per-row threshold (an (m,) array) serves batched sweeps.
-# docs/algorithms.md, "The error-feedback step".
+# The arrays are numpy's or torch's (fl_clip21.backend): the operators compute on
+# the backend of their input. docs/algorithms.md, "The error-feedback step".
 
 # op(Y, inplace=False) -> (C, active, norms); with inplace the operator may write C into Y.
 RowOperator = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -76,22 +79,7 @@ RowOperator = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 def row_norms(Y: np.ndarray) -> np.ndarray:
     """The L2 norm of every row of ``Y`` (m, d), in float64, without overflow or underflow."""
-    Y = np.asarray(Y)
-    flat = Y.reshape(int(np.prod(Y.shape[:-1])), Y.shape[-1]) if Y.ndim > 1 else Y[None, :]
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        sq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
-    bad = ~((sq > 1e-280) & (sq < math.inf))
-    if bad.any():  # rescale the rows whose squares overflow or underflow
-        rows = flat[bad].astype(np.float64)
-        peak = np.max(np.abs(rows), axis=1, initial=0.0)
-        safe = np.where((peak > 0) & np.isfinite(peak), peak, 1.0)
-        with np.errstate(invalid="ignore"):
-            scaled = peak * np.sqrt(np.einsum("ij,ij->i", rows / safe[:, None], rows / safe[:, None]))
-        sq = np.sqrt(sq)
-        sq[bad] = np.where((peak > 0) & np.isfinite(peak), scaled, peak)
-        return sq.reshape(Y.shape[:-1]) if Y.ndim > 1 else sq[0]
-    out = np.sqrt(sq)
-    return out.reshape(Y.shape[:-1]) if Y.ndim > 1 else out[0]
+    return backend.of(Y).row_norms(Y)
 
 
 def clip_rows(tau: float | np.ndarray) -> RowOperator:
@@ -106,18 +94,20 @@ def clip_rows(tau: float | np.ndarray) -> RowOperator:
         raise ValueError(f"tau must be > 0, got {tau!r}")
 
     def op(Y: np.ndarray, inplace: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        norms = row_norms(Y)
-        active = norms > t
+        xp = backend.of(Y)
+        norms = xp.row_norms(Y)
+        tau_rows = xp.asarray(t) if t.ndim else float(t)
+        active = norms > tau_rows
         with np.errstate(divide="ignore"):
-            factor = np.where(active, t / np.where(active, norms, 1.0), 1.0)
-        column = factor[:, None].astype(Y.dtype, copy=False)
-        return np.multiply(Y, column, out=Y if inplace else None), active, norms
+            factor = xp.where(active, tau_rows / xp.where(active, norms, 1.0), 1.0)
+        column = xp.cast(factor[:, None], Y.dtype)
+        return xp.multiply(Y, column, out=Y if inplace else None), active, norms
 
     return op
 
 
 def topk_rows(k: int) -> RowOperator:
-    """Top-k on every row: keep the k entries of largest magnitude (ties: numpy's introselect).
+    """Top-k on every row: keep the k entries of largest magnitude (ties: numpy's introselect, torch's topk).
 
     ``active`` is True for a row whose dropped entries were not all zero.
     """
@@ -125,15 +115,13 @@ def topk_rows(k: int) -> RowOperator:
         raise ValueError(f"topk must be >= 1, got {k!r}")
 
     def op(Y: np.ndarray, inplace: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        norms = row_norms(Y)
+        xp = backend.of(Y)
+        norms = xp.row_norms(Y)
         m, d = Y.shape
         if k >= d:
-            return Y.copy(), np.zeros(m, dtype=bool), norms
-        keep = np.argpartition(np.abs(Y), d - k, axis=1)[:, d - k :]
-        rows = np.arange(m)[:, None]
-        C = np.zeros_like(Y)
-        C[rows, keep] = Y[rows, keep]
-        active = np.count_nonzero(Y, axis=1) > np.count_nonzero(C, axis=1)
+            return xp.copy(Y), xp.zeros(m, dtype=bool), norms
+        C = xp.keep_entries(Y, xp.top_indices(Y, k))
+        active = xp.count_nonzero_rows(Y) > xp.count_nonzero_rows(C)
         return C, active, norms
 
     return op
@@ -171,9 +159,13 @@ def ef_step_rows(
     buffer, with ``overwrite_memory`` the new memory in ``memory``'s: a batch of
     many clients then moves each (m, d) array as few times as it can.
     """
-    diff = np.subtract(target, memory, out=target if overwrite_target else None)
+    xp = backend.of(memory)
+    diff = xp.subtract(target, memory, out=target if overwrite_target else None)
     c, active, norms = op(diff, True)
-    s = np.asarray(step, dtype=memory.dtype)
-    increment = c if s.ndim == 0 and s == 1 else (s[:, None] if s.ndim else s) * c
-    new_memory = np.add(memory, increment, out=memory if overwrite_memory else None)
+    if np.ndim(step) == 0 and step == 1:
+        increment = c
+    else:
+        s = xp.asarray(step, dtype=memory.dtype)
+        increment = (s[:, None] if s.ndim else s) * c
+    new_memory = xp.add(memory, increment, out=memory if overwrite_memory else None)
     return RowStep(c, new_memory, active, norms)

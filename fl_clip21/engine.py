@@ -12,7 +12,9 @@ reference the Flower runs are checked against. Client state is stacked, one
 (n, d) array per name, and each round runs the algorithm's client function on
 all sampled rows at once (the Flower client runs the same function on one).
 ``run_vectorized`` runs every algorithm of a scenario that way: the ``--engine
-vectorized`` of the CLI.
+vectorized`` of the CLI. Its arrays live on the scenario's ``device``
+(fl_clip21.backend: numpy, or torch on the CPU or a GPU); sampling, stragglers,
+privacy accounting and the records are computed on the host.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_clip21 import core, streams
+from fl_clip21 import backend, core, streams
 from fl_clip21.algorithms import FLOWER_BASELINES, Algorithm, ClientRound, Grads, Noise, algorithm_from_config
 from fl_clip21.config import ConfigError
 from fl_clip21.privacy import central_epsilon, epsilon
@@ -120,25 +122,29 @@ def batch_grads(
 
     def grads(points: np.ndarray, step: int) -> np.ndarray:
         if cached is not None and size is None and points is at:
-            return cached if everyone else cached[clients]
+            return cached if everyone else cached[backend.of(cached).asarray(clients)]
         minibatch = Minibatch(cfg["seed"], server_round, size, step) if size is not None else None
         return problem.grads(points, clients, minibatch)
 
     return grads
 
 
-def batch_noise(cfg: dict[str, Any], clients: np.ndarray, server_round: int, d: int, dtype) -> Noise:
-    """``noise(step)``: the batch's N(0, I_d) draws of ``server_round`` (counter-based, per client)."""
+def batch_noise(
+    cfg: dict[str, Any], clients: np.ndarray, server_round: int, d: int, dtype, xp: backend.Backend = backend.NUMPY
+) -> Noise:
+    """``noise(step)``: the batch's N(0, I_d) draws of ``server_round`` (counter-based, per client), on ``xp``."""
 
     def noise(step: int) -> np.ndarray:
-        return streams.normals(cfg["seed"], streams.NOISE, clients, server_round, d, step).astype(dtype, copy=False)
+        return xp.cast(xp.normals(cfg["seed"], streams.NOISE, clients, server_round, d, step), dtype)
 
     return noise
 
 
-def server_noise(seed: int, server_round: int, d: int) -> Callable[[], np.ndarray]:
+def server_noise(
+    seed: int, server_round: int, d: int, xp: backend.Backend = backend.NUMPY
+) -> Callable[[], np.ndarray]:
     """The server's N(0, I_d) draw of ``server_round`` under central DP (its own stream, every engine the same)."""
-    return lambda: streams.normals(seed, streams.SERVER_NOISE, np.zeros(1, dtype=np.int64), server_round, d)[0]
+    return lambda: xp.normals(seed, streams.SERVER_NOISE, np.zeros(1, dtype=np.int64), server_round, d)[0]
 
 
 def client_round(
@@ -219,11 +225,22 @@ def round_epsilon(algorithm: Algorithm, times_asked: np.ndarray, delta: float, s
 
 def metrics(ev: Evaluation) -> dict[str, float]:
     """The record's global metrics: loss, grad_norm_sq (of f, on all data), accuracy."""
-    norm = float(core.row_norms(ev.grad))
-    # A product overflows to inf where ``norm ** 2`` raises: a diverging run is reported, not a crash.
-    out = {"loss": ev.loss, "grad_norm_sq": norm * norm}
-    if ev.accuracy is not None:
-        out["accuracy"] = ev.accuracy
+    return metrics_many([ev])[0]
+
+
+def metrics_many(evaluations: Sequence[Evaluation]) -> list[dict[str, float]]:
+    """:func:`metrics` of each evaluation, the gradients' norms in one call."""
+    if not evaluations:
+        return []
+    xp = backend.of(evaluations[0].grad)
+    norms = xp.to_numpy(core.row_norms(xp.stack([ev.grad for ev in evaluations])))
+    out = []
+    for ev, norm in zip(evaluations, norms.tolist()):
+        # A product overflows to inf where ``norm ** 2`` raises: a diverging run is reported, not a crash.
+        rec = {"loss": ev.loss, "grad_norm_sq": norm * norm}
+        if ev.accuracy is not None:
+            rec["accuracy"] = ev.accuracy
+        out.append(rec)
     return out
 
 
@@ -238,16 +255,18 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
     Every client's state is one (n, d) array per name; a round computes the
     sampled clients' rows in one batched call. A full-batch algorithm reads its
     gradients from the last evaluation, which computed them at the same model.
+    The arrays live on the scenario's ``device``; the result holds numpy arrays.
     """
-    problem = build_problem(cfg)
+    xp = backend.get(cfg.get("device", "numpy"))
+    problem = build_problem(cfg, xp.name)
     algorithm = algorithm_from_config(name, cfg)
     n, layout = cfg["num-clients"], problem.layout
     d, dtype = layout.size, layout.dtype
-    x = layout.flatten(problem.init_params())
-    server = algorithm.server_init(d, dtype)
-    state = algorithm.client_init(n, d, dtype)
+    x = xp.asarray(layout.flatten(problem.init_params()))
+    server = algorithm.server_init(d, dtype, xp)
+    state = algorithm.client_init(n, d, dtype, xp)
     # The server's copies of the clients' memories, kept when a reply can be dropped.
-    copies = layout.zeros(n) if algorithm.memory is not None and _drops_possible(cfg) else None
+    copies = xp.zeros((n, d), dtype) if algorithm.memory is not None and _drops_possible(cfg) else None
     reuse = not algorithm.stochastic
     cached = None
     records = []
@@ -261,10 +280,11 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
         )
         times_asked[clients] += 1
         everyone = len(clients) == n  # then the rows are the arrays themselves, not copies
-        rows = {s: v if everyone else v[clients] for s, v in state.items()}
+        index = xp.asarray(clients)
+        rows = {s: v if everyone else v[index] for s, v in state.items()}
         out = algorithm.client_round(
             x, rows, batch_grads(problem, algorithm, cfg, clients, k, cached, x, everyone),
-            batch_noise(cfg, clients, k, d, dtype),
+            batch_noise(cfg, clients, k, d, dtype, xp),
         )
         cached = None  # the round may have written into it
         late = np.isin(clients, sorted(late_clients(cfg, k, clients.tolist())))
@@ -272,23 +292,24 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
             if everyone and v is not state[s]:
                 state[s][...] = v
             elif not everyone:
-                state[s][clients] = v
+                state[s][index] = v
         if late.any() and algorithm.memory is not None:
             # The protocol resyncs a client whose reply was dropped to the server's copy.
-            state[algorithm.memory][clients[late]] = copies[clients[late]]
+            dropped = xp.asarray(clients[late])
+            state[algorithm.memory][dropped] = copies[dropped]
         arrived = ~late
-        messages = out.messages if arrived.all() else out.messages[arrived]
+        messages = out.messages if arrived.all() else out.messages[xp.asarray(arrived)]
         if copies is not None:
-            copies[clients[arrived]] += messages
-        x, server = algorithm.server_round(x, server, messages, n, noise=server_noise(cfg["seed"], k, d))
+            copies[xp.asarray(clients[arrived])] += messages
+        x, server = algorithm.server_round(x, server, messages, n, noise=server_noise(cfg["seed"], k, d, xp))
         accepted = int(arrived.sum())
         rec = {
             "round": k, "participants": len(clients), "accepted": accepted,
-            "clip_fraction": float(out.active[arrived].sum()) / accepted if accepted else 0.0, "rejected": 0,
-            "failed": int(late.sum()), "resyncs": 0, "bytes_up": accepted * message_bytes(algorithm, d, dtype),
-            "seconds": time.perf_counter() - t0,
+            "clip_fraction": float(xp.to_numpy(out.active)[arrived].sum()) / accepted if accepted else 0.0,
+            "rejected": 0, "failed": int(late.sum()), "resyncs": 0,
+            "bytes_up": accepted * message_bytes(algorithm, d, dtype), "seconds": time.perf_counter() - t0,
             **round_epsilon(algorithm, times_asked, cfg["delta"], k),
-            **(norm_quantiles(out.norms[arrived]) if reports_norms(algorithm) else {}),
+            **(norm_quantiles(xp.to_numpy(out.norms)[arrived]) if reports_norms(algorithm) else {}),
         }
         ev = problem.evaluate(x, client_grads=reuse)
         cached = ev.client_grads
@@ -297,9 +318,9 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
         if on_round is not None:
             on_round(name, rec, cfg["rounds"])
     return {
-        "records": records, "params": layout.unflatten(x),
-        "server_state": {s: layout.unflatten(v) for s, v in server.items()},
-        "client_states": state, "wall_seconds": time.perf_counter() - start,
+        "records": records, "params": layout.unflatten(xp.to_numpy(x)),
+        "server_state": {s: layout.unflatten(xp.to_numpy(v)) for s, v in server.items()},
+        "client_states": {s: xp.to_numpy(v) for s, v in state.items()}, "wall_seconds": time.perf_counter() - start,
     }
 
 
@@ -311,6 +332,15 @@ def check_vectorized(cfg: dict[str, Any]) -> None:
                 f"algorithms: {name!r} is Flower's own strategy and runs only with --engine flower; "
                 f"drop it from algorithms to use --engine vectorized"
             )
+
+
+def check_flower(cfg: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` if ``cfg`` asks the Flower engine for a device: only the batched engine has one."""
+    if cfg.get("device", "numpy") != "numpy":
+        raise ConfigError(
+            f"device={cfg['device']!r} is for the batched engine (--engine vectorized); the Flower engine "
+            f"computes on numpy: drop device or use --engine vectorized"
+        )
 
 
 def run_vectorized(cfg: dict[str, Any], on_round: OnRound | None = None) -> dict[str, dict[str, Any]]:

@@ -14,6 +14,7 @@ their data is read, and a plug-in's import, factory and result before it is used
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import json
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fl_clip21 import streams
+from fl_clip21 import backend, streams
 from fl_clip21.config import MAX_DIM, MAX_FEATURES, MAX_ROWS, ConfigError, plugin_parts
 from fl_clip21.core import Params
 from fl_clip21.layout import Layout
@@ -64,7 +65,9 @@ class Problem(Protocol):
 
     A model is a flat (d,) vector in :attr:`layout`'s order (fl_clip21.layout);
     a batch of m clients' points is an (m, d) array, or one (d,) vector that
-    every client of the batch evaluates at.
+    every client of the batch evaluates at. Client indices are numpy arrays; the
+    points and what the methods return live on the problem's backend (numpy,
+    or torch on a device: :func:`on_backend`).
     """
 
     num_clients: int
@@ -86,7 +89,7 @@ class Problem(Protocol):
     def evaluate(self, x: np.ndarray, client_grads: bool = False) -> Evaluation:
         """f, its gradient and accuracy at ``x``; with ``client_grads`` also every client's full gradient."""
 
-    def evaluate_many(self, xs: np.ndarray) -> list[Evaluation]:
+    def evaluate_many(self, xs: np.ndarray, client_grads: bool = False) -> list[Evaluation]:
         """:meth:`evaluate` of each of the (C, d) models ``xs``."""
 
 
@@ -100,8 +103,8 @@ class DictAPI:
 
     layout: Layout
 
-    def evaluate_many(self, xs: np.ndarray) -> list[Evaluation]:
-        return [self.evaluate(x) for x in xs]
+    def evaluate_many(self, xs: np.ndarray, client_grads: bool = False) -> list[Evaluation]:
+        return [self.evaluate(x, client_grads) for x in xs]
 
     def client_grad(self, i: int, params: Params, minibatch: Minibatch | None = None) -> Params:
         return self.layout.unflatten(self.grads(self.layout.flatten(params), np.array([i]), minibatch)[0])
@@ -118,7 +121,7 @@ class DictAPI:
 
 def _rows_of(points: np.ndarray, point_of_row: np.ndarray | None) -> np.ndarray:
     """One point per row: ``points[point_of_row]``, or ``points`` as given."""
-    return points if point_of_row is None else points[np.asarray(point_of_row)]
+    return points if point_of_row is None else points[backend.of(points).asarray(point_of_row)]
 
 
 def _segment_starts(sizes: np.ndarray) -> np.ndarray:
@@ -283,21 +286,28 @@ class MeanEstimation(DictAPI):
     """f_i(x) = 0.5 * ||x - a_i||^2; the minimiser of f is the mean of the a_i."""
 
     classification = False
+    xp: backend.Backend = backend.NUMPY
 
     def __init__(self, centers: np.ndarray):
         self.centers = np.asarray(centers, dtype=np.float64)
         self.num_clients = self.centers.shape[0]
         self.layout = Layout.of(self.init_params())
 
+    def on(self, xp: backend.Backend) -> MeanEstimation:
+        """This problem computing on the backend ``xp`` (the centres copied there)."""
+        out = copy.copy(self)
+        out.xp, out.centers = xp, xp.asarray(self.centers)
+        return out
+
     def init_params(self) -> Params:
         return {"x": np.zeros(self.centers.shape[1])}
 
     def grads(self, points, clients, minibatch=None, point_of_row=None) -> np.ndarray:
-        return _rows_of(points, point_of_row) - self.centers[np.asarray(clients, dtype=np.int64)]
+        return _rows_of(points, point_of_row) - self.centers[self.xp.asarray(clients, dtype=np.int64)]
 
     def evaluate(self, x, client_grads: bool = False) -> Evaluation:
         diff = x - self.centers
-        loss = float(0.5 * np.mean(np.einsum("ij,ij->i", diff, diff)))
+        loss = 0.5 * self.xp.mean(self.xp.einsum("ij,ij->i", diff, diff))
         return Evaluation(loss, diff.mean(axis=0), None, diff)
 
 
@@ -495,74 +505,97 @@ class LogReg(_ClientData):
         # 1 / |P_i| of each row's client, for f's gradient (every client weighs the same).
         self._row_weight = np.repeat(1.0 / self.sizes, self.sizes)
 
+    xp: backend.Backend = backend.NUMPY
+
+    def on(self, xp: backend.Backend) -> LogReg:
+        """This problem computing on the backend ``xp``: the data and its signs and weights copied there.
+
+        The partition (``sizes``, ``starts``) stays on the host, where the
+        rows of a batch are chosen.
+        """
+        out = copy.copy(self)
+        out.xp = xp
+        out.X, out.signs, out._row_weight = (xp.asarray(a) for a in (self.X, self.signs, self._row_weight))
+        return out
+
     def init_params(self) -> Params:
         return {"w": np.zeros(self.X.shape[1])}
 
     def _reg_grad(self, w: np.ndarray) -> np.ndarray:
         return self.reg * 2 * w / (1 + w**2) ** 2
 
-    def _weighted_sums(self, values: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """(m, d): for each of m owners, sum over its ``counts[j]`` rows (consecutive in ``rows``) of values[r] * X[rows[r]].
-
-        One CSR (sparse-times-dense) product that reads X's rows in place: no
-        copy of the data, no (rows x d) temporary.
-        """
-        from scipy.sparse import csr_array
-
-        indptr = np.concatenate(([0], np.cumsum(counts)))
-        matrix = csr_array((values, rows, indptr), shape=(len(counts), self.X.shape[0]))
-        return np.asarray(matrix @ self.X)
-
     def grads(self, points, clients, minibatch=None, point_of_row=None) -> np.ndarray:
         """Every listed client's (minibatch) gradient: its rows' margins, then one sparse-times-dense product."""
+        xp = self.xp
         clients = np.asarray(clients, dtype=np.int64)
         rows, owner, weight = self.rows(clients, minibatch)
+        counts = np.bincount(owner, minlength=clients.size)
+        rows, owner, weight = xp.asarray(rows), xp.asarray(owner), xp.asarray(weight)
         if point_of_row is not None:  # few distinct models: one product with all of them, then a gather
-            z = (self.X @ points.T)[rows, np.asarray(point_of_row)[owner]]
+            point_of_row = xp.asarray(point_of_row)
+            z = (self.X @ points.T)[rows, point_of_row[owner]]
             points = points[point_of_row]
         elif points.ndim == 1:
-            z = self.X @ points if rows.size > self.X.shape[0] // 4 else None
+            z = self.X @ points if rows.shape[0] > self.X.shape[0] // 4 else None
             z = z[rows] if z is not None else self.X[rows] @ points
         else:
-            z = np.einsum("ij,ij->i", self.X[rows], points[owner])
-        return self._grads_at(points, clients, rows, owner, weight, z)
+            z = xp.einsum("ij,ij->i", self.X[rows], points[owner])
+        return self._grads_at(points, rows, counts, weight, z)
 
-    def _grads_at(self, points, clients, rows, owner, weight, z) -> np.ndarray:
-        """The gradients from the rows' margins ``z``: one CSR product over X, plus the regulariser's."""
+    def _grads_at(self, points, rows, counts, weight, z) -> np.ndarray:
+        """The gradients from the rows' margins ``z``: one CSR product over X, plus the regulariser's.
+
+        ``counts[j]``: how many of ``rows`` (consecutive) are the j-th client's.
+        """
         signs = self.signs[rows]
-        s = -signs * _sigmoid(-signs * z) * weight
-        out = self._weighted_sums(s, rows, np.bincount(owner, minlength=clients.size))
+        s = -signs * self._sigmoid(-signs * z) * weight
+        out = self.xp.weighted_row_sums(self.X, s, rows, counts)
         out += self._reg_grad(points)
         return out
 
     def evaluate(self, x, client_grads: bool = False) -> Evaluation:
         """f, its gradient and accuracy from one product with X (two with ``client_grads``: every client's, kept)."""
+        xp = self.xp
         z = self.X @ x
         margin = self.signs * z
-        reg = self.reg * np.sum(x**2 / (1 + x**2))
-        data = np.add.reduceat(np.logaddexp(0.0, -margin), self.starts) / self.sizes
-        s = -self.signs * _sigmoid(-margin) * self._row_weight
-        accuracy = float(np.mean((z > 0) == (self.signs > 0)))
+        reg = self.reg * (x**2 / (1 + x**2)).sum()
+        data = xp.segment_means(xp.logaddexp0(-margin), self.starts, self.sizes)
+        s = -self.signs * self._sigmoid(-margin) * self._row_weight
+        accuracy = float(xp.fraction((z > 0) == (self.signs > 0)))
+        loss = float(xp.mean(data) + reg)
         if not client_grads:
-            return Evaluation(float(np.mean(data) + reg), self.X.T @ s / self.num_clients + self._reg_grad(x), accuracy)
-        per_client = self._weighted_sums(s, np.arange(self.X.shape[0]), self.sizes)
+            return Evaluation(loss, self.X.T @ s / self.num_clients + self._reg_grad(x), accuracy)
+        per_client = xp.weighted_row_sums(self.X, s, xp.asarray(np.arange(self.X.shape[0])), self.sizes)
         per_client += self._reg_grad(x)
-        return Evaluation(float(np.mean(data) + reg), per_client.mean(axis=0), accuracy, per_client)
+        return Evaluation(loss, per_client.mean(axis=0), accuracy, per_client)
 
-    def evaluate_many(self, xs: np.ndarray) -> list[Evaluation]:
-        """:meth:`evaluate` of C models from one (N, C) product with X."""
+    def evaluate_many(self, xs: np.ndarray, client_grads: bool = False) -> list[Evaluation]:
+        """:meth:`evaluate` of C models from one (N, C) product with X.
+
+        With ``client_grads`` every client's gradient at every model too, in
+        one (C n, d) array, cell after cell (f's gradient is their mean).
+        """
+        xp = self.xp
         Z = self.X @ xs.T
         margin = self.signs[:, None] * Z
-        reg = self.reg * np.sum(xs**2 / (1 + xs**2), axis=1)
-        data = (np.add.reduceat(np.logaddexp(0.0, -margin), self.starts, axis=0) / self.sizes[:, None]).mean(axis=0)
-        s = -self.signs[:, None] * _sigmoid(-margin) * self._row_weight[:, None]
-        grads = (self.X.T @ s).T / self.num_clients + self._reg_grad(xs)
-        accuracy = np.mean((Z > 0) == (self.signs[:, None] > 0), axis=0)
-        return [Evaluation(float(data[c] + reg[c]), grads[c], float(accuracy[c])) for c in range(len(xs))]
+        reg = self.reg * (xs**2 / (1 + xs**2)).sum(axis=1)
+        data = xp.segment_means(xp.logaddexp0(-margin), self.starts, self.sizes).mean(axis=0)
+        s = -self.signs[:, None] * self._sigmoid(-margin) * self._row_weight[:, None]
+        accuracy = xp.fraction((Z > 0) == (self.signs[:, None] > 0), axis=0)
+        C, N = len(xs), self.X.shape[0]
+        if not client_grads:
+            grads = (self.X.T @ s).T / self.num_clients + self._reg_grad(xs)
+            return [Evaluation(float(data[c] + reg[c]), grads[c], float(accuracy[c])) for c in range(C)]
+        per_client = xp.weighted_row_sums(
+            self.X, s.T.reshape(-1), xp.asarray(np.tile(np.arange(N), C)), np.tile(self.sizes, C)
+        )
+        blocks = per_client.reshape(C, self.num_clients, -1)
+        blocks += self._reg_grad(xs)[:, None, :]
+        grads = blocks.mean(axis=1)
+        return [Evaluation(float(data[c] + reg[c]), grads[c], float(accuracy[c]), blocks[c]) for c in range(C)]
 
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -z))
+    def _sigmoid(self, z: np.ndarray) -> np.ndarray:
+        return self.xp.exp(-self.xp.logaddexp0(-z))
 
 
 # --- a small torch MLP on digits or a dataset table ---------------------------
@@ -636,8 +669,19 @@ class DigitsMLP(_ClientData):
         finally:
             self.torch.random.set_rng_state(gen_state)
 
+    xp: backend.Backend = backend.NUMPY
+
+    def on(self, xp: backend.Backend) -> DigitsMLP:
+        """This problem computing on the backend ``xp``: on a torch device, the data and the module moved there."""
+        out = copy.copy(self)
+        out.xp = xp
+        if isinstance(xp, backend.Torch):
+            out.Xtr, out.ytr, out.Xte, out.yte = (t.to(xp.device) for t in (self.Xtr, self.ytr, self.Xte, self.yte))
+            out._shell = copy.deepcopy(self._shell).to(xp.device)
+        return out
+
     def init_params(self) -> Params:
-        return {k: v.detach().numpy().copy() for k, v in self._shell.state_dict().items()}
+        return {k: v.detach().cpu().numpy().copy() for k, v in self._shell.state_dict().items()}
 
     @functools.cached_property
     def _shell(self):
@@ -645,8 +689,8 @@ class DigitsMLP(_ClientData):
         return self._seeded_model()
 
     def _tensors(self, flat: np.ndarray) -> dict:
-        """The model's named tensors over a flat (d,) or (m, d) array (views, no copy)."""
-        t = self.torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
+        """The model's named tensors over a flat (d,) or (m, d) array or tensor (views, no copy)."""
+        t = flat if backend.is_tensor(flat) else self.torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
         lead = t.shape[:-1]
         out, start = {}, 0
         for name, shape, size in zip(self.layout.names, self.layout.shapes, self.layout.sizes):
@@ -676,7 +720,7 @@ class DigitsMLP(_ClientData):
         mask = np.zeros((len(clients), width), dtype=np.float32)
         index[owner, position] = rows
         mask[owner, position] = 1.0
-        return self.torch.from_numpy(index), self.torch.from_numpy(mask)
+        return self.torch.from_numpy(index).to(self.Xtr.device), self.torch.from_numpy(mask).to(self.Xtr.device)
 
     def _client_grads(self, points: np.ndarray, clients: np.ndarray, minibatch: Minibatch | None):
         torch = self.torch
@@ -685,6 +729,8 @@ class DigitsMLP(_ClientData):
         fn = torch.func.vmap(self._per_client_grad, in_dims=(0 if per_row else None, 0, 0, 0))
         grads, losses = fn(self._tensors(points), self.Xtr[index], self.ytr[index], mask)
         flat = torch.cat([grads[name].reshape(len(clients), -1) for name in self.layout.names], dim=1)
+        if isinstance(self.xp, backend.Torch):
+            return flat.detach(), losses.detach()
         return flat.detach().numpy(), losses.detach().numpy()
 
     def grads(self, points, clients, minibatch=None, point_of_row=None) -> np.ndarray:
@@ -697,8 +743,8 @@ class DigitsMLP(_ClientData):
         with self.torch.no_grad():
             logits = self.torch.func.functional_call(self._shell, self._tensors(x), (self.Xte,))
         accuracy = float((logits.argmax(dim=1) == self.yte).float().mean())
-        mean = grads.mean(axis=0, dtype=np.float64).astype(np.float32)
-        return Evaluation(float(np.mean(losses, dtype=np.float64)), mean, accuracy, grads if client_grads else None)
+        mean = self.xp.cast(self.xp.sum_rows(grads) / len(grads), np.float32)
+        return Evaluation(self.xp.mean(losses), mean, accuracy, grads if client_grads else None)
 
 
 # --- building ---------------------------------------------------------------
@@ -813,10 +859,54 @@ def _build_cached(key: str) -> Problem:
     return _build(json.loads(key))
 
 
+class _OnHost:
+    """A problem without a backend of its own (a plug-in) for an engine on torch: arrays cross at its edges."""
+
+    def __init__(self, inner: Problem, xp: backend.Backend):
+        self.inner, self.xp = inner, xp
+        self.num_clients, self.classification, self.layout = inner.num_clients, inner.classification, inner.layout
+
+    def init_params(self) -> Params:
+        return self.inner.init_params()
+
+    def grads(self, points, clients, minibatch=None, point_of_row=None):
+        return self.xp.asarray(self.inner.grads(self.xp.to_numpy(points), clients, minibatch, point_of_row))
+
+    def evaluate(self, x, client_grads: bool = False) -> Evaluation:
+        return self._back(self.inner.evaluate(self.xp.to_numpy(x), client_grads))
+
+    def evaluate_many(self, xs, client_grads: bool = False) -> list[Evaluation]:
+        return [self._back(ev) for ev in self.inner.evaluate_many(self.xp.to_numpy(xs), client_grads)]
+
+    def _back(self, ev: Evaluation) -> Evaluation:
+        grads = None if ev.client_grads is None else self.xp.asarray(ev.client_grads)
+        return Evaluation(ev.loss, self.xp.asarray(ev.grad), ev.accuracy, grads)
+
+
+def on_backend(problem: Problem, xp: backend.Backend) -> Problem:
+    """``problem`` computing on the backend ``xp``: its own copy there (built-in problems), else one that converts."""
+    if xp is backend.NUMPY:
+        return problem
+    on = getattr(type(problem), "on", None)
+    return on(problem, xp) if callable(on) else _OnHost(problem, xp)
+
+
+@functools.lru_cache(maxsize=2)
+def _on_device_cached(key: str, device: str) -> Problem:
+    return on_backend(_build_cached(key), backend.get(device))
+
+
 _PROBLEM_KEYS = ("seed", "num-clients")
 
 
-def build_problem(cfg: dict[str, Any]) -> Problem:
-    """Build (once per process and problem) the problem a scenario describes."""
-    key = {k: v for k, v in cfg.items() if k in _PROBLEM_KEYS or k.startswith(("problem.", "partition."))}
-    return _build_cached(json.dumps(key, sort_keys=True))
+def build_problem(cfg: dict[str, Any], device: str = "numpy") -> Problem:
+    """Build (once per process and problem) the problem a scenario describes, computing on ``device``.
+
+    The engines that compute on numpy (Flower's) call this without ``device``,
+    whatever the scenario's ``device`` key says; the batched engine passes it.
+    """
+    key = json.dumps(
+        {k: v for k, v in cfg.items() if k in _PROBLEM_KEYS or k.startswith(("problem.", "partition."))},
+        sort_keys=True,
+    )
+    return _build_cached(key) if device == "numpy" else _on_device_cached(key, device)

@@ -8,7 +8,9 @@ SplitMix64's output at a counter made from those numbers (Steele, Lea and
 Flood, "Fast splittable pseudorandom number generators", 2014), computed for
 a whole (clients x entries) block in one vectorised call. Normal draws use the
 Box-Muller transform on pairs of uniforms. The same arithmetic in torch gives
-the same numbers on a GPU (:func:`uniforms_torch`).
+the same uniforms on a GPU, bit for bit (:func:`uniforms_torch`), and the same
+normals to float rounding (:func:`normals_torch`: torch's log1p, cos and sin
+may differ from numpy's in the last bit).
 """
 
 from __future__ import annotations
@@ -79,6 +81,20 @@ def normals(seed: int, purpose: int, clients: np.ndarray, server_round: int, cou
     out = np.empty((u.shape[0], 2 * pairs))
     out[:, 0::2] = radius * np.cos(angle)
     out[:, 1::2] = radius * np.sin(angle)
+    return out[:, :count]
+
+
+def normals_torch(seed: int, purpose: int, clients, server_round: int, count: int, step: int = 0, device=None):
+    """:func:`normals` computed by torch (on ``device``), float64: the same draws to float rounding."""
+    import torch
+
+    pairs = (count + 1) // 2
+    u = uniforms_torch(seed, purpose, clients, server_round, 2 * pairs, step, device)
+    radius = torch.sqrt(-2.0 * torch.log1p(-u[:, 0::2]))
+    angle = 2.0 * np.pi * u[:, 1::2]
+    out = torch.empty((u.shape[0], 2 * pairs), dtype=torch.float64, device=u.device)
+    out[:, 0::2] = radius * torch.cos(angle)
+    out[:, 1::2] = radius * torch.sin(angle)
     return out[:, :count]
 
 

@@ -34,10 +34,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from fl_clip21.config import ConfigError, check_work, expand_runs, load_scenario, parse_sets
-from fl_clip21.engine import OnRound, check_vectorized
+from fl_clip21.engine import OnRound, check_flower, check_vectorized
 from fl_clip21.outputs import claim
 from fl_clip21.problems import build_problem
-from fl_clip21.report import plot_title, rounds_to_target
+from fl_clip21.report import plot_title, progress_due, rounds_to_target
 
 Grid = dict[str, list[str]]  # key -> its values, as typed on the command line
 Cell = dict[str, str]  # key -> one value
@@ -113,6 +113,8 @@ def resolve_cells(
                 )
             if engine == "vectorized":
                 check_vectorized(cfg)
+            else:
+                check_flower(cfg)
             check_work(cfg, build_problem(cfg).layout.size)
         except ValueError as e:  # ConfigError, or an epsilon the accountant cannot reach
             raise ConfigError(f"--grid cell {_cell_text(cell)}: {e}") from None
@@ -121,11 +123,33 @@ def resolve_cells(
 
 
 class Progress:
-    """One stderr line per finished (cell, seed, algorithm), with an estimate of the time left."""
+    """One stderr line per finished (cell, seed, algorithm), with an estimate of the time left.
+
+    On the batched engine, where the cells of a batch finish together, also
+    the batch's rounds (:meth:`batch_round`).
+    """
 
     def __init__(self, total: int, stream: TextIO = sys.stderr):
         self.total, self.done, self.stream = total, 0, stream
         self.start = time.perf_counter()
+        self.tty = stream.isatty()
+        self.batch_start = self.start
+
+    def batch_round(self, batch: int, batches: int, name: str, runs: int, k: int, rounds: int) -> None:
+        """Round ``k`` of a batch of ``runs`` runs: one line rewritten in place on a terminal, else every tenth."""
+        now = time.perf_counter()
+        if k == 1:
+            self.batch_start = now
+        left = (now - self.batch_start) / k * (rounds - k)
+        line = (
+            f"sweep batch {batch}/{batches} ({runs} runs of {name}): round {k}/{rounds}"
+            f"  ({now - self.start:.1f} s, ~{left:.0f} s left in the batch)"
+        )
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if k == rounds else ""))
+        elif progress_due(k, rounds):
+            self.stream.write(line + "\n")
+        self.stream.flush()
 
     def tick(self, cell: Cell, name: str, reached: int | None) -> None:
         self.done += 1
@@ -174,8 +198,13 @@ def _run_batched(cells: list[tuple[Cell, list[dict[str, Any]]]], progress: Progr
             for name in cfg["algorithms"]:
                 groups.setdefault(batch_key(cfg, name), (name, []))[1].append((c, r, cfg))
     out = {}
-    for name, members in groups.values():
-        results = run_cells([cfg for _, _, cfg in members], name)
+    for j, (name, members) in enumerate(groups.values(), start=1):
+
+        def on_round(c: int, name: str, rec: dict[str, Any], rounds: int, j=j, runs=len(members)) -> None:
+            if c == 0:  # every cell of a batch is at the same round
+                progress.batch_round(j, len(groups), name, runs, rec["round"], rounds)
+
+        results = run_cells([cfg for _, _, cfg in members], name, on_round)
         for (c, r, cfg), res in zip(members, results):
             out[(c, r, name)] = _summary(res["records"], cfg["target"])
             progress.tick(cells[c][0], name, out[(c, r, name)]["rounds_to_target"])

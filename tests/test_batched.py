@@ -86,19 +86,40 @@ def test_torch_draws_the_same_numbers_bit_for_bit():
     np.testing.assert_array_equal(got, streams.uniforms(3, streams.BATCH, np.arange(9), 5, 40))
 
 
-def test_bench_engines_prints_ratios_against_the_bound_and_the_loop(tmp_path):
+def test_bench_engines_prints_ratios_against_the_bound_the_loop_and_torch(tmp_path):
+    pytest.importorskip("torch")
     out = tmp_path / "engines.json"
     proc = subprocess.run(
         [sys.executable, "-m", "fl_clip21.cli", "bench", "--engines", "--points", "10x31,100x101",
-         "--mlp-clients", "5", "--rounds", "2", "--repeats", "1", "--no-sweep", "--out", str(out)],
+         "--mlp-clients", "5", "--rounds", "2", "--repeats", "1", "--no-sweep", "--device", "cpu", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["results"]
+    result = json.loads(out.read_text())
+    rows = result["results"]
     assert [(r["problem"], r["clients"], r["d"]) for r in rows] == [("logreg", 10, 31), ("logreg", 100, 101), ("mlp", 5, 2410)]
     for r in rows:
         assert r["batched_over_bound"] > 0 and r["loop_over_batched"] > 0 and r["bound"]["min_ms"] > 0
-    assert "| problem | n | d |" in proc.stdout
+        assert r["device"]["device"] == "cpu" and r["device"]["batched_over_bound"] > 0
+        assert r["device"]["numpy_over_device"] > 0
+        # the data read once, the clients' memories read and written once
+        assert r["bytes_moved"] == r["data_bytes"] + 2 * r["memory_bytes"]
+    # logreg at 10 x 31: 1000 rows x 31 float64s; 10 memories of 31 float64s. The MLP: float32 features.
+    assert (rows[0]["data_bytes"], rows[0]["memory_bytes"]) == (1000 * 31 * 8, 10 * 31 * 8)
+    assert rows[2]["memory_bytes"] == 5 * 2410 * 4 and rows[2]["data_bytes"] % (64 * 4) == 0
+    assert result["machine"]["device"] == "cpu" and result["machine"]["torch_threads"] == 1
+    assert "| problem | n | d |" in proc.stdout and "torch-cpu ms/round" in proc.stdout
+
+
+def test_bench_engines_on_a_missing_gpu_exits_2_before_anything_runs(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    from fl_clip21 import cli
+
+    out = tmp_path / "engines.json"
+    assert cli.main(["bench", "--engines", "--device", "cuda", "--no-sweep", "--out", str(out)]) == 2
+    assert not out.exists()
 
 
 def test_bench_sweep_times_the_batched_sweep_against_one_run_at_a_time():

@@ -20,6 +20,7 @@ def _cells(name_sets, grid):
 @pytest.mark.parametrize("name, extra", [
     ("clip21-gd", []), ("clip-sgd", ["sigma=0.01"]), ("clip21-sgd2m", ["beta1=0.5", "sigma=0.01"]),
     ("celgc", ["local-steps=2"]), ("ef21-topk", ["topk=3"]),
+    ("clip21-gd", ["fraction=1"]), ("clip21-topk", ["fraction=1", "topk=3"]),  # full participation: no gathers
 ])
 def test_every_cell_of_a_batch_has_the_trajectory_it_has_alone(name, extra):
     # Prepare: 4 cells that differ in tau, lr and beta2, partial participation.
@@ -42,3 +43,19 @@ def test_cells_that_differ_in_more_than_hyper_parameters_are_refused():
     assert batch_key(cfgs[0], "clip21-gd") != batch_key(cfgs[1], "clip21-gd")
     with pytest.raises(ValueError, match="differ only in lr, tau"):
         run_cells(cfgs, "clip21-gd")
+
+
+@pytest.mark.parametrize("name, calls", [("clip21-gd", 1), ("clip21-sgd", 4)])
+def test_a_full_batch_batch_reads_its_gradients_from_the_evaluation_of_the_same_models(monkeypatch, name, calls):
+    # Prepare: 3 cells, 4 rounds; count the problem's gradient calls.
+    from fl_clip21.problems import build_problem
+
+    cfgs = _cells([f"algorithms={name}", "rounds=4"], [["tau=0.1"], ["tau=1"], ["tau=10"]])
+    problem = build_problem(cfgs[0])
+    counted = []
+    original = problem.grads
+    monkeypatch.setattr(problem, "grads", lambda *a, **k: counted.append(1) or original(*a, **k))
+    # Execute
+    run_cells(cfgs, name)
+    # Assert: round 1 computes them, later rounds of a full-batch algorithm read them; SGD draws every round
+    assert len(counted) == calls

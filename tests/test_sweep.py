@@ -143,3 +143,24 @@ def test_sweep_heat_maps_share_one_colour_scale_and_name_the_fixed_values(tmp_pa
     title = figures["heatmap-clip-gd.png"].texts[0].get_text()  # the suptitle
     assert title.startswith("clip-gd: mean-estimation — ") and "n=3" in title and "γ=0.5" in title
     assert "τ" not in title  # the grid varies tau
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream", [io.StringIO(), _Terminal()], ids=["log", "terminal"])
+def test_a_batched_sweep_shows_its_rounds_while_a_batch_runs(stream):
+    import fl_clip21.sweep as sweep
+
+    cells = sweep.resolve_cells(MEAN, {"tau": ["0.1", "1"]}, {"rounds": "20", "algorithms": "clip21-gd"})
+    sweep.run_sweep(cells, stream=stream)
+    text = stream.getvalue()
+    if isinstance(stream, _Terminal):  # one line, rewritten in place every round, ended at the last
+        assert text.count("\r\033[K") == 20 and "round 1/20" in text
+        assert "sweep batch 1/1 (2 runs of clip21-gd): round 20/20" in text.split("\n")[0]
+    else:  # a line every tenth of the rounds
+        lines = [ln for ln in text.splitlines() if ln.startswith("sweep batch")]
+        assert [ln.split(": ")[1].split()[1] for ln in lines] == [f"{k}/20" for k in range(2, 21, 2)]
+    assert "sweep [2/2]" in text  # then the cells' lines, as before
