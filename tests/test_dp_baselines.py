@@ -249,3 +249,16 @@ def test_a_flower_baseline_resumes_from_its_checkpoint_with_the_same_trajectory(
     for key, arr in flower["flower-dp-adaptive"]["params"].items():
         np.testing.assert_array_equal(resumed["params"][key], arr)
     assert [r["epsilon"] for r in resumed["records"]] == [r["epsilon"] for r in flower["flower-dp-adaptive"]["records"]]
+
+
+@pytest.mark.parametrize("name", ["dp-fedavg", "dp-fedavg-adaptive"])
+def test_tune_runs_dp_fedavg_batched_each_cell_as_it_runs_alone(name):
+    # fl-clip21 tune's cells (fl_clip21.cells): 3 cells differing in lr, tau and sigma, central DP.
+    cells = [_cfg(algorithms=[name], rounds=4, lr=lr, tau=tau, sigma=sigma, **{"num-clients": 8, "count-stddev": 2.0})
+             for lr, tau, sigma in ((0.5, 0.05, 0.05), (1.0, 0.2, 0.1), (0.3, 0.01, 0.02))]
+    from fl_clip21.cells import run_cells
+
+    for cfg, res in zip(cells, run_cells(cells, name)):
+        alone = run_local(cfg, name)
+        np.testing.assert_allclose(res["params"]["w"], alone["params"]["w"], rtol=0, atol=1e-12)
+        assert [r["epsilon"] for r in res["records"]] == [r["epsilon"] for r in alone["records"]]
