@@ -238,7 +238,23 @@ def test_the_wrapper_refuses_what_it_cannot_honour():
         wrap(num_sampled_clients=3)
     with pytest.raises(ValueError, match="seed must be the strategy's seed 5"):
         wrap(seed=6)
+    with pytest.raises(ValueError, match="secure=True with Poisson sampling needs the strategy's config secure-noise"):
+        strategy = Clip21Strategy(algorithm=algorithm_from_config("clip21-sgd", cfg), scenario=cfg, num_clients=4,
+                                  fraction=0.5, seed=5, sampling="poisson")
+        Clip21CentralDP(strategy, noise_multiplier=1.0, clipping_norm=0.05, secure=True)
     assert wrap(num_sampled_clients=2).accounted_multiplier == 0.5  # 2 of 4, replace-one: z / 2
+    secure = wrap(secure=True).strategy.algorithm
+    x, state = np.zeros(31), secure.server_init(31)
+    draws = [secure.server_round(x, state, np.zeros((0, 31)), 4)[0] for _ in range(2)]
+    assert np.abs(draws[0] - draws[1]).max() > 0  # fresh entropy each round, no seeded stream
+
+
+def test_flower_baselines_draw_secure_noise_from_os_entropy():
+    cfg = _cfg(**{"secure-noise": True})
+    strategy = dp_baseline.make_strategy("flower-dp-client-fixed", cfg, build_problem(cfg).layout)
+    assert np.abs(strategy.server_draw(1) - strategy.server_draw(1)).max() > 0
+    seeded = dp_baseline.make_strategy("flower-dp-client-fixed", _cfg(), build_problem(cfg).layout)
+    np.testing.assert_array_equal(seeded.server_draw(1), seeded.server_draw(1))
 
 
 def test_a_flower_baseline_resumes_from_its_checkpoint_with_the_same_trajectory(flower_runs, simulation):

@@ -63,10 +63,14 @@ class Clip21CentralDP(Strategy):
         different one is an error: noise and sampling come from one seed).
     delta:
         delta of the reported epsilon; None: the strategy's.
+    secure:
+        Draw the noise from OS entropy instead of the seed (deployments: the
+        seed is in the scenario every client receives, or guessable). None:
+        the strategy's ``secure-noise`` config key. With Poisson sampling the
+        strategy's config must say ``secure-noise`` too, so that its sample is
+        secret as well (amplification needs it).
 
-    The noise comes from OS entropy instead of the seed when the strategy's
-    scenario has ``secure-noise = true`` (deployments: the scenario travels to
-    every client). Accounting: Poisson sampling, add/remove-one adjacency with
+    Accounting: Poisson sampling, add/remove-one adjacency with
     amplification; a fixed number m < n of clients, replace-one (multiplier
     z / 2, no amplification); everyone, add/remove-one (z).
     """
@@ -81,6 +85,7 @@ class Clip21CentralDP(Strategy):
         sampling: str | None = None,
         seed: int | None = None,
         delta: float | None = None,
+        secure: bool | None = None,
     ) -> None:
         super().__init__()
         algorithm = strategy.algorithm
@@ -110,10 +115,15 @@ class Clip21CentralDP(Strategy):
                 f"num_sampled_clients must be the strategy's round(fraction x n) = {m:g} with fixed-size sampling "
                 f"(Poisson sampling: leave it out), got {num_sampled_clients!r}"
             )
-        strategy.algorithm = with_central_dp(
-            algorithm, noise_multiplier * tau, m, q, replace_one=replace_one,
-            secure=bool(strategy.config.get("secure-noise", False)),
-        )
+        secret_sample = bool(strategy.config.get("secure-noise", False))
+        secure = secret_sample if secure is None else secure
+        if secure and sampling == "poisson" and not secret_sample:
+            raise ValueError(
+                "secure=True with Poisson sampling needs the strategy's config secure-noise=true too: its Poisson "
+                "sample must come from OS entropy like the noise, or amplification cannot be claimed"
+            )
+        strategy.algorithm = with_central_dp(algorithm, noise_multiplier * tau, m, q, replace_one=replace_one,
+                                             secure=secure)
         self.strategy = strategy
         self.noise_multiplier, self.clipping_norm, self.num_sampled_clients = noise_multiplier, clipping_norm, m
         self.sampling_rate = q
