@@ -18,6 +18,7 @@ memory v_i, ``g`` the server aggregate, ``lr`` the server step gamma.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -48,10 +49,16 @@ class ClientRound:
 
 @dataclass(frozen=True)
 class CentralDP:
-    """The server's noise under central DP: std on the sum of messages, and the fixed denominator m."""
+    """The server's noise under central DP: std on the sum of messages, and the fixed denominator m.
+
+    ``secure``: the noise comes from the operating system's entropy, not from the
+    engine's seeded stream (``secure-noise``: nobody who knows the seed can
+    subtract it; the run is not reproducible).
+    """
 
     std: float
     denominator: float
+    secure: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,11 @@ class Algorithm:
         Central (user-level) DP: the server adds N(0, std^2 I) to the sum of
         the clipped messages and divides by the fixed ``denominator`` m (the
         expected number of sampled clients) where the algorithm takes a mean.
+    aggregate:
+        ``(messages, state, hp, noise, central) -> (total, count, state)``: the
+        server's own treatment of the round's messages before ``server_fn``
+        (DP-FedAvg with adaptive clipping clips them and updates its clipping
+        norm), in place of the sum and ``central``'s noise; None for the sum.
     """
 
     name: str
@@ -113,6 +125,7 @@ class Algorithm:
     noise_multiplier: float | None = None
     hyper: Mapping[str, float] = field(default_factory=dict)
     central: CentralDP | None = None
+    aggregate: Callable[..., tuple[np.ndarray, float, dict[str, np.ndarray]]] | None = None
 
     def client_init(
         self, m: int, d: int, dtype=np.float64, xp: backend.Backend = backend.NUMPY
@@ -136,19 +149,29 @@ class Algorithm:
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The server's step with the round's accepted messages (m, d), m >= 0.
 
-        With central DP, ``noise()`` gives the round's N(0, I_d) draw (seeded by
-        the engine) and the sum of the messages is noised here, the one place
-        every engine adds it.
+        With central DP, ``noise(step=0)`` gives the round's N(0, I_d) draws
+        (seeded by the engine; step 1 is a second, independent draw) and the sum
+        of the messages is noised here, the one place every engine adds it.
+        With ``secure`` central DP the draws come from the operating system's
+        entropy instead, and ``noise`` is not used.
         """
+        hp = self.hyper if hp is None else hp
         xp = backend.of(x)
+        if self.central is not None:
+            if self.central.secure:
+                rng, d = np.random.default_rng(), x.shape[-1]
+                noise = lambda step=0: xp.asarray(rng.standard_normal(d))  # noqa: E731 - fresh entropy, never the seed's
+            elif noise is None:
+                raise ValueError(f"{self.name} with central DP needs the round's server noise")
+        if self.aggregate is not None:
+            total, count, state = self.aggregate(messages, state, hp, noise, self.central)
+            return self.server_fn(x, state, total, count, n, hp)
         total = xp.sum_rows(messages) if len(messages) else xp.zeros(x.shape[-1])
         count: float = len(messages)
         if self.central is not None:
-            if noise is None:
-                raise ValueError(f"{self.name} with central DP needs the round's server noise")
             total = total + self.central.std * noise()
             count = self.central.denominator
-        return self.server_fn(x, state, total, count, n, self.hyper if hp is None else hp)
+        return self.server_fn(x, state, total, count, n, hp)
 
 
 def model_size(params: Mapping[str, np.ndarray]) -> int:
@@ -249,6 +272,55 @@ def _celgc_client(x, state, grads, noise, hp):
         active |= a
     update = xp.cast(x - y, y.dtype)
     return ClientRound(update, {}, active, xp.stack([core.row_norms(update), first], axis=1))
+
+
+def _local_update(x, grads, hp) -> np.ndarray:
+    """``local-steps`` SGD steps y <- y - lr grad(y) from x; returns the update x - y, (m, d)."""
+    xp = backend.of(x)
+    g = grads(x, 0)  # the first step is at x itself: (m, d), which also says how many clients
+    y = xp.broadcast_copy(x, tuple(g.shape))
+    for s in range(int(hp["local-steps"])):
+        y -= xp.cast(_col(hp["lr"], y) * (g if s == 0 else grads(y, s)), y.dtype)
+    return xp.cast(x - y, y.dtype)
+
+
+def _dp_fedavg_client(x, state, grads, noise, hp, *, clip: bool):
+    """DP-FedAvg's client: local SGD, then the update x - y clipped to C = lr tau (clip), or sent as it is."""
+    update = _local_update(x, grads, hp)
+    xp = backend.of(update)
+    norms = core.row_norms(update)
+    if not clip:  # adaptive clipping: the server clips, at a norm only it knows
+        return ClientRound(update, {}, norms < 0, xp.stack([norms, norms], axis=1))  # norms < 0: nothing clipped
+    c, active, _ = core.clip_rows(np.asarray(hp["lr"]) * np.asarray(hp["tau"]))(update, True)
+    return ClientRound(c, {}, active, xp.stack([norms, norms], axis=1))
+
+
+def _adaptive_clip_aggregate(messages, state, hp, noise, central):
+    """Server-side adaptive clipping (Andrew et al. 2021), with central DP when ``central`` is set.
+
+    The round's clipping norm C (``state["clip"]``, every entry; 0 before the
+    first round: C = lr tau) clips each message; b = the fraction of messages
+    left unclipped, under central DP its noisy estimate
+    ``1/2 + (sum_i (b_i - 1/2) + N(0, count-stddev^2)) / m`` (the centred count,
+    one client moves it by 1/2); then ``C <- C exp(-clip-lr (b - target-quantile))``.
+    The sum gets N(0, (z_update C)^2 I) with the round's C, the norm it was clipped to.
+    """
+    xp, d = backend.of(messages), messages.shape[-1]
+    clip = float(state["clip"][0]) or float(hp["lr"] * hp["tau"])
+    clipped, active, _ = core.clip_rows(clip)(messages)
+    total = xp.sum_rows(clipped) if len(messages) else xp.zeros(d)
+    unclipped = float(len(messages) - int(active.sum()))
+    if central is None:
+        count: float = len(messages)
+        if not count:
+            return total, count, state
+        fraction = unclipped / count
+    else:
+        total = total + hp["update-multiplier"] * clip * noise(0)
+        count = central.denominator
+        fraction = 0.5 + (unclipped - len(messages) / 2 + hp["count-stddev"] * float(noise(1)[0])) / count
+    new_clip = clip * math.exp(-hp["clip-lr"] * (fraction - hp["target-quantile"]))
+    return total, count, {**state, "clip": state["clip"] * 0 + new_clip}
 
 
 def _clip_op(hp: Hyper, d: int) -> core.RowOperator:
@@ -404,6 +476,66 @@ def celgc(*, lr: float, tau: float, local_steps: int = 1) -> Algorithm:
     )
 
 
+def _local_steps(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"local-steps must be an integer >= 1, got {value!r}")
+    return value
+
+
+def dp_fedavg(*, lr: float, tau: float, local_steps: int = 1) -> Algorithm:
+    """DP-FedAvg with fixed clipping (McMahan et al. 2018; Flower's DP FedAvg), batched.
+
+    Each sampled client takes ``local_steps`` SGD steps of size ``lr`` from x and
+    sends its update ``x - y`` clipped to C = lr tau; the server's new model is
+    x minus the mean of the messages (server step 1), with central noise
+    N(0, (z C)^2 I) on their sum and the fixed denominator m under DP
+    (:func:`with_central_dp`). With one local step the message is
+    ``lr clip_tau(grad)``: the same iterates as ``clip-sgd`` under central DP with
+    the same lr, tau and sigma (docs/algorithms.md, "DP-FedAvg").
+    """
+    lr, tau, local_steps = _positive("lr", lr), _positive("tau", tau), _local_steps(local_steps)
+
+    def server(x, state, total, count, n, hp):
+        return _averaging_server(x, state, total, count, n, {**hp, "lr": 1.0}, clip=False)
+
+    return Algorithm(
+        "dp-fedavg", (), functools.partial(_dp_fedavg_client, clip=True), (), server,
+        message_bound=lambda d: lr * tau, stochastic=True,
+        hyper={"lr": lr, "tau": tau, "local-steps": local_steps},
+    )
+
+
+def dp_fedavg_adaptive(
+    *, lr: float, tau: float, local_steps: int = 1, target_quantile: float = 0.5, clip_lr: float = 0.2,
+    count_stddev: float = 0.0, message_norm_cap: float = MESSAGE_NORM_CAP,
+) -> Algorithm:
+    """DP-FedAvg with adaptive clipping (Andrew et al. 2021; Flower's server-side adaptive clipping), batched.
+
+    Clients send their local-SGD update unclipped (bounded by
+    ``message_norm_cap``); the server clips each to its clipping norm C (first
+    C = lr tau) and moves C geometrically toward the ``target_quantile`` of the
+    update norms: ``C <- C exp(-clip_lr (b - target_quantile))``, b the (noisy,
+    under DP) fraction of unclipped updates (:func:`_adaptive_clip_aggregate`).
+    ``count_stddev``: the std of the count's noise under DP (0: m / 20, Andrew
+    et al.'s and Flower's default).
+    """
+    lr, tau, local_steps = _positive("lr", lr), _positive("tau", tau), _local_steps(local_steps)
+    target_quantile = _check("target-quantile", target_quantile, lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    clip_lr = _positive("clip-lr", clip_lr)
+    count_stddev = _check("count-stddev", count_stddev, lambda v: v >= 0, "must be >= 0")
+    bound = _cap(message_norm_cap)
+
+    def server(x, state, total, count, n, hp):
+        return _averaging_server(x, state, total, count, n, {**hp, "lr": 1.0}, clip=False)
+
+    return Algorithm(
+        "dp-fedavg-adaptive", (), functools.partial(_dp_fedavg_client, clip=False), ("clip",), server,
+        message_bound=bound, stochastic=True, aggregate=_adaptive_clip_aggregate,
+        hyper={"lr": lr, "tau": tau, "local-steps": local_steps, "target-quantile": target_quantile,
+               "clip-lr": clip_lr, "count-stddev": count_stddev, "message-norm-cap": bound(0)},
+    )
+
+
 # name -> (factory, the scenario keys it takes; a key's keyword is its name with "_" for "-").
 _REGISTRY: dict[str, tuple[Callable[..., Algorithm], tuple[str, ...]]] = {
     "gd": (gd, ("lr", "message-norm-cap")),
@@ -417,12 +549,21 @@ _REGISTRY: dict[str, tuple[Callable[..., Algorithm], tuple[str, ...]]] = {
     "ef21-topk": (functools.partial(ef21_topk, tau=None), ("lr", "topk", "message-norm-cap")),
     "clip21-topk": (ef21_topk, ("lr", "topk", "tau")),
     "celgc": (celgc, ("lr", "tau", "local-steps")),
+    "dp-fedavg": (dp_fedavg, ("lr", "tau", "local-steps")),
+    "dp-fedavg-adaptive": (
+        dp_fedavg_adaptive,
+        ("lr", "tau", "local-steps", "target-quantile", "clip-lr", "count-stddev", "message-norm-cap"),
+    ),
 }
 ALGORITHMS: dict[str, Callable[..., Algorithm]] = {name: factory for name, (factory, _) in _REGISTRY.items()}
 # The scenario keys each algorithm takes: algorithm_from_config passes it these and no others.
 HYPER_KEYS: dict[str, tuple[str, ...]] = {name: keys for name, (_, keys) in _REGISTRY.items()}
-# Run by Flower's own strategy (fl_clip21.flower.dp_baseline), not an Algorithm value.
-FLOWER_BASELINES = ("flower-dp-fixed",)
+# Run by Flower's own DP strategies (fl_clip21.flower.dp_baseline), not an Algorithm value.
+# flower-dp-fixed is the older name of flower-dp-client-fixed.
+FLOWER_BASELINES = ("flower-dp-client-fixed", "flower-dp-server-fixed", "flower-dp-adaptive", "flower-dp-fixed")
+# DP-FedAvg (batched and Flower's): central DP in either mode (dp = "local" gives it the
+# multiplier the local algorithms get, sigma / (2 tau)); the clipping norm is C = lr tau.
+DP_FEDAVG = ("dp-fedavg", "dp-fedavg-adaptive", *FLOWER_BASELINES)
 
 
 def _keyword(key: str) -> str:
@@ -461,18 +602,44 @@ def make_algorithm(name: str, **hyper: object) -> Algorithm:
     return factory(**hyper)
 
 
-# The algorithms whose messages are clipped (bounded by tau, or beta2 tau), so the
-# server can noise their sum under central DP.
-CENTRAL_DP = ("clip-gd", "clip-sgd", "clip21-gd", "clip21-sgd", "clip21-sgd2m", "clip21-topk")
+# The algorithms whose messages are clipped (bounded by tau, beta2 tau, or lr tau for DP-FedAvg),
+# so the server can noise their sum under central DP; DP-FedAvg with adaptive clipping clips them itself.
+CENTRAL_DP = (
+    "clip-gd", "clip-sgd", "clip21-gd", "clip21-sgd", "clip21-sgd2m", "clip21-topk", "dp-fedavg", "dp-fedavg-adaptive",
+)
 
 
-def with_central_dp(algorithm: Algorithm, sigma: float, denominator: float, rate: float = 1.0) -> Algorithm:
+def adaptive_noise(z: float, count_stddev: float) -> float:
+    """The multiplier of the update's noise when the clipped count takes its share of z (Andrew et al., Thm. 1).
+
+    The round releases the noisy sum (sensitivity C, noise z_u C) and the noisy
+    centred count (sensitivity 1/2, noise ``count_stddev``): together a Gaussian
+    mechanism of multiplier z when z_u^-2 + (2 count_stddev)^-2 = z^-2. Flower's
+    ``compute_adaptive_noise_params`` computes the same z_u.
+    """
+    if not z < 2 * count_stddev:
+        raise ValueError(
+            f"count-stddev must be > z / 2 = {z / 2:g} for the noise multiplier z={z:g} (the clipped count takes a "
+            f"share of the privacy budget), got {count_stddev:g}: raise count-stddev (default: the clients a round / 20) "
+            f"or lower the noise"
+        )
+    return (z ** -2 - (2 * count_stddev) ** -2) ** -0.5
+
+
+def with_central_dp(
+    algorithm: Algorithm, sigma: float, denominator: float, rate: float = 1.0, *, replace_one: bool = False,
+    secure: bool = False,
+) -> Algorithm:
     """``algorithm`` (built without client noise) under central DP of noise ``sigma`` on the sum of its messages.
 
-    One client moves the sum by at most its message bound s (tau, or beta2 tau
-    for Clip21-SGD2M, whose noise is scaled by beta2 too), so the noise
-    multiplier is z = sigma / tau; ``denominator`` is m, the expected number of
-    clients a round, and ``rate`` the Poisson sampling rate (1: no amplification).
+    One client moves the sum by at most its message bound s (tau; beta2 tau for
+    Clip21-SGD2M, lr tau for DP-FedAvg, whose noise is scaled the same way), so
+    under add/remove-one adjacency the noise multiplier is z = sigma / tau;
+    ``denominator`` is m, the expected number of clients a round, and ``rate``
+    the Poisson sampling rate (1: no amplification). ``replace_one``: a fixed
+    number m < n of clients a round, whose adjacency is replace-one (s doubles:
+    the accountant's multiplier is z / 2, without amplification;
+    :mod:`fl_clip21.privacy`). ``secure``: the noise comes from OS entropy.
     """
     if algorithm.name not in CENTRAL_DP:
         raise ValueError(f"{algorithm.name} has no central DP (its messages are not clipped); it works with "
@@ -480,19 +647,49 @@ def with_central_dp(algorithm: Algorithm, sigma: float, denominator: float, rate
     sigma = _sigma(sigma)
     if sigma == 0:
         return algorithm
-    scale = algorithm.hyper.get("beta2", 1.0)
+    from fl_clip21.privacy import accounted_multiplier
+
+    hyper = dict(algorithm.hyper)
+    tau, z = hyper["tau"], sigma / hyper["tau"]
+    scale = hyper["lr"] if algorithm.name.startswith("dp-fedavg") else hyper.get("beta2", 1.0)
+    std = scale * sigma
+    if algorithm.aggregate is not None:  # adaptive clipping: the update's noise follows the clipping norm
+        count_stddev = hyper["count-stddev"] or denominator / 20
+        hyper.update({"count-stddev": count_stddev, "update-multiplier": adaptive_noise(z, count_stddev)})
+        std = hyper["update-multiplier"] * scale * tau
     return replace(
-        algorithm, central=CentralDP(scale * sigma, float(denominator)), noise_multiplier=sigma / algorithm.hyper["tau"],
-        hyper={**algorithm.hyper, "dp": "central", "server-sigma": sigma, "sampling-rate": float(rate)},
+        algorithm, central=CentralDP(std, float(denominator), secure),
+        noise_multiplier=accounted_multiplier(z, replace_one),
+        hyper={**hyper, "dp": "central", "server-sigma": sigma, "sampling-rate": 1.0 if replace_one else float(rate),
+               "replace-one": float(replace_one)},
     )
 
 
-def central_denominator(cfg: Mapping[str, object]) -> tuple[float, float]:
-    """(m, q): the expected number of clients a round and the Poisson sampling rate (1 for a fixed number)."""
+def central_sampling(cfg: Mapping[str, object]) -> tuple[float, float, bool]:
+    """(m, q, replace_one): the expected clients a round, the Poisson sampling rate, and the adjacency.
+
+    Poisson sampling: m = fraction n, q = fraction, add/remove-one. A fixed
+    number of clients: m = round(fraction n) (at least 1), q = 1, and
+    replace-one adjacency when m < n (adding a client changes the whole sample;
+    :mod:`fl_clip21.privacy`), add/remove-one when everyone takes part.
+    """
     n, fraction = cfg["num-clients"], cfg["fraction"]
     if cfg.get("sampling", "fixed") == "poisson":
-        return fraction * n, fraction
-    return (float(max(1, round(fraction * n))) if fraction < 1 else float(n)), 1.0
+        return fraction * n, fraction, False
+    m = max(1, round(fraction * n)) if fraction < 1 else n
+    return float(m), 1.0, m < n
+
+
+def server_sigma(cfg: Mapping[str, object]) -> float:
+    """sigma in units of the clipping bound tau, as the server adds it under central DP.
+
+    ``dp = "central"``: the scenario's sigma. DP-FedAvg (and Flower's) under
+    ``dp = "local"``: sigma / 2, the multiplier sigma / (2 tau) the local-DP
+    algorithms get for the same sigma (and so, at full participation, the same
+    epsilon for the same ``target-epsilon``).
+    """
+    sigma = float(cfg.get("sigma", 0.0))
+    return sigma if cfg.get("dp") == "central" else sigma / 2
 
 
 def algorithm_from_config(name: str, cfg: Mapping[str, object]) -> Algorithm:
@@ -502,8 +699,12 @@ def algorithm_from_config(name: str, cfg: Mapping[str, object]) -> Algorithm:
     """
     keys = HYPER_KEYS.get(name, ())
     hyper = {_keyword(k): cfg[k] for k in keys if k in cfg}
-    if cfg.get("dp") != "central" or name not in CENTRAL_DP:
+    central = cfg.get("dp") == "central" and name in CENTRAL_DP
+    if not (central or name in DP_FEDAVG):
         return make_algorithm(name, **hyper)
     hyper.pop("sigma", None)  # the clients add no noise: the server does
-    m, q = central_denominator(cfg)
-    return with_central_dp(make_algorithm(name, **hyper), cfg.get("sigma", 0.0), m, q)
+    m, q, replace_one = central_sampling(cfg)
+    return with_central_dp(
+        make_algorithm(name, **hyper), server_sigma(cfg), m, q, replace_one=replace_one,
+        secure=bool(cfg.get("secure-noise", False)),
+    )

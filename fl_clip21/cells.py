@@ -24,6 +24,7 @@ import numpy as np
 
 from fl_clip21 import backend, streams
 from fl_clip21.algorithms import algorithm_from_config
+from fl_clip21.config import ConfigError
 from fl_clip21.engine import (
     _drops_possible, late_clients, message_bytes, metrics_many, norm_quantiles_by_group, reports_norms, round_epsilon,
     sample_clients, server_noise,
@@ -50,6 +51,11 @@ def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = N
     if len(keys) != 1:
         raise ValueError(f"run_cells needs cells that differ only in {', '.join(ROW_KEYS)}, got {len(keys)} kinds")
     cfg0 = cfgs[0]
+    if cfg0.get("secure-noise", False):
+        raise ConfigError(
+            "secure-noise=true draws the noise from OS entropy, but batched sweeps and tune compare cells on "
+            "seeds: run them with secure-noise=false (a simulation's seeded noise)"
+        )
     xp = backend.get(cfg0.get("device", "numpy"))
     problem = build_problem(cfg0, xp.name)
     algorithms = [algorithm_from_config(name, c) for c in cfgs]

@@ -178,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(_resume_line(runs, results), file=sys.stderr)
         rows = output.write(lambda folder: write_outputs(folder, list(zip(runs, results))))
         written = output.commit()
-    print(summary_markdown(rows, cfg["name"], cfg["target"]))
+    print(summary_markdown(rows, cfg["name"], cfg["target"], bool(cfg.get("secure-noise", False))))
     print(output.wrote(written))
     return 0
 
@@ -322,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("scenario", nargs="?", help="scenario TOML file (see scenarios/)")
     run.add_argument(
         "--resume", metavar="DIR",
-        help="continue the interrupted run whose output folder is DIR (flower engine; "
-        "flower-dp-fixed restarts from round 1)",
+        help="continue the interrupted run whose output folder is DIR (flower engine)",
     )
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
     run.add_argument(
@@ -335,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--engine", choices=("flower", "vectorized"), default="flower",
         help="flower: Flower's simulation engine (default); vectorized: in-process, batched gradients, "
-        "same results (not for flower-dp-fixed)",
+        "same results (not for Flower's own strategies, flower-dp-*: their batched twins are dp-fedavg and "
+        "dp-fedavg-adaptive)",
     )
     run.add_argument(
         "--ray-address", metavar="ADDR",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl_clip21.algorithms import ALGORITHMS, FLOWER_BASELINES, HYPER_KEYS, MESSAGE_NORM_CAP
+from fl_clip21.algorithms import ALGORITHMS, DP_FEDAVG, FLOWER_BASELINES, HYPER_KEYS, MESSAGE_NORM_CAP
 
 
 class ConfigError(ValueError):
@@ -200,13 +200,17 @@ SCHEMA: dict[str, Key] = {
     "num-gpus": Key("float", 0.0, f"GPUs reserved per simulated client (Ray; 0, or {MIN_GPUS:g} to {MAX_RESOURCES:g}: a fraction shares a GPU).", _num_gpus),
     "beta1": Key("float", 1.0, "clip21-sgd2m: client momentum beta1.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
     "beta2": Key("float", 1.0, "clip21-sgd2m: error-feedback step beta2.", lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
-    "sigma": Key("float", 0.0, f"Std of the Gaussian noise clients add after clipping (clip-*, clip21-sgd2m, flower-dp-fixed; 0, or sigma / (2 tau) >= {MIN_NOISE_MULTIPLIER:g}; at most {MAX_SCALE:g}).", _rules(_non_negative, _at_most(MAX_SCALE))),
-    "delta": Key("float", 1e-5, "delta of the reported (epsilon, delta) local DP.", lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
-    "dp": Key("str", "local", "Where the DP noise is added: local (every client noises its message: clip-gd/sgd, clip21-sgd2m) or central (the server noises the sum of the clipped messages: clip-gd/sgd, clip21-gd/sgd, clip21-sgd2m, clip21-topk; user-level DP against everyone but the server).", _one_of("local", "central")),
-    "sampling": Key("str", "fixed", "Client sampling: fixed (round(fraction x n) clients a round) or poisson (each client with probability fraction; central DP's accountant then uses amplification by subsampling).", _one_of("fixed", "poisson")),
+    "sigma": Key("float", 0.0, f"Std of the Gaussian noise, in units where the clipping bound is tau: added by each client after clipping (dp=local: clip-*, clip21-sgd2m) or by the server to the sum of the clipped messages (dp=central; and the DP-FedAvg baselines, which under dp=local get sigma / 2); 0, or sigma / (2 tau) >= {MIN_NOISE_MULTIPLIER:g}; at most {MAX_SCALE:g}.", _rules(_non_negative, _at_most(MAX_SCALE))),
+    "delta": Key("float", 1e-5, "delta of the reported (epsilon, delta) DP.", lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
+    "dp": Key("str", "local", "Where the DP noise is added: local (every client noises its message: clip-gd/sgd, clip21-sgd2m) or central (the server noises the sum of the clipped messages: clip-gd/sgd, clip21-gd/sgd, clip21-sgd2m, clip21-topk, dp-fedavg, dp-fedavg-adaptive, flower-dp-*; user-level DP against everyone but the server).", _one_of("local", "central")),
+    "sampling": Key("str", "fixed", "Client sampling: fixed (round(fraction x n) clients a round; with fewer than n, central DP is accounted under replace-one adjacency, noise multiplier halved, no amplification) or poisson (each client with probability fraction; central DP's accountant then uses amplification by subsampling; not for flower-dp-*).", _one_of("fixed", "poisson")),
+    "secure-noise": Key("bool", False, "Draw the DP noise (the clients' local noise on the clients; the server's central noise and Poisson sampling on the server) from OS entropy instead of the seed every client receives. Deployments must set it: with seeded noise the server can subtract local noise and any client the central noise. The run is then not reproducible."),
+    "target-quantile": Key("float", 0.5, "dp-fedavg-adaptive, flower-dp-adaptive: the fraction of updates the adaptive clipping norm aims to leave unclipped (Andrew et al.'s gamma).", _unit_interval),
+    "clip-lr": Key("float", 0.2, "dp-fedavg-adaptive, flower-dp-adaptive: step of the clipping norm's geometric update, C <- C exp(-clip-lr (unclipped fraction - target-quantile)).", _rules(_positive, _at_most(MAX_LR))),
+    "count-stddev": Key("float", 0.0, "dp-fedavg-adaptive, flower-dp-adaptive under DP: std of the noise on the count of unclipped updates (0: the clients a round / 20); must exceed z / 2.", _rules(_non_negative, _at_most(MAX_SCALE))),
     "target-epsilon": Key("floats", None, f"Calibrate sigma to these epsilons over all rounds (comma-separated, distinct, each in [{EPSILON_RANGE[0]:g}, {EPSILON_RANGE[1]:g}]: a grid).", _each(_rules(_at_least(EPSILON_RANGE[0]), _at_most(EPSILON_RANGE[1])), "epsilon")),
     "topk": Key("float", 0.1, "ef21-topk / clip21-topk: k as a count (>= 1) or a fraction of the model (< 1).", _topk),
-    "local-steps": Key("int", 1, f"celgc, flower-dp-fixed: local steps per round (at most {MAX_LOCAL_STEPS}).", _rules(_at_least(1), _at_most(MAX_LOCAL_STEPS))),
+    "local-steps": Key("int", 1, f"celgc, dp-fedavg*, flower-dp-*: local steps per round (at most {MAX_LOCAL_STEPS}).", _rules(_at_least(1), _at_most(MAX_LOCAL_STEPS))),
     "message-norm-cap": Key("float", MESSAGE_NORM_CAP, f"gd, sgd, server-clip-gd, ef21-topk: the largest global norm a message of an algorithm without a clipping bound may have; the server rejects larger ones (at most {MAX_SCALE:g}).", _rules(_positive, _at_most(MAX_SCALE))),
     "availability": Key("float", 1.0, "Probability that a client is online in a round (seeded); rounds sample among online clients.", _fraction),
     "straggler-fraction": Key("float", 0.0, "Probability that a sampled client is slow in a round (seeded).", _unit_interval),
@@ -366,7 +370,7 @@ def _adds_noise(name: str, dp: str) -> bool:
     """Whether algorithm ``name`` adds the noise ``sigma`` under ``dp`` (local or central)."""
     from fl_clip21.algorithms import CENTRAL_DP
 
-    if name in FLOWER_BASELINES:
+    if name in DP_FEDAVG:  # central DP in either mode
         return True
     return name in CENTRAL_DP if dp == "central" else "sigma" in HYPER_KEYS.get(name, ())
 
@@ -377,10 +381,18 @@ def _noisy(cfg: Mapping[str, Any]) -> bool:
 
 
 def _check_private(cfg: Mapping[str, Any]) -> None:
-    """A run asked to be private (sigma > 0 or target-epsilon) has no algorithm that ignores it."""
+    """A run asked to be private (sigma > 0 or target-epsilon) has no algorithm that ignores it.
+
+    ``secure-noise`` is refused where there is no noise to draw.
+    """
     asked = [f"sigma={cfg['sigma']!r}"] if cfg["sigma"] > 0 else []
     asked += [f"target-epsilon={cfg['target-epsilon']!r}"] if cfg["target-epsilon"] else []
     if not asked:
+        if cfg["secure-noise"]:
+            raise ConfigError(
+                "secure-noise=true draws the DP noise from OS entropy, but this run adds no noise (sigma=0, no "
+                "target-epsilon): set sigma or target-epsilon, or secure-noise=false"
+            )
         return
     for name in cfg["algorithms"]:
         if not _adds_noise(name, cfg["dp"]):
@@ -613,13 +625,19 @@ def _check_heterogeneity(cfg: dict[str, Any]) -> None:
             f"straggler-delay must be > 0 when straggler-fraction > 0, got {cfg['straggler-delay']!r} "
             f"(straggler-fraction={cfg['straggler-fraction']!r})"
         )
-    if "flower-dp-fixed" in cfg["algorithms"]:
+    for name in (a for a in cfg["algorithms"] if a in FLOWER_BASELINES):
         for key, neutral in (("availability", 1.0), ("straggler-fraction", 0.0)):
             if cfg[key] != neutral:
                 raise ConfigError(
-                    f"{key}={cfg[key]!r} is not supported by flower-dp-fixed (Flower's own sampling); "
-                    f"set {key}={neutral:g} or drop flower-dp-fixed from algorithms"
+                    f"{key}={cfg[key]!r} is not supported by {name} (Flower's DP strategies want every sampled "
+                    f"client's reply); set {key}={neutral:g} or drop {name} from algorithms"
                 )
+        if cfg["sampling"] == "poisson" and cfg["fraction"] < 1:
+            raise ConfigError(
+                f"sampling='poisson' is not supported by {name}: Flower's DP strategies divide by the number of "
+                f"replies and noise for a fixed num_sampled_clients, so a Poisson sample's amplification cannot be "
+                f"claimed; set sampling=fixed, or use dp-fedavg (batched, fixed denominator) with sampling=poisson"
+            )
     sizes = cfg["partition.sizes"]
     if sizes != "equal":
         if cfg["partition.kind"] in ("pathological", "natural-id"):
@@ -643,7 +661,7 @@ def with_epsilon(cfg: dict[str, Any], target: float) -> dict[str, Any]:
         Naming ``target-epsilon`` and ``target`` when it is out of range, the
         accountant cannot calibrate it, or the calibrated sigma is above its cap.
     """
-    from fl_clip21.algorithms import central_denominator
+    from fl_clip21.algorithms import central_sampling
     from fl_clip21.privacy import calibrate_central, calibrate_noise_multiplier
 
     rule = SCHEMA["target-epsilon"].check([target])
@@ -651,8 +669,11 @@ def with_epsilon(cfg: dict[str, Any], target: float) -> dict[str, Any]:
         raise ConfigError(f"target-epsilon {rule}, got {target!r}")
     rounds, delta = cfg["rounds"], cfg["delta"]
     try:
-        if cfg.get("dp") == "central":  # noise on the sum, sensitivity tau: sigma = z tau
-            z = calibrate_central(target, rounds, delta, central_denominator(cfg)[1])
+        if cfg.get("dp") == "central":
+            # Noise on the sum, sensitivity tau (add/remove-one: sigma = z tau), or 2 tau when a fixed
+            # number m < n of clients a round makes the adjacency replace-one (sigma = 2 z tau).
+            _, q, replace_one = central_sampling(cfg)
+            z = calibrate_central(target, rounds, delta, q) * (2 if replace_one else 1)
         else:  # noise on each message, sensitivity 2 tau: sigma = 2 z tau
             z = 2 * calibrate_noise_multiplier(target, rounds, delta)
     except (ValueError, ArithmeticError, RuntimeError) as e:
@@ -675,8 +696,27 @@ def expand_runs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     runs = []
     for eps in epsilons:
         base = with_epsilon(cfg, eps) if eps is not None else cfg
+        check_algorithms(base)
         runs.extend({**base, "seed": s} for s in seeds)
     return runs
+
+
+def check_algorithms(cfg: dict[str, Any]) -> None:
+    """Build every algorithm of ``cfg`` (with its calibrated sigma): a value none can take is a ConfigError.
+
+    Rules that tie keys to the noise (adaptive clipping's count-stddev against
+    the noise multiplier) can only be checked once sigma is known.
+    """
+    from fl_clip21.algorithms import adaptive_noise, algorithm_from_config, central_sampling, server_sigma
+
+    for name in cfg["algorithms"]:
+        try:
+            if name in ALGORITHMS:
+                algorithm_from_config(name, cfg)
+            elif name == "flower-dp-adaptive" and cfg["sigma"] > 0:
+                adaptive_noise(server_sigma(cfg) / cfg["tau"], cfg["count-stddev"] or central_sampling(cfg)[0] / 20)
+        except ValueError as e:
+            raise ConfigError(f"algorithms: {name}: {e}") from None
 
 
 def load_scenario(path: str | Path, overrides: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -62,19 +62,21 @@ def online_clients(seed: int, server_round: int, num_clients: int, availability:
 
 def sample_clients(
     seed: int, server_round: int, num_clients: int, fraction: float, availability: float = 1.0,
-    poisson: bool = False,
+    poisson: bool = False, secure: bool = False,
 ) -> list[int]:
     """The client indices that take part in ``server_round`` (seeded, sorted).
 
     round(``fraction`` x ``num_clients``) of them (at least one), drawn among the
     clients online in that round (:func:`online_clients`); all online clients
-    when there are fewer, none when nobody is online.
+    when there are fewer, none when nobody is online. ``secure``: Poisson draws
+    come from OS entropy (amplification by subsampling needs a secret sample).
     """
     online = online_clients(seed, server_round, num_clients, availability)
     if fraction >= 1 or not online:
         return online
     if poisson:  # each online client independently with probability fraction (central DP's amplification)
-        draws = _round_uniforms(seed, server_round, POISSON_STREAM, num_clients)
+        draws = (np.random.default_rng().random(num_clients) if secure
+                 else _round_uniforms(seed, server_round, POISSON_STREAM, num_clients))
         return [i for i in online if draws[i] < fraction]
     m = min(max(1, int(round(fraction * num_clients))), len(online))
     rng = np.random.default_rng([seed, 0x5A3D1E, server_round])
@@ -132,7 +134,14 @@ def batch_grads(
 def batch_noise(
     cfg: dict[str, Any], clients: np.ndarray, server_round: int, d: int, dtype, xp: backend.Backend = backend.NUMPY
 ) -> Noise:
-    """``noise(step)``: the batch's N(0, I_d) draws of ``server_round`` (counter-based, per client), on ``xp``."""
+    """``noise(step)``: the batch's N(0, I_d) draws of ``server_round`` (counter-based, per client), on ``xp``.
+
+    With ``secure-noise`` the draws come from OS entropy, on the client: the
+    seed every client and the server know does not give them.
+    """
+    if cfg.get("secure-noise", False):
+        rng = np.random.default_rng()
+        return lambda step: xp.cast(xp.asarray(rng.standard_normal((len(clients), d))), dtype)
 
     def noise(step: int) -> np.ndarray:
         return xp.cast(xp.normals(cfg["seed"], streams.NOISE, clients, server_round, d, step), dtype)
@@ -142,9 +151,13 @@ def batch_noise(
 
 def server_noise(
     seed: int, server_round: int, d: int, xp: backend.Backend = backend.NUMPY
-) -> Callable[[], np.ndarray]:
-    """The server's N(0, I_d) draw of ``server_round`` under central DP (its own stream, every engine the same)."""
-    return lambda: xp.normals(seed, streams.SERVER_NOISE, np.zeros(1, dtype=np.int64), server_round, d)[0]
+) -> Callable[..., np.ndarray]:
+    """``noise(step=0)``: the server's N(0, I_d) draws of ``server_round`` under central DP (its own stream), on ``xp``.
+
+    Every engine draws the same; ``step`` numbers independent draws of a round
+    (adaptive clipping's count noise is step 1).
+    """
+    return lambda step=0: xp.normals(seed, streams.SERVER_NOISE, np.zeros(1, dtype=np.int64), server_round, d, step)[0]
 
 
 def client_round(
@@ -209,18 +222,19 @@ def norm_quantiles_by_group(norms: np.ndarray, group: np.ndarray, groups: int) -
 
 
 def round_epsilon(algorithm: Algorithm, times_asked: np.ndarray, delta: float, server_round: int) -> dict[str, float]:
-    """``{"epsilon": ...}`` after ``server_round`` rounds, for algorithms with DP noise.
+    """``{"epsilon": ..., "noise_multiplier": z}`` after ``server_round`` rounds, for algorithms with DP noise.
 
-    Local DP: of the most-asked client (every round it was asked counts).
+    z is the multiplier the accountant uses (:mod:`fl_clip21.privacy`). Local DP: of the most-asked client (every round it was asked counts).
     Central DP: of every client, over all rounds so far, with amplification by
     Poisson subsampling where the clients were Poisson-sampled.
     """
     if algorithm.noise_multiplier is None:
         return {}
+    z = algorithm.noise_multiplier  # the accountant's: sigma over the sensitivity of the adjacency claimed
     if algorithm.central is not None:
         rate = algorithm.hyper.get("sampling-rate", 1.0)
-        return {"epsilon": central_epsilon(algorithm.noise_multiplier, server_round, delta, rate)}
-    return {"epsilon": epsilon(algorithm.noise_multiplier, int(times_asked.max()), delta)}
+        return {"epsilon": central_epsilon(z, server_round, delta, rate), "noise_multiplier": z}
+    return {"epsilon": epsilon(z, int(times_asked.max()), delta), "noise_multiplier": z}
 
 
 def metrics(ev: Evaluation) -> dict[str, float]:
@@ -276,7 +290,7 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
         t0 = time.perf_counter()
         clients = np.asarray(
             sample_clients(cfg["seed"], k, n, cfg["fraction"], cfg.get("availability", 1.0),
-                           cfg.get("sampling") == "poisson"), dtype=np.int64
+                           cfg.get("sampling") == "poisson", cfg.get("secure-noise", False)), dtype=np.int64
         )
         times_asked[clients] += 1
         everyone = len(clients) == n  # then the rows are the arrays themselves, not copies
@@ -348,7 +362,7 @@ def run_vectorized(cfg: dict[str, Any], on_round: OnRound | None = None) -> dict
 
     The results have the shape of the Flower engine's (``records``, ``params``,
     ``wall_seconds``) and the same values. Flower's own baselines
-    (``flower-dp-fixed``) are refused, before anything runs.
+    (``flower-dp-*``) are refused, before anything runs.
     """
     check_vectorized(cfg)
     out = {}

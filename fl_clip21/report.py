@@ -73,13 +73,14 @@ def summarize(records: Records, target: float, wall_seconds: float) -> dict[str,
         "rounds_to_target": rounds_to_target(records, target),
         "bytes_to_target": bytes_to_target(records, target),
         "epsilon": last.get("epsilon"),
+        "noise_multiplier": last.get("noise_multiplier"),
         "bytes_up": sum(r["bytes_up"] for r in records),
         "wall_seconds": wall_seconds,
     }
 
 
 COLUMNS = [
-    "algorithm", "epsilon", "seeds", "final_loss", "best_accuracy", "final_accuracy",
+    "algorithm", "epsilon", "seeds", "noise_multiplier", "final_loss", "best_accuracy", "final_accuracy",
     "final_grad_norm_sq", "rounds_to_target", "bytes_to_target", "bytes_up", "wall_seconds",
 ]
 
@@ -121,10 +122,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def summary_markdown(rows: list[dict[str, Any]], title: str, target: float) -> str:
+# What the summary says of a run whose DP noise came from OS entropy (secure-noise).
+SECURE_NOISE_NOTE = (
+    "The DP noise (and Poisson sampling) came from OS entropy (secure-noise = true): the seed does not "
+    "reproduce this run's trajectory."
+)
+
+
+def summary_markdown(rows: list[dict[str, Any]], title: str, target: float, secure_noise: bool = False) -> str:
+    """The summary table; ``noise_multiplier`` is the one the accountant used (docs/algorithms.md, Privacy)."""
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     out = io.StringIO()
     out.write(f"# {title}\n\nTarget: grad_norm_sq <= {target:g}. Means over seeds; '-': none (not reached, not private, not a classifier).\n\n")
+    if secure_noise:
+        out.write(SECURE_NOISE_NOTE + "\n\n")
     out.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
     for r in rows:
         out.write("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |\n")
@@ -413,7 +424,9 @@ def write_outputs(folder: Path, runs: list[tuple[dict[str, Any], dict[str, dict[
         summaries.append({"target_epsilon": eps, "rows": rows})
     rows = aggregate_rows(summaries)
     cfg0 = runs[0][0]
-    (folder / "summary.md").write_text(summary_markdown(rows, cfg0["name"], cfg0["target"]))
+    (folder / "summary.md").write_text(
+        summary_markdown(rows, cfg0["name"], cfg0["target"], bool(cfg0.get("secure-noise", False)))
+    )
     (folder / "summary.csv").write_text(summary_csv(rows))
     if any(r["target_epsilon"] is not None for r in rows):
         seeds = sorted({cfg["seed"] for cfg, _ in runs})

@@ -537,7 +537,7 @@ def test_make_algorithm_unknown_name():
 def _hyper(name: str) -> dict[str, object]:
     """Valid keywords for every hyper-parameter ``name`` takes."""
     values = {"lr": 0.1, "tau": 1.0, "sigma": 0.0, "beta1": 0.9, "beta2": 0.5, "topk": 2, "local-steps": 2,
-              "message-norm-cap": 7.0}
+              "message-norm-cap": 7.0, "target-quantile": 0.5, "clip-lr": 0.2, "count-stddev": 0.0}
     return {k.replace("-", "_"): values[k] for k in algorithms.HYPER_KEYS[name]}
 
 

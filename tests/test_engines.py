@@ -19,13 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Small problems, a few rounds: every algorithm without noise, full participation on
 # one problem, partial on the other; local noise (clip-sgd, clip21-sgd2m); central DP
-# with Poisson sampling. Momentum, minibatches and two local steps (celgc) throughout.
+# with Poisson sampling (DP-FedAvg, adaptive clipping's noisy count included). Momentum, minibatches and two local steps (celgc) throughout.
 _COMMON = {
     "rounds": 3, "num-clients": 4, "seed": 5, "topk": 2, "batch-size": 16, "beta1": 0.5, "beta2": 0.8,
     "local-steps": 2,
 }
 LOCAL_NOISE = ["clip-sgd", "clip21-sgd2m"]
-CENTRAL = ["clip-sgd", "clip21-gd", "clip21-sgd2m", "clip21-topk"]
+CENTRAL = ["clip-sgd", "clip21-gd", "clip21-sgd2m", "clip21-topk", "dp-fedavg", "dp-fedavg-adaptive"]
 CONFIGS = {
     "mean-estimation": {
         **_COMMON, "algorithms": list(ALGORITHMS), "lr": 0.5, "tau": 0.5,
@@ -41,7 +41,7 @@ CONFIGS = {
     },
     "central": {
         **_COMMON, "algorithms": CENTRAL, "lr": 1.0, "tau": 0.1, "fraction": 0.5, "sigma": 0.05, "dp": "central",
-        "sampling": "poisson", "problem": {"name": "logreg"}, "partition": {"kind": "dirichlet", "alpha": 1.0},
+        "sampling": "poisson", "count-stddev": 1.0, "problem": {"name": "logreg"}, "partition": {"kind": "dirichlet", "alpha": 1.0},
     },
 }
 COMPARED = (

@@ -138,7 +138,7 @@ def train(msg: Message, context: Context) -> Message:
     """One client round of the algorithm named in the message's config (a batch of one client).
 
     A message from one of Flower's own strategies (no algorithm named) gets
-    plain local training, for the ``flower-dp-fixed`` baseline.
+    plain local training, for Flower's DP baselines (``flower-dp-*``).
     """
     from fl_clip21.flower import dp_baseline
 
@@ -202,7 +202,7 @@ def make_client_app(train_mods: list | None = None) -> ClientApp:
     """The ClientApp every engine and deployment uses (``train_mods`` wrap its train handler).
 
     Flower's ``fixedclipping_mod`` wraps the train handler for Flower's own
-    DP strategy's messages (the ``flower-dp-fixed`` baseline) and only those.
+    client-side DP strategy's messages (the ``flower-dp-client-fixed`` baseline) and only those.
     """
     from fl_clip21.flower.dp_baseline import flower_dp_mod
 

@@ -110,16 +110,18 @@ def run_scenario(
 ) -> dict[str, dict]:
     """Run every algorithm the scenario lists, one after the other, on ``grid``.
 
-    With ``checkpoint_dir``, each algorithm checkpoints to ``checkpoint_dir/NAME.npz``
-    after every round and continues from there if it exists.
+    With ``checkpoint_dir``, each algorithm (Flower's DP baselines too) checkpoints to
+    ``checkpoint_dir/NAME.npz`` after every round and continues from there if it exists.
     """
     from fl_clip21.flower import dp_baseline
 
     results = {}
     for name in cfg["algorithms"]:
-        if name == dp_baseline.NAME:
-            results[name] = dp_baseline.run_flower_dp(grid, cfg, on_round)
+        ckpt = checkpoint_dir / f"{name}.npz" if checkpoint_dir is not None else None
+        if name in dp_baseline.NAMES:
+            results[name] = dp_baseline.run_flower_dp(
+                grid, cfg, name, on_round, timeout=reply_timeout(cfg), checkpoint=ckpt
+            )
         else:
-            ckpt = checkpoint_dir / f"{name}.npz" if checkpoint_dir is not None else None
             results[name] = run_algorithm(grid, cfg, name, on_round, checkpoint=ckpt, node_keys=node_keys)
     return results

@@ -420,7 +420,8 @@ class Clip21Strategy(Strategy):
     def sample_clients(self, server_round: int) -> list[int]:
         """The client indices that take part in ``server_round`` (seeded)."""
         return sample_clients(
-            self.seed, server_round, self.num_clients, self.fraction, self.availability, self.sampling == "poisson"
+            self.seed, server_round, self.num_clients, self.fraction, self.availability, self.sampling == "poisson",
+            bool(self.config.get("secure-noise", False)),
         )
 
     def await_late_replies(self, grid: Grid, nodes: Iterable[int] | None = None) -> None:
