@@ -161,7 +161,7 @@ INT64 = (-(2**63), 2**63 - 1)
 
 
 # Relative client data sizes (flwr-datasets' size partitioners; "equal": the partition kind's own).
-PARTITION_SIZES = ("equal", "linear", "square", "exponential")
+PARTITION_SIZES = ("equal", "even", "linear", "square", "exponential")
 
 
 # SuperNode node-config keys: the folder where this node keeps the scenario's data files,
@@ -224,7 +224,7 @@ SCHEMA: dict[str, Key] = {
     "partition.alpha": Key("float", 0.5, "dirichlet: concentration alpha.", _positive),
     "partition.classes-per-client": Key("int", 2, "pathological: classes per client.", _at_least(1)),
     "partition.id-column": Key("str", "", "natural-id: the column of client ids (e.g. FEMNIST's writer_id); one client per distinct id, so num-clients must equal their number.", lambda v: None if not v else _column(v)),
-    "partition.sizes": Key("str", "equal", "Client data sizes: equal, or client i gets a share ~ i+1 (linear), (i+1)^2 (square), e^(i+1) (exponential).", _one_of(*PARTITION_SIZES)),
+    "partition.sizes": Key("str", "equal", "Client data sizes: equal (the partition's own: iid equal sizes, dirichlet each class split among the clients in Dirichlet(alpha) shares, which fails when a client would get no row), even (rows / num-clients each; dirichlet: each client's class mix drawn from Dirichlet(alpha), at any number of clients), or client i gets a share ~ i+1 (linear), (i+1)^2 (square), e^(i+1) (exponential).", _one_of(*PARTITION_SIZES)),
 }
 
 _BUILTIN_PROBLEMS = ("mean-estimation", "logreg", "mlp")
