@@ -1,8 +1,9 @@
 """Federated problems: client objectives f_i, the global f = (1/n) sum_i f_i.
 
 Built in: ``mean-estimation``, ``logreg`` (non-convex regulariser, breast_cancer,
-scikit-learn's synthetic ``make_classification`` data or a LibSVM file) and ``mlp`` (a small torch classifier on digits);
-both of the last two also take a dataset table (:mod:`fl_clip21.datasets`). A plug-in
+scikit-learn's synthetic ``make_classification`` data or a LibSVM file), ``mlp`` (a small torch
+classifier on digits or MNIST-1D) and ``cnn1d`` (a small 1-D CNN, same data); the last three
+also take a dataset table (:mod:`fl_clip21.datasets`). A plug-in
 problem is named ``module:factory``; ``factory(cfg)`` gets the resolved
 scenario dict and returns an object with the :class:`Problem` methods.
 
@@ -545,6 +546,11 @@ class LogReg(_ClientData):
                 n_samples=rows, n_features=f, n_informative=max(1, f // 2),
                 n_redundant=0, n_clusters_per_class=1, random_state=cfg["seed"],
             )
+        elif src in ("digits", "mnist1d"):
+            raise ConfigError(
+                f"problem.dataset {src!r} has 10 classes and logreg takes 2 (breast_cancer, synthetic, a LibSVM "
+                "file or a 2-class table); its 10 classes train with problem.name mlp or cnn1d"
+            )
         elif is_table(src):
             table = load_table(cfg, lambda rows, f, k: (LOGREG_COPIES * rows * (f + 1) * 8, f + 1), binary=True)
             X, y, parts = table.X, table.y, table.parts
@@ -645,31 +651,44 @@ def _mlp_size(hidden: int, inputs: int = 64, classes: int = 10) -> int:
 
 
 class DigitsMLP(_ClientData):
-    """inputs -> hidden -> classes MLP with cross-entropy; 64 -> hidden -> 10 on scikit-learn's digits."""
+    """inputs -> hidden -> classes MLP with cross-entropy; 64 -> hidden -> 10 on scikit-learn's digits.
+
+    Also on MNIST-1D (40 -> hidden -> 10) and dataset tables. Subclasses
+    change the model (:meth:`_model`) and its memory estimate (:meth:`_estimate`).
+    """
 
     classification = True
+    # The scenario key that sets the model's size, named when a problem does not fit in memory.
+    size_key = "problem.hidden"
+
+    @staticmethod
+    def _estimate(cfg: dict[str, Any], rows: int, features: int, classes: int) -> tuple[int, int]:
+        """(bytes the data and every row's activations take while the problem is built and evaluated, d)."""
+        h = cfg["problem.hidden"]
+        # Features in float64 (twice while test rows are held out) and as float32 tensors;
+        # every row's hidden activations, their tanh and their gradient (float32).
+        return rows * (features * 20 + h * 12), _mlp_size(h, features, classes)
 
     def __init__(self, cfg: dict[str, Any]):
         import torch
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
-        from fl_clip21.datasets import is_table, load_table
+        from fl_clip21.datasets import is_table, load_mnist1d, load_table
 
-        h, parts = cfg["problem.hidden"], None
-        if is_table(cfg["problem.dataset"]):
-            # Features in float64 (twice while test rows are held out) and as float32 tensors;
-            # every row's hidden activations, their tanh and their gradient (float32).
-            table = load_table(cfg, lambda rows, f, k: (rows * (f * 20 + h * 12), _mlp_size(h, f, k)), test=True)
+        parts = None
+        size = functools.partial(self._estimate, cfg)
+        if is_table(cfg["problem.dataset"]) or cfg["problem.dataset"] == "mnist1d":
+            table = load_table(cfg, size, test=True) if is_table(cfg["problem.dataset"]) else load_mnist1d(cfg, size)
             X, y, Xt, yt, parts = table.X, table.y, table.X_test, table.y_test, table.parts
             classes = table.classes.size
         elif cfg["problem.dataset"] not in ("digits", "breast_cancer"):
             raise ConfigError(
-                f"problem.dataset must be 'digits' or a dataset table for mlp, got {cfg['problem.dataset']!r}"
+                f"problem.dataset must be 'digits', 'mnist1d' or a dataset table for {cfg['problem.name']}, "
+                f"got {cfg['problem.dataset']!r}"
             )
         else:
-            # The hidden activations of every digits row, their tanh and their gradient (float32).
-            check_memory(f"problem.hidden={h}", cfg, _DIGITS_ROWS * h * 4 * 3, _mlp_size(h))
+            check_memory(f"{self.size_key}={cfg[self.size_key]}", cfg, *size(_DIGITS_ROWS, 64, 10))
             X, y = load_digits(return_X_y=True)
             X, classes = X / 16.0, 10
             if cfg["problem.test-fraction"] > 0:
@@ -687,6 +706,8 @@ class DigitsMLP(_ClientData):
         self.yte = torch.tensor(yt, dtype=torch.int64)
         self.hidden = cfg["problem.hidden"]
         self.seed = cfg["seed"]
+        # Bytes a row takes in a gradient computation (fl-clip21 tune sizes its batches of cells with it).
+        self.row_bytes = size(1, self.inputs, self.classes)[0]
         self.layout = Layout.of(self.init_params())
 
     def _model(self):
@@ -769,6 +790,46 @@ class DigitsMLP(_ClientData):
         return Evaluation(float(np.mean(losses, dtype=np.float64)), mean, accuracy, grads if client_grads else None)
 
 
+class CNN1D(DigitsMLP):
+    """A small 1-D CNN with cross-entropy: each row's features as one signal of ``inputs`` samples.
+
+    Conv1d(1, c, 5) -> ReLU -> MaxPool(2) -> Conv1d(c, c, 5) -> ReLU -> max over
+    the signal -> Linear(c, classes), c = ``problem.channels``, both
+    convolutions padded to keep the length. The global max pool makes the
+    features shift-invariant (MNIST-1D's digits sit anywhere in the signal):
+    with c = 16 it reaches 0.96 test accuracy on MNIST-1D trained centrally
+    (the MLP at about the same d = 1.6k: 0.55). Per-client gradients are the
+    MLP's ``torch.func`` ``vmap(grad)`` over clients, batched minibatches alike.
+    """
+
+    size_key = "problem.channels"
+
+    @staticmethod
+    def _estimate(cfg: dict[str, Any], rows: int, features: int, classes: int) -> tuple[int, int]:
+        c = cfg["problem.channels"]
+        # Features as for the MLP; per row about six float32 activations of c x inputs
+        # (the two convolutions, their ReLUs, the pooled signal, and their gradients).
+        return rows * (features * 20 + c * features * 24), _cnn1d_size(c, classes)
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.channels = cfg["problem.channels"]
+        super().__init__(cfg)
+
+    def _model(self):
+        nn, c = self.torch.nn, self.channels
+        return nn.Sequential(
+            nn.Unflatten(1, (1, self.inputs)),
+            nn.Conv1d(1, c, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2, ceil_mode=True),
+            nn.Conv1d(c, c, 5, padding=2), nn.ReLU(), nn.AdaptiveMaxPool1d(1), nn.Flatten(),
+            nn.Linear(c, self.classes),
+        )
+
+
+def _cnn1d_size(channels: int, classes: int = 10) -> int:
+    """d of :class:`CNN1D`: its two convolutions' and its linear layer's weights and biases (any input length)."""
+    return (5 * channels + channels) + (5 * channels * channels + channels) + (channels * classes + classes)
+
+
 # --- building ---------------------------------------------------------------
 
 
@@ -820,6 +881,8 @@ def _build(cfg: dict[str, Any]) -> Problem:
         return LogReg(cfg)
     if name == "mlp":
         return DigitsMLP(cfg)
+    if name == "cnn1d":
+        return CNN1D(cfg)
     problem = PluginProblem(_plugin(cfg, name))
     if problem.num_clients != cfg["num-clients"]:
         raise ConfigError(
@@ -836,7 +899,9 @@ def _plugin(cfg: dict[str, Any], name: str) -> Problem:
     """
     parts = plugin_parts(name)
     if parts is None:
-        raise ConfigError(f"problem.name must be mean-estimation, logreg, mlp or 'module.path:factory', got {name!r}")
+        raise ConfigError(
+            f"problem.name must be mean-estimation, logreg, mlp, cnn1d or 'module.path:factory', got {name!r}"
+        )
     module_name, attr = parts
     try:
         module = importlib.import_module(module_name)
