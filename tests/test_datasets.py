@@ -471,3 +471,16 @@ def test_too_few_mnist1d_rows_and_mnist1d_for_logreg_are_config_errors():
     logreg = config.resolve({"problem": {"name": "logreg", "dataset": "mnist1d"}})
     with pytest.raises(ConfigError, match="'mnist1d' has 10 classes and logreg takes 2"):
         problems.build_problem(logreg)
+
+
+def test_the_dp_scenarios_resolve_and_give_their_clients_the_rows_they_say():
+    from fl_clip21.config import expand_runs, load_scenario
+
+    paths = sorted((REPO / "scenarios" / "dp").glob("*.toml"))
+    assert len(paths) == 12
+    for path in paths:
+        cfg = load_scenario(path)
+        assert len(expand_runs(cfg)) == len(cfg["target-epsilon"]), path  # every epsilon calibrates
+        if cfg["problem.dataset"] == "mnist1d":
+            train = round(cfg["problem.rows"] * (1 - cfg["problem.test-fraction"]))
+            assert train == {1000: 40, 5000: 30}[cfg["num-clients"]] * cfg["num-clients"], path
