@@ -45,8 +45,16 @@ def batch_key(cfg: dict[str, Any], name: str) -> str:
     return json.dumps([name, shared, algorithm.client_state], sort_keys=True, default=str)
 
 
-def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = None) -> list[dict[str, Any]]:
-    """Algorithm ``name`` of every cell of ``cfgs`` (one :func:`batch_key`) in one batch; a result per cell."""
+def run_cells(
+    cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = None, evaluate_every: int = 1,
+) -> list[dict[str, Any]]:
+    """Algorithm ``name`` of every cell of ``cfgs`` (one :func:`batch_key`) in one batch; a result per cell.
+
+    The models are evaluated (loss, grad_norm_sq, accuracy in the records) every
+    ``evaluate_every`` rounds and after the last; the trajectories do not
+    depend on it (no update reads an evaluation), so a caller that reads only
+    the final metrics (``fl-clip21 tune``) skips the others' cost.
+    """
     keys = {batch_key(c, name) for c in cfgs}
     if len(keys) != 1:
         raise ValueError(f"run_cells needs cells that differ only in {', '.join(ROW_KEYS)}, got {len(keys)} kinds")
@@ -120,12 +128,13 @@ def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = N
             x[c], servers[c] = algorithms[c].server_round(
                 x[c], servers[c], out.messages[mine], n, noise=server_noise(cfg0["seed"], k, d, xp)
             )
-        evaluations = problem.evaluate_many(x, client_grads=stochastic is None)
-        if stochastic is None and all(ev.client_grads is not None for ev in evaluations):
+        evaluated = k % evaluate_every == 0 or k == cfg0["rounds"]
+        evaluations = problem.evaluate_many(x, client_grads=stochastic is None) if evaluated else None
+        if evaluations is not None and stochastic is None and all(ev.client_grads is not None for ev in evaluations):
             cached = evaluations[0].client_grads if C == 1 else xp.concatenate([ev.client_grads for ev in evaluations])
         arrived = ~late
         active, norms = xp.to_numpy(out.active), xp.to_numpy(out.norms)
-        summaries = metrics_many(evaluations)
+        summaries = metrics_many(evaluations) if evaluations is not None else None
         quantiles = norm_quantiles_by_group(norms[arrived], cell_of_row[arrived], C) if any(reports) else None
         seconds = time.perf_counter() - t0
         for c in range(C):
@@ -139,7 +148,8 @@ def run_cells(cfgs: list[dict[str, Any]], name: str, on_round: OnCell | None = N
                 **round_epsilon(algorithms[c], times_asked[c], cfgs[c]["delta"], k),
                 **(quantiles[c] if reports[c] else {}),
             }
-            rec.update(summaries[c])
+            if summaries is not None:
+                rec.update(summaries[c])
             records[c].append(rec)
             if on_round is not None:
                 on_round(c, name, rec, cfg0["rounds"])

@@ -404,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                       "or final_grad_norm_sq (lowest)")
     tune.add_argument("--select-seeds", default="0", help="seeds the best cell is chosen on (default 0)")
     tune.add_argument("--eval-seeds", default="1,2,3", help="held-out seeds the winners are evaluated on")
+    tune.add_argument(
+        "--memory-budget", metavar="SIZE", help="bytes a batch of cells may take, e.g. 8GB or 512MiB (default: half "
+        "the memory available at the start); larger grids run in more batches",
+    )
     tune.add_argument("--out", help="output folder (default: a new results/<scenario name>-tune)")
     tune.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     calibrate = sub.add_parser(

@@ -167,7 +167,7 @@ INT64 = (-(2**63), 2**63 - 1)
 
 
 # Relative client data sizes (flwr-datasets' size partitioners; "equal": the partition kind's own).
-PARTITION_SIZES = ("equal", "linear", "square", "exponential")
+PARTITION_SIZES = ("equal", "even", "linear", "square", "exponential")
 
 
 # SuperNode node-config keys: the folder where this node keeps the scenario's data files,
@@ -217,29 +217,30 @@ SCHEMA: dict[str, Key] = {
     "straggler-delay": Key("float", 0.0, f"Seconds a slow client's reply comes late (at most {MAX_SECONDS:g}).", _rules(_non_negative, _at_most(MAX_SECONDS))),
     "round-timeout": Key("float", 0.0, f"Seconds the server waits for replies; later ones are dropped (0: up to an hour; at most {MAX_SECONDS:g}).", _rules(_non_negative, _at_most(MAX_SECONDS))),
     "device": Key("str", "numpy", "Where the batched engine (--engine vectorized, sweep, tune) computes: numpy, or torch on cpu or cuda (the same trajectories to float rounding; the Flower engine always computes on numpy).", _one_of("numpy", "cpu", "cuda")),
-    "problem.name": Key("str", "mean-estimation", "mean-estimation | logreg | mlp | module.path:factory (a plug-in runs code: see below)."),
+    "problem.name": Key("str", "mean-estimation", "mean-estimation | logreg | mlp | cnn1d | module.path:factory (a plug-in runs code: see below)."),
     "problem.centers": Key("path-or-list", None, "mean-estimation: .npy file (n x d, real numbers) or inline list; unset: drawn from seed."),
     "problem.dim": Key("int", 10, f"mean-estimation: dimension when centres are drawn (at most {MAX_DIM}).", _rules(_at_least(1), _at_most(MAX_DIM))),
     "problem.spread": Key("float", 1.0, f"mean-estimation: std of drawn centres (at most {MAX_DATA_SCALE:g}).", _rules(_positive, _at_most(MAX_DATA_SCALE))),
-    "problem.dataset": Key("str", "breast_cancer", "logreg: breast_cancer, synthetic or a LibSVM file path; mlp: digits; both: a dataset table, i.e. a .parquet or .csv file, a folder of parquet files or one saved by datasets' save_to_disk, or a Hugging Face Hub dataset owner/name (see the problem.*-column keys)."),
+    "problem.dataset": Key("str", "breast_cancer", "logreg: breast_cancer, synthetic or a LibSVM file path; mlp and cnn1d: digits or mnist1d (generated offline by the mnist1d package, problem.rows rows seeded by seed); all three: a dataset table, i.e. a .parquet or .csv file, a folder of parquet files or one saved by datasets' save_to_disk, or a Hugging Face Hub dataset owner/name (see the problem.*-column keys)."),
     "problem.features-column": Key("str", "", "Dataset table: the feature columns, comma-separated, each a number or a fixed-length list of numbers per row (concatenated in this order); empty: every column but problem.label-column and partition.id-column.", _columns),
     "problem.label-column": Key("str", "label", "Dataset table: the column of class labels (numbers, bools or strings; logreg: 2 classes, mlp: at least 2).", _column),
     "problem.split": Key("str", "train", "Dataset table: the split the clients train on (a single file or saved Dataset is split 'train').", _column),
-    "problem.test-split": Key("str", "", "mlp on a dataset table: the split of the test accuracy; empty: problem.test-fraction of problem.split is held out.", lambda v: None if not v else _column(v)),
-    "problem.rows": Key("int", 20000, f"logreg on synthetic data: rows (scikit-learn's make_classification, seeded by seed; at most {MAX_ROWS}).", _rules(_at_least(1), _at_most(MAX_ROWS))),
+    "problem.test-split": Key("str", "", "mlp, cnn1d on a dataset table: the split of the test accuracy; empty: problem.test-fraction of problem.split is held out.", lambda v: None if not v else _column(v)),
+    "problem.rows": Key("int", 20000, f"Rows generated, seeded by seed: logreg on synthetic data (scikit-learn's make_classification), mlp and cnn1d on mnist1d (the mnist1d package's generator, about 0.2 ms a row; test rows held out of them); at most {MAX_ROWS}.", _rules(_at_least(1), _at_most(MAX_ROWS))),
     "problem.features": Key("int", 30, f"logreg on synthetic data: features (the model has one more, the bias; at most {MAX_FEATURES}).", _rules(_at_least(1), _at_most(MAX_FEATURES))),
     "problem.reg": Key("float", 0.1, f"logreg: lambda of the non-convex regulariser (at most {MAX_DATA_SCALE:g}).", _rules(_non_negative, _at_most(MAX_DATA_SCALE))),
     "problem.hidden": Key("int", 32, f"mlp: hidden units (at most {MAX_HIDDEN}).", _rules(_at_least(1), _at_most(MAX_HIDDEN))),
-    "problem.test-fraction": Key("float", 0.2, "mlp: share of rows held out for test accuracy.", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+    "problem.channels": Key("int", 16, f"cnn1d: channels of its two convolutions (16: d = 1562 on mnist1d, about the mlp's at hidden = 32; at most {MAX_HIDDEN}).", _rules(_at_least(1), _at_most(MAX_HIDDEN))),
+    "problem.test-fraction": Key("float", 0.2, "mlp, cnn1d: share of rows held out for test accuracy.", lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
     "partition.kind": Key("str", "iid", "iid | dirichlet | label-sorted | pathological | natural-id (a dataset table's partition.id-column).", _one_of("iid", "dirichlet", "label-sorted", "pathological", "natural-id")),
     "partition.alpha": Key("float", 0.5, "dirichlet: concentration alpha.", _positive),
     "partition.classes-per-client": Key("int", 2, "pathological: classes per client.", _at_least(1)),
     "partition.id-column": Key("str", "", "natural-id: the column of client ids (e.g. FEMNIST's writer_id); one client per distinct id, so num-clients must equal their number.", lambda v: None if not v else _column(v)),
-    "partition.sizes": Key("str", "equal", "Client data sizes: equal, or client i gets a share ~ i+1 (linear), (i+1)^2 (square), e^(i+1) (exponential).", _one_of(*PARTITION_SIZES)),
+    "partition.sizes": Key("str", "equal", "Client data sizes: equal (the partition's own: iid equal sizes, dirichlet each class split among the clients in Dirichlet(alpha) shares, which fails when a client would get no row), even (rows / num-clients each; dirichlet: each client's class mix drawn from Dirichlet(alpha), at any number of clients), or client i gets a share ~ i+1 (linear), (i+1)^2 (square), e^(i+1) (exponential).", _one_of(*PARTITION_SIZES)),
 }
 
-_BUILTIN_PROBLEMS = ("mean-estimation", "logreg", "mlp")
-BUILTIN_DATASETS = ("breast_cancer", "digits", "synthetic")  # problem.dataset values that are not files
+_BUILTIN_PROBLEMS = ("mean-estimation", "logreg", "mlp", "cnn1d")
+BUILTIN_DATASETS = ("breast_cancer", "digits", "synthetic", "mnist1d")  # problem.dataset values that are not files
 
 
 # An integer written in --set text: digits, an optional sign, TOML's underscores.
@@ -647,7 +648,7 @@ def _check_heterogeneity(cfg: dict[str, Any]) -> None:
             )
         if cfg["problem.name"] == "mean-estimation":
             raise ConfigError(
-                f"partition.sizes={sizes!r} needs a problem with data rows (logreg, mlp), "
+                f"partition.sizes={sizes!r} needs a problem with data rows (logreg, mlp, cnn1d), "
                 "got problem.name 'mean-estimation' (one centre per client)"
             )
 

@@ -1,8 +1,9 @@
 """Federated problems: client objectives f_i, the global f = (1/n) sum_i f_i.
 
 Built in: ``mean-estimation``, ``logreg`` (non-convex regulariser, breast_cancer,
-scikit-learn's synthetic ``make_classification`` data or a LibSVM file) and ``mlp`` (a small torch classifier on digits);
-both of the last two also take a dataset table (:mod:`fl_clip21.datasets`). A plug-in
+scikit-learn's synthetic ``make_classification`` data or a LibSVM file), ``mlp`` (a small torch
+classifier on digits or MNIST-1D) and ``cnn1d`` (a small 1-D CNN, same data); the last three
+also take a dataset table (:mod:`fl_clip21.datasets`). A plug-in
 problem is named ``module:factory``; ``factory(cfg)`` gets the resolved
 scenario dict and returns an object with the :class:`Problem` methods.
 
@@ -133,23 +134,30 @@ def _segment_starts(sizes: np.ndarray) -> np.ndarray:
 
 
 def partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarray]:
-    """Split row indices among ``num-clients`` clients with a flwr-datasets partitioner."""
+    """Split row indices among ``num-clients`` clients with a flwr-datasets partitioner (or its rule)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pyarrow's, inside datasets
+        # DirichletPartitioner warns before each retry, with alpha listed once per class:
+        # the ConfigError of a failed split says what the user needs.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"flwr_datasets\.")
         return _partition_indices(labels, cfg)
 
 
 def client_sizes(cfg: dict[str, Any], num_rows: int) -> list[int] | None:
     """Rows per client that ``partition.sizes`` asks for (None: "equal", the partition's own).
 
-    flwr-datasets' Linear/Square/ExponentialPartitioner rule: client i gets a share
-    of ``num_rows`` proportional to i+1, (i+1)^2 or e^(i+1), the remainder to the last.
+    "even": ``num_rows // n`` each, one more for the first ``num_rows % n``
+    clients (IidPartitioner's sizes). flwr-datasets' Linear/Square/ExponentialPartitioner
+    rule: client i gets a share of ``num_rows`` proportional to i+1, (i+1)^2 or
+    e^(i+1), the remainder to the last.
     """
     from flwr_datasets.partitioner import ExponentialPartitioner, LinearPartitioner, SquarePartitioner
 
     n, sizes = cfg["num-clients"], cfg.get("partition.sizes", "equal")
     if sizes == "equal":
         return None
+    if sizes == "even":
+        return [num_rows // n + (i < num_rows % n) for i in range(n)]
     cls = {"linear": LinearPartitioner, "square": SquarePartitioner, "exponential": ExponentialPartitioner}[sizes]
     part = cls(num_partitions=n)
     part.dataset = _datasets_rows(np.zeros(num_rows, dtype=np.int64))
@@ -173,11 +181,71 @@ def _datasets_rows(labels: np.ndarray):
     return datasets.Dataset.from_dict({"label": labels.tolist(), "row": np.arange(len(labels)).tolist()})
 
 
+def inner_dirichlet(labels: np.ndarray, sizes: list[int], alpha: float, seed: int) -> list[np.ndarray]:
+    """flwr-datasets' ``InnerDirichletPartitioner`` split of ``labels``' positions, in O(rows): the same positions.
+
+    Client i's class mix p_i ~ Dirichlet(alpha) (a seeded Generator), then row
+    by row: a client that still needs rows is drawn uniformly, a class from
+    its p_i (renormalised over the classes with rows left), and that class's
+    last unassigned row goes to it. Identical draws to flwr-datasets 0.6's
+    (tests compare the two); its loop sums every client's count and turns the
+    list of clients into an array per row, O(rows x n): about 60 s for 5000
+    clients x 30 rows, 0.4 s here.
+
+    Raises
+    ------
+    ConfigError
+        When a client's p_i has no mass left on the classes with rows (alpha
+        so small that its other entries are 0 in floating point).
+    """
+    rng = np.random.default_rng(seed)
+    _, codes = np.unique(labels, return_inverse=True)
+    classes = int(codes.max()) + 1
+    priors = rng.dirichlet(np.full(classes, float(alpha)), size=len(sizes))
+    cdfs = _cdfs(priors)
+    pools = [np.flatnonzero(codes == k) for k in range(classes)]
+    rows_left = [p.size for p in pools]
+    needs = list(sizes)
+    out = [np.zeros(m, dtype=np.int64) for m in sizes]
+    open_clients = list(range(len(sizes)))
+    remaining = sum(sizes)
+    while remaining:
+        c = open_clients[rng.integers(0, len(open_clients))]
+        if needs[c] == 0:  # drawn once more when full, as flwr-datasets does: then dropped
+            open_clients.remove(c)
+            continue
+        needs[c] -= 1
+        remaining -= 1
+        while True:
+            if not np.isfinite(cdfs[c, -1]):
+                raise ConfigError(
+                    f"partition.alpha={alpha!r} drew a client whose class mix is 0 on every class with rows left "
+                    f"({len(sizes)} clients of {len(labels)} rows); use a larger alpha"
+                )
+            k = int(cdfs[c].searchsorted(rng.random(), side="right"))
+            if rows_left[k] == 0:
+                priors[:, k] = 0
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    priors = priors / priors.sum(axis=1, keepdims=True)
+                cdfs = _cdfs(priors)
+                continue
+            rows_left[k] -= 1
+            out[c][needs[c]] = pools[k][rows_left[k]]
+            break
+    return out
+
+
+def _cdfs(priors: np.ndarray) -> np.ndarray:
+    """Each row's cumulative sums divided by their last (numpy's ``Generator.choice(p=...)`` arithmetic)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cdfs = priors.cumsum(axis=1)
+        return cdfs / cdfs[:, -1:]
+
+
 def _partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarray]:
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
-        InnerDirichletPartitioner,
         PathologicalPartitioner,
         SizePartitioner,
     )
@@ -205,9 +273,9 @@ def _partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarr
         )
     elif kind == "dirichlet":
         # Each client's class mix from Dirichlet(alpha), its size from partition.sizes.
-        part = InnerDirichletPartitioner(
-            partition_sizes=counts, partition_by="label", alpha=cfg["partition.alpha"], seed=seed
-        )
+        order = ds.with_format("arrow")[:]["row"].to_numpy().astype(np.int64)  # a column at once, not row by row
+        positions = inner_dirichlet(labels[order], counts, cfg["partition.alpha"], seed)
+        return [np.sort(order[p]) for p in positions]
     else:
         k = cfg["partition.classes-per-client"]
         num_classes = len(np.unique(labels))
@@ -225,7 +293,8 @@ def _partition_indices(labels: np.ndarray, cfg: dict[str, Any]) -> list[np.ndarr
         except ValueError as e:
             raise ConfigError(
                 f"partition.alpha={cfg['partition.alpha']!r} gives no split of {len(labels)} rows that leaves "
-                f"each of num-clients={n} clients data (flwr-datasets: {e}); use a larger alpha or fewer clients"
+                f"each of num-clients={n} clients data (flwr-datasets: {e}); use a larger alpha, fewer clients, "
+                "or partition.sizes='even' (equal sizes, each client's class mix from Dirichlet(alpha))"
             ) from None
         if rows.size == 0:
             raise ConfigError(
@@ -487,6 +556,11 @@ class LogReg(_ClientData):
                 n_samples=rows, n_features=f, n_informative=max(1, f // 2),
                 n_redundant=0, n_clusters_per_class=1, random_state=cfg["seed"],
             )
+        elif src in ("digits", "mnist1d"):
+            raise ConfigError(
+                f"problem.dataset {src!r} has 10 classes and logreg takes 2 (breast_cancer, synthetic, a LibSVM "
+                "file or a 2-class table); its 10 classes train with problem.name mlp or cnn1d"
+            )
         elif is_table(src):
             table = load_table(cfg, lambda rows, f, k: (LOGREG_COPIES * rows * (f + 1) * 8, f + 1), binary=True)
             X, y, parts = table.X, table.y, table.parts
@@ -610,31 +684,44 @@ def _mlp_size(hidden: int, inputs: int = 64, classes: int = 10) -> int:
 
 
 class DigitsMLP(_ClientData):
-    """inputs -> hidden -> classes MLP with cross-entropy; 64 -> hidden -> 10 on scikit-learn's digits."""
+    """inputs -> hidden -> classes MLP with cross-entropy; 64 -> hidden -> 10 on scikit-learn's digits.
+
+    Also on MNIST-1D (40 -> hidden -> 10) and dataset tables. Subclasses
+    change the model (:meth:`_model`) and its memory estimate (:meth:`_estimate`).
+    """
 
     classification = True
+    # The scenario key that sets the model's size, named when a problem does not fit in memory.
+    size_key = "problem.hidden"
+
+    @staticmethod
+    def _estimate(cfg: dict[str, Any], rows: int, features: int, classes: int) -> tuple[int, int]:
+        """(bytes the data and every row's activations take while the problem is built and evaluated, d)."""
+        h = cfg["problem.hidden"]
+        # Features in float64 (twice while test rows are held out) and as float32 tensors;
+        # every row's hidden activations, their tanh and their gradient (float32).
+        return rows * (features * 20 + h * 12), _mlp_size(h, features, classes)
 
     def __init__(self, cfg: dict[str, Any]):
         import torch
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
-        from fl_clip21.datasets import is_table, load_table
+        from fl_clip21.datasets import is_table, load_mnist1d, load_table
 
-        h, parts = cfg["problem.hidden"], None
-        if is_table(cfg["problem.dataset"]):
-            # Features in float64 (twice while test rows are held out) and as float32 tensors;
-            # every row's hidden activations, their tanh and their gradient (float32).
-            table = load_table(cfg, lambda rows, f, k: (rows * (f * 20 + h * 12), _mlp_size(h, f, k)), test=True)
+        parts = None
+        size = functools.partial(self._estimate, cfg)
+        if is_table(cfg["problem.dataset"]) or cfg["problem.dataset"] == "mnist1d":
+            table = load_table(cfg, size, test=True) if is_table(cfg["problem.dataset"]) else load_mnist1d(cfg, size)
             X, y, Xt, yt, parts = table.X, table.y, table.X_test, table.y_test, table.parts
             classes = table.classes.size
         elif cfg["problem.dataset"] not in ("digits", "breast_cancer"):
             raise ConfigError(
-                f"problem.dataset must be 'digits' or a dataset table for mlp, got {cfg['problem.dataset']!r}"
+                f"problem.dataset must be 'digits', 'mnist1d' or a dataset table for {cfg['problem.name']}, "
+                f"got {cfg['problem.dataset']!r}"
             )
         else:
-            # The hidden activations of every digits row, their tanh and their gradient (float32).
-            check_memory(f"problem.hidden={h}", cfg, _DIGITS_ROWS * h * 4 * 3, _mlp_size(h))
+            check_memory(f"{self.size_key}={cfg[self.size_key]}", cfg, *size(_DIGITS_ROWS, 64, 10))
             X, y = load_digits(return_X_y=True)
             X, classes = X / 16.0, 10
             if cfg["problem.test-fraction"] > 0:
@@ -652,6 +739,8 @@ class DigitsMLP(_ClientData):
         self.yte = torch.tensor(yt, dtype=torch.int64)
         self.hidden = cfg["problem.hidden"]
         self.seed = cfg["seed"]
+        # Bytes a row takes in a gradient computation (fl-clip21 tune sizes its batches of cells with it).
+        self.row_bytes = size(1, self.inputs, self.classes)[0]
         self.layout = Layout.of(self.init_params())
 
     def _model(self):
@@ -747,6 +836,46 @@ class DigitsMLP(_ClientData):
         return Evaluation(self.xp.mean(losses), mean, accuracy, grads if client_grads else None)
 
 
+class CNN1D(DigitsMLP):
+    """A small 1-D CNN with cross-entropy: each row's features as one signal of ``inputs`` samples.
+
+    Conv1d(1, c, 5) -> ReLU -> MaxPool(2) -> Conv1d(c, c, 5) -> ReLU -> max over
+    the signal -> Linear(c, classes), c = ``problem.channels``, both
+    convolutions padded to keep the length. The global max pool makes the
+    features shift-invariant (MNIST-1D's digits sit anywhere in the signal):
+    with c = 16 it reaches 0.96 test accuracy on MNIST-1D trained centrally
+    (the MLP at about the same d = 1.6k: 0.55). Per-client gradients are the
+    MLP's ``torch.func`` ``vmap(grad)`` over clients, batched minibatches alike.
+    """
+
+    size_key = "problem.channels"
+
+    @staticmethod
+    def _estimate(cfg: dict[str, Any], rows: int, features: int, classes: int) -> tuple[int, int]:
+        c = cfg["problem.channels"]
+        # Features as for the MLP; per row about six float32 activations of c x inputs
+        # (the two convolutions, their ReLUs, the pooled signal, and their gradients).
+        return rows * (features * 20 + c * features * 24), _cnn1d_size(c, classes)
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.channels = cfg["problem.channels"]
+        super().__init__(cfg)
+
+    def _model(self):
+        nn, c = self.torch.nn, self.channels
+        return nn.Sequential(
+            nn.Unflatten(1, (1, self.inputs)),
+            nn.Conv1d(1, c, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2, ceil_mode=True),
+            nn.Conv1d(c, c, 5, padding=2), nn.ReLU(), nn.AdaptiveMaxPool1d(1), nn.Flatten(),
+            nn.Linear(c, self.classes),
+        )
+
+
+def _cnn1d_size(channels: int, classes: int = 10) -> int:
+    """d of :class:`CNN1D`: its two convolutions' and its linear layer's weights and biases (any input length)."""
+    return (5 * channels + channels) + (5 * channels * channels + channels) + (channels * classes + classes)
+
+
 # --- building ---------------------------------------------------------------
 
 
@@ -798,6 +927,8 @@ def _build(cfg: dict[str, Any]) -> Problem:
         return LogReg(cfg)
     if name == "mlp":
         return DigitsMLP(cfg)
+    if name == "cnn1d":
+        return CNN1D(cfg)
     problem = PluginProblem(_plugin(cfg, name))
     if problem.num_clients != cfg["num-clients"]:
         raise ConfigError(
@@ -814,7 +945,9 @@ def _plugin(cfg: dict[str, Any], name: str) -> Problem:
     """
     parts = plugin_parts(name)
     if parts is None:
-        raise ConfigError(f"problem.name must be mean-estimation, logreg, mlp or 'module.path:factory', got {name!r}")
+        raise ConfigError(
+            f"problem.name must be mean-estimation, logreg, mlp, cnn1d or 'module.path:factory', got {name!r}"
+        )
     module_name, attr = parts
     try:
         module = importlib.import_module(module_name)

@@ -424,3 +424,79 @@ def test_pathological_gives_each_client_rows_of_its_classes_only(tmp_path, name,
         assert set(labels[part]) == {int(classes[(i + j) % len(classes)]) for j in range(k)}, i
     losses = [r["loss"] for r in run_local(cfg, "clip21-gd")["records"]]
     assert losses[-1] < losses[0]
+
+
+# --- MNIST-1D: generated offline by the mnist1d package ------------------------------------
+
+
+def test_mnist1d_makes_the_rows_asked_for_of_40_features_and_10_digits():
+    from fl_clip21.datasets import mnist1d
+
+    X, y = mnist1d(1000, seed=0)
+    assert X.shape == (1000, 40) and X.dtype == np.float64 and np.all(np.isfinite(X))
+    assert np.bincount(y).tolist() == [100] * 10  # make_dataset makes as many rows of each digit
+    odd, _ = mnist1d(1003, seed=0)  # 1010 made, the first 1003 kept
+    assert odd.shape == (1003, 40)
+
+
+def test_mnist1d_is_the_same_for_a_seed_and_leaves_the_global_generators_alone():
+    import random
+
+    from fl_clip21.datasets import mnist1d
+
+    np.random.seed(123)
+    random.seed(123)
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    a, b, other = mnist1d(300, seed=5), mnist1d(300, seed=5), mnist1d(300, seed=6)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], other[0])
+    assert np.random.get_state()[1].tolist() == numpy_state[1].tolist() and random.getstate() == python_state
+
+
+def test_mnist1d_reaches_no_network_and_writes_no_file(tmp_path, monkeypatch):
+    import socket
+
+    from fl_clip21.datasets import mnist1d
+
+    def refuse(*args, **kwargs):
+        raise OSError("the network is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.chdir(tmp_path)
+    X, _ = mnist1d(200, seed=1)
+    assert X.shape == (200, 40) and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d"])
+def test_mlp_and_cnn1d_train_on_mnist1d_rows_with_a_held_out_test_split(name):
+    cfg = config.resolve({
+        "num-clients": 8, "seed": 2, "problem": {"name": name, "dataset": "mnist1d", "rows": 500, "hidden": 8},
+    })
+    problem = problems.build_problem(cfg)
+    assert problem.X.shape == (400, 40) and tuple(problem.Xte.shape) == (100, 40) and problem.classes == 10
+    assert sorted(np.unique(problem.yte.numpy()).tolist()) == list(range(10))  # stratified
+    assert sum(p.size for p in problem.parts) == 400
+
+
+def test_too_few_mnist1d_rows_and_mnist1d_for_logreg_are_config_errors():
+    few = config.resolve({"num-clients": 2, "problem": {"name": "mlp", "dataset": "mnist1d", "rows": 5}})
+    with pytest.raises(ConfigError, match=r"problem.rows=5 .*mnist1d.* [1-5] of its 10 digits"):
+        problems.build_problem(few)
+    logreg = config.resolve({"problem": {"name": "logreg", "dataset": "mnist1d"}})
+    with pytest.raises(ConfigError, match="'mnist1d' has 10 classes and logreg takes 2"):
+        problems.build_problem(logreg)
+
+
+def test_the_dp_scenarios_resolve_and_give_their_clients_the_rows_they_say():
+    from fl_clip21.config import expand_runs, load_scenario
+
+    paths = sorted((REPO / "scenarios" / "dp").glob("*.toml"))
+    assert len(paths) == 12
+    for path in paths:
+        cfg = load_scenario(path)
+        assert len(expand_runs(cfg)) == len(cfg["target-epsilon"]), path  # every epsilon calibrates
+        if cfg["problem.dataset"] == "mnist1d":
+            train = round(cfg["problem.rows"] * (1 - cfg["problem.test-fraction"]))
+            assert train == {1000: 40, 5000: 30}[cfg["num-clients"]] * cfg["num-clients"], path

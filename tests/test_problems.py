@@ -6,6 +6,8 @@ import warnings
 
 import numpy as np
 from dict_algorithm import client_init, client_update, server_init, server_update
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 import pytest
 
 from fl_clip21 import algorithms, config, core, problems
@@ -200,6 +202,70 @@ def test_mlp_init_params_deterministic_and_leaves_torch_rng_alone(mlp):
         np.testing.assert_array_equal(a[k], b[k])
 
 
+# --- the 1-D CNN ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    cfg = _cfg(**{
+        "num-clients": 6, "seed": 0, "problem": {"name": "cnn1d", "dataset": "mnist1d", "rows": 600, "channels": 4},
+        "partition": {"kind": "dirichlet", "alpha": 0.5, "sizes": "even"},
+    })
+    return problems.build_problem(cfg)
+
+
+def _torch_client_grad(problem, flat, client, rows=None):
+    """Client ``client``'s gradient at ``flat`` by plain autograd on a torch module (no vmap, no functional_call)."""
+    import torch
+
+    model = problem._model()
+    with torch.no_grad():
+        for (name, param), value in zip(model.named_parameters(), problem.layout.unflatten(flat).values()):
+            assert param.shape == value.shape, name
+            param.copy_(torch.from_numpy(value))
+    rows = problem.parts[client] if rows is None else rows
+    loss = torch.nn.functional.cross_entropy(model(problem.Xtr[rows]), problem.ytr[rows])
+    loss.backward()
+    return np.concatenate([p.grad.numpy().ravel() for p in model.parameters()])
+
+
+def test_cnn1d_has_the_parameters_its_size_counts(cnn):
+    assert cnn.layout.size == problems._cnn1d_size(4) == 158
+    assert problems._cnn1d_size(16) == 1562  # the default: about the mlp's 1642 at hidden = 32
+
+
+def test_cnn1d_gradients_of_a_batch_of_clients_are_each_clients_own(cnn):
+    rng = np.random.default_rng(0)
+    base = cnn.layout.flatten(cnn.init_params())
+    points = (base + rng.normal(0, 0.05, size=(cnn.num_clients, base.size))).astype(np.float32)
+    clients = np.arange(cnn.num_clients)
+    batched = cnn.grads(points, clients)
+    for i in clients:
+        np.testing.assert_allclose(batched[i], _torch_client_grad(cnn, points[i], i), rtol=1e-4, atol=1e-6)
+    # minibatches: the rows Minibatch draws, each client's at its own point
+    mb = problems.Minibatch(seed=3, round=2, size=16)
+    drawn = cnn.grads(points, clients, mb)
+    rows, owner, _ = cnn.rows(clients, mb)
+    for i in clients:
+        own = _torch_client_grad(cnn, points[i], i, rows[owner == i])
+        np.testing.assert_allclose(drawn[i], own, rtol=1e-4, atol=1e-6)
+    # f's gradient is the mean of the clients' at one point
+    ev = cnn.evaluate(base)
+    mean = np.mean([_torch_client_grad(cnn, base, i) for i in clients], axis=0)
+    np.testing.assert_allclose(ev.grad, mean, rtol=1e-4, atol=1e-6)
+
+
+def test_cnn1d_learns_mnist1d_without_noise():
+    from fl_clip21.engine import run_local
+
+    cfg = _cfg(**{
+        "num-clients": 20, "rounds": 25, "lr": 0.3, "batch-size": 32, "seed": 0, "algorithms": ["sgd"],
+        "problem": {"name": "cnn1d", "dataset": "mnist1d", "rows": 3000},
+    })
+    records = run_local(cfg, "sgd")["records"]
+    assert records[-1]["accuracy"] > 0.3 and records[-1]["loss"] < records[0]["loss"]  # chance: 0.1
+
+
 # --- partitions -------------------------------------------------------------------------
 
 
@@ -297,6 +363,86 @@ def test_dirichlet_unsatisfiable_split_is_config_error(bc_labels):
         else:  # a valid split is fine too
             _assert_disjoint(parts)
             assert all(p.size > 0 for p in parts)
+
+
+# --- Dirichlet label skew at many clients ------------------------------------------------
+
+
+def _flwr_inner(labels, sizes, alpha, seed):
+    """flwr-datasets' own InnerDirichletPartitioner on ``labels`` (row positions per client, sorted)."""
+    import datasets
+    from flwr_datasets.partitioner import InnerDirichletPartitioner
+
+    datasets.disable_progress_bars()
+    part = InnerDirichletPartitioner(partition_sizes=sizes, partition_by="label", alpha=alpha, seed=seed)
+    part.dataset = datasets.Dataset.from_dict({"label": labels.tolist(), "row": list(range(labels.size))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [np.sort(np.asarray(part.load_partition(i)["row"])) for i in range(len(sizes))]
+
+
+@given(
+    n=st.integers(1, 12), per=st.integers(1, 9), classes=st.integers(2, 6), spare=st.integers(0, 5),
+    alpha=st.sampled_from([0.05, 0.1, 0.5, 1.0, 10.0]), seed=st.integers(0, 2**31),
+)
+@settings(max_examples=40)
+def test_inner_dirichlet_gives_flwr_datasets_partition(n, per, classes, spare, alpha, seed):
+    # spare = 0: every row is given, so classes run out and the class mixes are renormalised.
+    assume(n * per + spare >= classes)
+    labels = np.random.default_rng(seed).integers(0, classes, n * per + spare)
+    labels[:classes] = np.arange(classes)  # every class present, as the codes of a problem's labels are
+    sizes = [per + (i % 3) for i in range(n)]
+    sizes[-1] -= sum(sizes) - n * per
+    assume(min(sizes) >= 1)
+    try:
+        ours = [np.sort(p) for p in problems.inner_dirichlet(labels, sizes, alpha, seed)]
+    except ConfigError as e:  # a class mix of 0 on every class left (alpha < 0.1 draws exact zeros)
+        assert "partition.alpha" in str(e)
+        with pytest.raises(ValueError, match="NaN"):
+            _flwr_inner(labels, sizes, alpha, seed)
+        return
+    theirs = _flwr_inner(labels, sizes, alpha, seed)
+    assert [p.tolist() for p in ours] == [p.tolist() for p in theirs]
+
+
+@pytest.mark.parametrize("n,per", [(1000, 40), (5000, 30)])
+def test_dirichlet_with_even_sizes_splits_thousands_of_clients(n, per):
+    labels = np.random.default_rng(0).integers(0, 10, n * per)
+    cfg = _cfg(**{"num-clients": n, "seed": 3, "problem": {"name": "mlp"},
+                  "partition": {"kind": "dirichlet", "alpha": 0.1, "sizes": "even"}})
+    parts = problems.partition_indices(labels, cfg)
+    assert [p.size for p in parts] == [per] * n
+    _assert_disjoint(parts)
+    assert np.concatenate(parts).size == labels.size
+    # label skew: at alpha 0.1 most of a client's rows are of one or two classes
+    top = [np.bincount(labels[p], minlength=10).max() / per for p in parts]
+    assert np.mean(top) > 0.6
+    if n == 1000:  # the larger split is the same rule, already checked once
+        again = problems.partition_indices(labels, cfg)
+        assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_even_sizes_are_iid_s_equal_sizes():
+    labels = np.random.default_rng(0).integers(0, 10, 1003)
+    even = problems.partition_indices(
+        labels, _cfg(**{"num-clients": 10, "problem": {"name": "mlp"}, "partition": {"sizes": "even"}})
+    )
+    equal = problems.partition_indices(labels, _cfg(**{"num-clients": 10}))
+    assert [p.tolist() for p in even] == [p.tolist() for p in equal]
+
+
+def test_a_failed_dirichlet_split_is_one_config_error_and_prints_no_warning(capfd):
+    labels = np.random.default_rng(0).integers(0, 10, 40_000)
+    cfg = _cfg(**{"num-clients": 1000, "partition": {"kind": "dirichlet", "alpha": 0.1}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError) as ei:
+            problems.partition_indices(labels, cfg)
+    msg = str(ei.value)
+    assert "partition.alpha=0.1" in msg and "num-clients=1000" in msg and "partition.sizes='even'" in msg
+    assert not [w for w in caught if "flwr_datasets" in w.filename]
+    out, err = capfd.readouterr()
+    assert "min_partition_size" not in out + err
 
 
 # --- LibSVM data --------------------------------------------------------------------------
