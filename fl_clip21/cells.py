@@ -25,10 +25,8 @@ import numpy as np
 from fl_clip21 import backend, streams
 from fl_clip21.algorithms import algorithm_from_config
 from fl_clip21.config import ConfigError
-from fl_clip21.engine import (
-    _drops_possible, late_clients, message_bytes, metrics_many, norm_quantiles_by_group, reports_norms, round_epsilon,
-    sample_clients, server_noise,
-)
+from fl_clip21.engine import drops_possible, late_rows, metrics_many, sample_clients, server_noise
+from fl_clip21.fault_protocol import batch_record, new_copies, norm_quantiles_by_group, reports_norms, settle_rows
 from fl_clip21.problems import Minibatch, build_problem
 
 # Keys a cell of a batch may have of its own: hyper-parameters every update rule takes per row.
@@ -73,7 +71,7 @@ def run_cells(
     x = xp.asarray(np.tile(layout.flatten(problem.init_params()), (C, 1)))
     servers = [algorithm.server_init(d, dtype, xp) for _ in range(C)]
     state = algorithm.client_init(C * n, d, dtype, xp)  # row c * n + i: client i of cell c
-    copies = xp.zeros((C * n, d), dtype) if algorithm.memory is not None and _drops_possible(cfg0) else None
+    copies = new_copies(algorithm, C * n, d, dtype, xp, drops_possible(cfg0))
     # Per row: the hyper-parameters the cells vary; the others are the batch's.
     hyper = {k: np.array([a.hyper[k] for a in algorithms], dtype=np.float64) for k in algorithm.hyper if k in ROW_KEYS}
     times_asked = np.zeros((C, n), dtype=np.int64)
@@ -112,19 +110,16 @@ def run_cells(
             at_cells, {s: v if everyone else v[rows] for s, v in state.items()}, grads, noise, hp
         )
         cached = None  # the round may have written into it
-        late = np.isin(client_of_row, sorted(late_clients(cfg0, k, client_of_row.tolist())))
+        arrived = ~late_rows(cfg0, k, client_of_row)
         for s, v in out.state.items():
             if not everyone:
                 state[s][rows] = v
             elif v is not state[s]:
                 state[s][...] = v
-        if late.any() and algorithm.memory is not None:
-            dropped = xp.asarray(index[late])
-            state[algorithm.memory][dropped] = copies[dropped]
-        if copies is not None:
-            copies[xp.asarray(index[~late])] += out.messages[xp.asarray(~late)]
+        memory = state[algorithm.memory] if algorithm.memory is not None else None
+        settle_rows(memory, copies, index, out.messages, arrived)
         for c in range(C):
-            mine = xp.asarray((cell_of_row == c) & ~late)
+            mine = xp.asarray((cell_of_row == c) & arrived)
             x[c], servers[c] = algorithms[c].server_round(
                 x[c], servers[c], out.messages[mine], n, noise=server_noise(cfg0["seed"], k, d, xp)
             )
@@ -132,22 +127,17 @@ def run_cells(
         evaluations = problem.evaluate_many(x, client_grads=stochastic is None) if evaluated else None
         if evaluations is not None and stochastic is None and all(ev.client_grads is not None for ev in evaluations):
             cached = evaluations[0].client_grads if C == 1 else xp.concatenate([ev.client_grads for ev in evaluations])
-        arrived = ~late
         active, norms = xp.to_numpy(out.active), xp.to_numpy(out.norms)
         summaries = metrics_many(evaluations) if evaluations is not None else None
         quantiles = norm_quantiles_by_group(norms[arrived], cell_of_row[arrived], C) if any(reports) else None
         seconds = time.perf_counter() - t0
         for c in range(C):
-            mine = (cell_of_row == c) & ~late
-            accepted = int(mine.sum())
-            rec = {
-                "round": k, "participants": int((cell_of_row == c).sum()), "accepted": accepted,
-                "clip_fraction": float(active[mine].sum()) / accepted if accepted else 0.0, "rejected": 0,
-                "failed": int(((cell_of_row == c) & late).sum()), "resyncs": 0,
-                "bytes_up": accepted * message_bytes(algorithm, d, dtype), "seconds": seconds / C,
-                **round_epsilon(algorithms[c], times_asked[c], cfgs[c]["delta"], k),
-                **(quantiles[c] if reports[c] else {}),
-            }
+            mine = cell_of_row == c
+            rec = batch_record(
+                k, algorithms[c], applied=arrived[mine], active=active[mine], norms=None, d=d, dtype=dtype,
+                seconds=seconds / C, times_asked=times_asked[c], delta=cfgs[c]["delta"],
+                quantiles=quantiles[c] if reports[c] else None,
+            )
             if summaries is not None:
                 rec.update(summaries[c])
             records[c].append(rec)

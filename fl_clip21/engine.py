@@ -4,7 +4,7 @@ System heterogeneity is drawn here too, from seeded streams of (seed, client,
 round): which clients are online (:func:`sample_clients` picks among them) and
 which sampled clients are slow (:func:`straggler_delay`). The Flower client
 really sleeps that long and the Flower server drops replies later than the
-round timeout; ``run_local`` drops the same replies (:func:`late_clients`).
+round timeout; ``run_local`` drops the same replies (:func:`late_rows`).
 
 ``run_local`` runs a scenario's algorithm in this process with the same
 algorithm values, sampling and random streams as the Flower engine: it is the
@@ -28,7 +28,7 @@ import numpy as np
 from fl_clip21 import backend, core, streams
 from fl_clip21.algorithms import FLOWER_BASELINES, Algorithm, ClientRound, Grads, Noise, algorithm_from_config
 from fl_clip21.config import ConfigError
-from fl_clip21.privacy import central_epsilon, epsilon
+from fl_clip21.fault_protocol import batch_record, new_copies, settle_rows
 from fl_clip21.problems import Evaluation, Minibatch, Problem, build_problem
 
 # on_round(algorithm, record, rounds) after every round, for progress displays
@@ -97,17 +97,21 @@ def reply_timeout(cfg: dict[str, Any]) -> float:
     return cfg.get("round-timeout", 0.0) or REPLY_WAIT
 
 
-def _drops_possible(cfg: dict[str, Any]) -> bool:
+def drops_possible(cfg: dict[str, Any]) -> bool:
     """Whether some stragglers' replies miss the round timeout."""
     return cfg.get("straggler-fraction", 0.0) > 0 and cfg["straggler-delay"] > reply_timeout(cfg)
 
 
-def late_clients(cfg: dict[str, Any], server_round: int, clients: Sequence[int]) -> set[int]:
-    """The clients of ``clients`` whose reply in ``server_round`` misses the round timeout."""
-    if not _drops_possible(cfg):
-        return set()
+def late_rows(cfg: dict[str, Any], server_round: int, clients: np.ndarray) -> np.ndarray:
+    """Which of ``clients`` (client indices) reply in ``server_round`` later than the round timeout: a bool mask.
+
+    Those :func:`straggler_delay` makes slow, when the delay exceeds the timeout.
+    """
+    clients = np.asarray(clients, dtype=np.int64)
+    if not drops_possible(cfg):
+        return np.zeros(clients.shape, dtype=bool)
     draws = _round_uniforms(cfg["seed"], server_round, STRAGGLER_STREAM, cfg["num-clients"])
-    return {i for i in clients if draws[i] < cfg["straggler-fraction"]}
+    return draws[clients] < cfg["straggler-fraction"]
 
 
 def batch_grads(
@@ -172,71 +176,6 @@ def client_round(
     )
 
 
-def message_bytes(algorithm: Algorithm, d: int, dtype) -> int:
-    """Bytes of values one message carries: d dense values, or Top-k's k indices and k values.
-
-    The Flower client sends the same bytes (:func:`fl_clip21.flower.records.encode_sparse`).
-    """
-    itemsize = np.dtype(dtype).itemsize
-    if algorithm.sparse:
-        return algorithm.sparse_entries(d) * ((4 if d < 2**31 else 8) + itemsize)
-    return d * itemsize
-
-
-NORM_QUANTILES = (("q10", 10.0), ("q50", 50.0), ("q90", 90.0), ("max", 100.0))
-
-
-def reports_norms(algorithm: Algorithm) -> bool:
-    """Whether clients report their norms: never with DP noise (an unclipped norm is not private)."""
-    return algorithm.noise_multiplier is None
-
-
-def norm_quantiles(norms: Sequence[tuple[float, float]]) -> dict[str, float]:
-    """Quantiles (10/50/90/max) of the accepted messages' ``(update, operator input)`` norms.
-
-    ``update_norm_*``: the norm of the update the client computed (gradient,
-    momentum or model update); ``input_norm_*``: of what the operator clipped
-    (Clip21: ||grad - v_i||). Empty when there are no norms.
-    """
-    if not len(norms):
-        return {}
-    table = np.percentile(np.asarray(norms, dtype=np.float64), [q for _, q in NORM_QUANTILES], axis=0)
-    return {
-        f"{name}_{suffix}": float(table[i, j])
-        for j, name in enumerate(("update_norm", "input_norm"))
-        for i, (suffix, _) in enumerate(NORM_QUANTILES)
-    }
-
-
-def norm_quantiles_by_group(norms: np.ndarray, group: np.ndarray, groups: int) -> list[dict[str, float]]:
-    """:func:`norm_quantiles` of the rows of each group (rows sorted by group), one percentile call when sizes agree."""
-    counts = np.bincount(group, minlength=groups)
-    if counts.size and counts.min() == counts.max() > 0:
-        table = np.percentile(norms.reshape(groups, counts[0], 2), [q for _, q in NORM_QUANTILES], axis=1)
-        return [
-            {f"{name}_{suffix}": float(table[i, g, j]) for j, name in enumerate(("update_norm", "input_norm"))
-             for i, (suffix, _) in enumerate(NORM_QUANTILES)}
-            for g in range(groups)
-        ]
-    return [norm_quantiles(norms[group == g]) for g in range(groups)]
-
-
-def round_epsilon(algorithm: Algorithm, times_asked: np.ndarray, delta: float, server_round: int) -> dict[str, float]:
-    """``{"epsilon": ..., "noise_multiplier": z}`` after ``server_round`` rounds, for algorithms with DP noise.
-
-    z is the multiplier the accountant uses (:mod:`fl_clip21.privacy`). Local DP: of the most-asked client (every round it was asked counts).
-    Central DP: of every client, over all rounds so far, with amplification by
-    Poisson subsampling where the clients were Poisson-sampled.
-    """
-    if algorithm.noise_multiplier is None:
-        return {}
-    z = algorithm.noise_multiplier  # the accountant's: sigma over the sensitivity of the adjacency claimed
-    if algorithm.central is not None:
-        rate = algorithm.hyper.get("sampling-rate", 1.0)
-        return {"epsilon": central_epsilon(z, server_round, delta, rate), "noise_multiplier": z}
-    return {"epsilon": epsilon(z, int(times_asked.max()), delta), "noise_multiplier": z}
-
-
 def metrics(ev: Evaluation) -> dict[str, float]:
     """The record's global metrics: loss, grad_norm_sq (of f, on all data), accuracy."""
     return metrics_many([ev])[0]
@@ -280,7 +219,7 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
     server = algorithm.server_init(d, dtype, xp)
     state = algorithm.client_init(n, d, dtype, xp)
     # The server's copies of the clients' memories, kept when a reply can be dropped.
-    copies = xp.zeros((n, d), dtype) if algorithm.memory is not None and _drops_possible(cfg) else None
+    copies = new_copies(algorithm, n, d, dtype, xp, drops_possible(cfg))
     reuse = not algorithm.stochastic
     cached = None
     records = []
@@ -301,30 +240,19 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
             batch_noise(cfg, clients, k, d, dtype, xp),
         )
         cached = None  # the round may have written into it
-        late = np.isin(clients, sorted(late_clients(cfg, k, clients.tolist())))
+        arrived = ~late_rows(cfg, k, clients)
         for s, v in out.state.items():
             if everyone and v is not state[s]:
                 state[s][...] = v
             elif not everyone:
                 state[s][index] = v
-        if late.any() and algorithm.memory is not None:
-            # The protocol resyncs a client whose reply was dropped to the server's copy.
-            dropped = xp.asarray(clients[late])
-            state[algorithm.memory][dropped] = copies[dropped]
-        arrived = ~late
-        messages = out.messages if arrived.all() else out.messages[xp.asarray(arrived)]
-        if copies is not None:
-            copies[xp.asarray(clients[arrived])] += messages
+        memory = state[algorithm.memory] if algorithm.memory is not None else None
+        messages = settle_rows(memory, copies, clients, out.messages, arrived)
         x, server = algorithm.server_round(x, server, messages, n, noise=server_noise(cfg["seed"], k, d, xp))
-        accepted = int(arrived.sum())
-        rec = {
-            "round": k, "participants": len(clients), "accepted": accepted,
-            "clip_fraction": float(xp.to_numpy(out.active)[arrived].sum()) / accepted if accepted else 0.0,
-            "rejected": 0, "failed": int(late.sum()), "resyncs": 0,
-            "bytes_up": accepted * message_bytes(algorithm, d, dtype), "seconds": time.perf_counter() - t0,
-            **round_epsilon(algorithm, times_asked, cfg["delta"], k),
-            **(norm_quantiles(xp.to_numpy(out.norms)[arrived]) if reports_norms(algorithm) else {}),
-        }
+        rec = batch_record(
+            k, algorithm, applied=arrived, active=xp.to_numpy(out.active), norms=xp.to_numpy(out.norms), d=d,
+            dtype=dtype, seconds=time.perf_counter() - t0, times_asked=times_asked, delta=cfg["delta"],
+        )
         ev = problem.evaluate(x, client_grads=reuse)
         cached = ev.client_grads
         rec.update(metrics(ev))

@@ -26,7 +26,8 @@ from flwr.clientapp import ClientApp
 
 from fl_clip21.algorithms import Algorithm, ClientRound, algorithm_from_config
 from fl_clip21.config import DATA_DIR, PLUGIN_MODULES, with_node_config
-from fl_clip21.engine import client_round, reports_norms, straggler_delay
+from fl_clip21.engine import client_round, straggler_delay
+from fl_clip21.fault_protocol import reports_norms
 from fl_clip21.flower import records as R
 from fl_clip21.layout import Layout
 from fl_clip21.problems import Problem, build_problem

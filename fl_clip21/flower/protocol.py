@@ -5,7 +5,9 @@ the last round whose increment it applied (the ``ack`` it sends), the number of
 rounds the client was asked (for epsilon), and its copy of the client's memory
 (the sum of the increments it applied), in a :class:`~fl_clip21.copies.MemoryCopies`
 file. A client whose increment was not applied, or that lost its state, gets
-the copy with its next message (a *resync*).
+the copy with its next message (a *resync*): the rule of
+:func:`fl_clip21.fault_protocol.resync_due`, which the batched engines apply to
+their rows of copies (:func:`~fl_clip21.fault_protocol.settle_rows`).
 
 A client whose partition was taken over by a node that could not prove it is
 that client (:mod:`fl_clip21.flower.registry`) is *reset* instead: the server
@@ -25,6 +27,7 @@ import numpy as np
 
 from fl_clip21 import core
 from fl_clip21.copies import MemoryCopies
+from fl_clip21.fault_protocol import resync_due
 from fl_clip21.core import Params
 
 
@@ -90,8 +93,7 @@ class ProtocolState:
 
     def end_round(self, asked: Collection[int], applied: Collection[int]) -> None:
         """A client asked whose increment was not applied may hold it in its memory: resync it next time."""
-        self.needs_resync -= set(applied)
-        self.needs_resync |= set(asked) - set(applied)
+        self.needs_resync = resync_due(asked, applied, pending=self.needs_resync)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the copies themselves (they are in their file), JSON-able."""

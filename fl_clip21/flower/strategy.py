@@ -13,7 +13,9 @@ its own module:
   handshake with the nodes, which node holds which client, and whether a node
   that takes a client over proved it is that client;
 - :mod:`~fl_clip21.flower.protocol`: the consistency protocol's acks, copies
-  of the clients' memories (in a file), resyncs and resets;
+  of the clients' memories (in a file), resyncs and resets; who is resynced,
+  and the round's record, come from :mod:`fl_clip21.fault_protocol`, which the
+  batched engines use too;
 - :mod:`~fl_clip21.flower.late`: replies that missed their round;
 - :mod:`~fl_clip21.flower.saved_state`: with ``checkpoint``, the state saved
   after every round, atomically, and checked and restored by :meth:`resume`.
@@ -45,7 +47,8 @@ from fl_clip21 import core
 from fl_clip21.algorithms import Algorithm, model_size
 from fl_clip21.copies import MemoryCopies
 from fl_clip21.core import Params
-from fl_clip21.engine import norm_quantiles, reports_norms, round_epsilon, sample_clients, server_noise
+from fl_clip21.engine import sample_clients, server_noise
+from fl_clip21.fault_protocol import round_record
 from fl_clip21.flower import metrics as client_metrics
 from fl_clip21.flower import records as R
 from fl_clip21.flower import saved_state
@@ -574,23 +577,16 @@ class Clip21Strategy(Strategy):
 
     def _record(self, k: int, tally: _Tally) -> dict[str, Any]:
         """Round ``k``'s record (history, checkpoint, progress) from its tally and the new state."""
-        record: dict[str, Any] = {
-            "round": k,
-            "participants": self._expected,
-            "accepted": len(tally.accepted),
-            "clip_fraction": tally.clipped / len(tally.accepted) if tally.accepted else 0.0,
-            "rejected": tally.rejected,
-            "failed": tally.failed,
-            "resyncs": tally.resyncs,
-            "bytes_up": tally.bytes_up,
-            "seconds": time.perf_counter() - self._round_start,
-        }
+        seconds = time.perf_counter() - self._round_start
+        audit = None
         if self.audit_state is not None:
-            record["invariant_gap"] = self.invariant_gap()
-            record["memory_gap"] = self.audit_state.take_round()
-        record.update(round_epsilon(self.algorithm, self.protocol.times_asked, self.delta, k))
-        if reports_norms(self.algorithm):
-            record.update(norm_quantiles(tally.norms))
+            audit = {"invariant_gap": self.invariant_gap(), "memory_gap": self.audit_state.take_round()}
+        record = round_record(
+            k, self.algorithm, participants=self._expected, accepted=len(tally.accepted), clipped=tally.clipped,
+            rejected=tally.rejected, failed=tally.failed, resyncs=tally.resyncs, bytes_up=tally.bytes_up,
+            seconds=seconds, times_asked=self.protocol.times_asked,
+            delta=self.delta, norms=tally.norms, audit=audit,
+        )
         train_metrics = client_metrics.aggregate(tally.app_metrics)
         if train_metrics:
             record["train_metrics"] = train_metrics
