@@ -44,10 +44,7 @@ CONFIGS = {
         "sampling": "poisson", "count-stddev": 1.0, "problem": {"name": "logreg"}, "partition": {"kind": "dirichlet", "alpha": 1.0},
     },
 }
-COMPARED = (
-    "loss", "grad_norm_sq", "accuracy", "clip_fraction", "bytes_up", "epsilon", "participants", "accepted",
-    "update_norm_q10", "update_norm_q50", "update_norm_q90", "update_norm_max", "input_norm_q50", "input_norm_max",
-)
+NOT_COMPARED = {"seconds"}  # every field of a record (fl_clip21.fault_protocol.round_record) but the time taken
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +70,8 @@ def test_vectorized_engine_matches_flower(both_engines, config, name):
     for fr, vr in zip(flower["records"], vectorized["records"]):
         assert set(fr) == set(vr), (fr, vr)
         assert vr["round"] == fr["round"]
-        for key in COMPARED:
-            if key in fr:
-                assert vr[key] == pytest.approx(fr[key], rel=1e-9, abs=1e-14), (key, vr["round"])
+        for key in set(fr) - NOT_COMPARED:
+            assert vr[key] == pytest.approx(fr[key], rel=1e-9, abs=1e-14), (key, vr["round"])
 
 
 def test_the_configs_exercise_clipping_noise_and_sampling(both_engines):
