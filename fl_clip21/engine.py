@@ -28,7 +28,7 @@ import numpy as np
 from fl_clip21 import backend, core, streams
 from fl_clip21.algorithms import FLOWER_BASELINES, Algorithm, ClientRound, Grads, Noise, algorithm_from_config
 from fl_clip21.config import ConfigError
-from fl_clip21.fault_protocol import batch_record, new_copies, settle_rows
+from fl_clip21.fault_protocol import batch_record, new_copies, reports_norms, settle_rows
 from fl_clip21.problems import Evaluation, Minibatch, Problem, build_problem
 
 # on_round(algorithm, record, rounds) after every round, for progress displays
@@ -250,7 +250,8 @@ def run_local(cfg: dict[str, Any], name: str, on_round: OnRound | None = None) -
         messages = settle_rows(memory, copies, clients, out.messages, arrived)
         x, server = algorithm.server_round(x, server, messages, n, noise=server_noise(cfg["seed"], k, d, xp))
         rec = batch_record(
-            k, algorithm, applied=arrived, active=xp.to_numpy(out.active), norms=xp.to_numpy(out.norms), d=d,
+            k, algorithm, applied=arrived, active=xp.to_numpy(out.active),
+            norms=xp.to_numpy(out.norms) if reports_norms(algorithm) else None, d=d,
             dtype=dtype, seconds=time.perf_counter() - t0, times_asked=times_asked, delta=cfg["delta"],
         )
         ev = problem.evaluate(x, client_grads=reuse)
