@@ -15,8 +15,10 @@ quantiles.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -137,10 +139,26 @@ class Numpy:
         One CSR (sparse-times-dense) product that reads X's rows in place: no
         copy of the data, no (rows x d) temporary.
         """
+        return self.row_sums(rows, counts, X.shape[0])(values, X)
+
+    def row_sums(self, rows: np.ndarray, counts: np.ndarray, num_rows: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """:meth:`weighted_row_sums` for a fixed ``(rows, counts)``: ``sums(values, X)``, built once, called every round.
+
+        The CSR structure (indices, offsets) is checked once here; a call only
+        puts this round's weights into a shallow copy of the matrix (no shared
+        state written, no format check, no copy of the structure).
+        """
         from scipy.sparse import csr_array
 
         indptr = np.concatenate(([0], np.cumsum(counts)))
-        return np.asarray(csr_array((values, rows, indptr), shape=(len(counts), X.shape[0])) @ X)
+        matrix = csr_array((np.zeros(len(rows)), np.asarray(rows), indptr), shape=(len(counts), num_rows))
+
+        def sums(values: np.ndarray, X: np.ndarray) -> np.ndarray:
+            product = copy.copy(matrix)
+            product.data = values
+            return np.asarray(product @ X)
+
+        return sums
 
     def normals(self, seed: int, purpose: int, clients: np.ndarray, server_round: int, count: int,
                 step: int = 0) -> np.ndarray:
@@ -269,6 +287,22 @@ class Torch:
                 indptr, self.asarray(rows), values, size=(len(counts), X.shape[0]), check_invariants=False
             )
             return matrix @ X
+
+    def row_sums(self, rows: np.ndarray, counts: np.ndarray, num_rows: int):
+        """:meth:`Numpy.row_sums` with torch's sparse CSR product: the indices copied to the device once."""
+        import warnings
+
+        indptr = self.asarray(np.concatenate(([0], np.cumsum(counts))).astype(np.int64))
+        indices = self.asarray(np.asarray(rows, dtype=np.int64))
+        size = (len(counts), num_rows)
+
+        def sums(values, X):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                matrix = self.torch.sparse_csr_tensor(indptr, indices, values, size=size, check_invariants=False)
+                return matrix @ X
+
+        return sums
 
     def normals(self, seed: int, purpose: int, clients: np.ndarray, server_round: int, count: int, step: int = 0):
         """:func:`fl_clip21.streams.normals_torch` on this device."""
