@@ -93,9 +93,19 @@ class Numpy:
     def exp(self, a: np.ndarray) -> np.ndarray:
         return np.exp(a)
 
-    def logaddexp0(self, a: np.ndarray) -> np.ndarray:
-        """``log(1 + exp(a))`` without overflow."""
-        return np.logaddexp(0.0, a)
+    def logistic(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(log(1 + exp(-m)), 1 / (1 + exp(m)))`` without overflow, both from one ``exp(-|m|)``.
+
+        ``log(1 + exp(-m)) = max(-m, 0) + log1p(exp(-|m|))`` and the sigmoid is
+        ``exp(-(max(m, 0) + log1p(exp(-|m|))))``: numpy's vectorised exp and
+        log1p, where ``np.logaddexp(0, -m)`` calls libm's one entry at a time (7x slower).
+        """
+        tail = np.log1p(np.exp(-np.abs(m)))
+        loss = np.maximum(-m, 0.0)
+        loss += tail
+        weight = np.maximum(m, 0.0)
+        weight += tail
+        return loss, np.exp(np.negative(weight, out=weight), out=weight)
 
     def row_norms(self, Y: np.ndarray) -> np.ndarray:
         """The L2 norm of every row of ``Y`` (..., d), in float64, without overflow or underflow."""
@@ -241,8 +251,10 @@ class Torch:
     def exp(self, a):
         return self.torch.exp(a)
 
-    def logaddexp0(self, a):
-        return self.torch.logaddexp(a.new_zeros(()), a)
+    def logistic(self, m):
+        """:meth:`Numpy.logistic` in torch."""
+        tail = self.torch.log1p(self.torch.exp(-m.abs()))
+        return (-m).clamp(min=0) + tail, self.torch.exp(-(m.clamp(min=0) + tail))
 
     def row_norms(self, Y):
         """:meth:`Numpy.row_norms` in torch: in float64, the rows whose squares' sum left the range rescaled."""

@@ -658,8 +658,9 @@ class LogReg(_ClientData):
         z = self.X @ x
         margin = self.signs * z
         reg = self.reg * (x**2 / (1 + x**2)).sum()
-        data = xp.segment_means(xp.logaddexp0(-margin), self.starts, self.sizes)
-        s = -self.signs * self._sigmoid(-margin) * self._row_weight
+        losses, sigmoids = xp.logistic(margin)
+        data = xp.segment_means(losses, self.starts, self.sizes)
+        s = -self.signs * sigmoids * self._row_weight
         accuracy = float(xp.fraction((z > 0) == (self.signs > 0)))
         loss = float(xp.mean(data) + reg)
         if not client_grads:
@@ -681,8 +682,9 @@ class LogReg(_ClientData):
         Z = self.X @ xs.T
         margin = self.signs[:, None] * Z
         reg = self.reg * (xs**2 / (1 + xs**2)).sum(axis=1)
-        data = xp.segment_means(xp.logaddexp0(-margin), self.starts, self.sizes).mean(axis=0)
-        s = -self.signs[:, None] * self._sigmoid(-margin) * self._row_weight[:, None]
+        losses, sigmoids = xp.logistic(margin)
+        data = xp.segment_means(losses, self.starts, self.sizes).mean(axis=0)
+        s = -self.signs[:, None] * sigmoids * self._row_weight[:, None]
         accuracy = xp.fraction((Z > 0) == (self.signs[:, None] > 0), axis=0)
         C, N = len(xs), self.X.shape[0]
         if not client_grads:
@@ -697,7 +699,7 @@ class LogReg(_ClientData):
         return [Evaluation(float(data[c] + reg[c]), grads[c], float(accuracy[c]), blocks[c]) for c in range(C)]
 
     def _sigmoid(self, z: np.ndarray) -> np.ndarray:
-        return self.xp.exp(-self.xp.logaddexp0(-z))
+        return self.xp.logistic(-z)[1]
 
 
 # --- a small torch MLP on digits or a dataset table ---------------------------
