@@ -76,7 +76,13 @@ class Numpy:
         return np.einsum(spec, *operands)
 
     def sum_rows(self, a: np.ndarray) -> np.ndarray:
-        """The sum of the rows of ``a`` (m, d), in float64."""
+        """The sum of the rows of ``a`` (m, d), in float64.
+
+        float64 rows are summed by BLAS (a product with ones): numpy's
+        reduction over axis 0 walks the rows one at a time, 3x slower at d = 31.
+        """
+        if a.dtype == np.float64 and a.ndim == 2:
+            return np.ones(a.shape[0]) @ a
         return a.sum(axis=0, dtype=np.float64)
 
     def mean(self, a: np.ndarray) -> float:

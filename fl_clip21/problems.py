@@ -670,7 +670,7 @@ class LogReg(_ClientData):
         with self._slots_lock:
             self._Xr[-1] = self._reg_grad(x)
             per_client = self._client_sums(weights, self._Xr)
-        return Evaluation(loss, per_client.mean(axis=0), accuracy, per_client)
+        return Evaluation(loss, xp.sum_rows(per_client) / self.num_clients, accuracy, per_client)
 
     def evaluate_many(self, xs: np.ndarray, client_grads: bool = False) -> list[Evaluation]:
         """:meth:`evaluate` of C models from one (N, C) product with X.
