@@ -157,8 +157,10 @@ class Numpy:
         """
         return self.row_sums(rows, counts, X.shape[0])(values, X)
 
-    def row_sums(self, rows: np.ndarray, counts: np.ndarray, num_rows: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        """:meth:`weighted_row_sums` for a fixed ``(rows, counts)``: ``sums(values, X)``, built once, called every round.
+    def row_sums(
+        self, rows: np.ndarray, counts: np.ndarray, num_rows: int
+    ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """:meth:`weighted_row_sums` for a fixed ``(rows, counts)``: ``sums(values, X)``, built once, called often.
 
         The CSR structure (indices, offsets) is checked once here; a call only
         puts this round's weights into a shallow copy of the matrix (no shared
