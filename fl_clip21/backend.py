@@ -75,6 +75,10 @@ class Numpy:
     def einsum(self, spec: str, *operands: np.ndarray) -> np.ndarray:
         return np.einsum(spec, *operands)
 
+    def block_rows(self, a: np.ndarray) -> int:
+        """Rows of ``a`` (m, d) per block of a row-wise pass: about 512 KiB of float64, at least one row."""
+        return max(1, 65536 // max(1, a.shape[-1]))
+
     def sum_rows(self, a: np.ndarray) -> np.ndarray:
         """The sum of the rows of ``a`` (m, d), in float64.
 
@@ -243,6 +247,10 @@ class Torch:
 
     def einsum(self, spec: str, *operands):
         return self.torch.einsum(spec, *operands)
+
+    def block_rows(self, a) -> int:
+        """All rows in one block: a device runs each pass as one kernel."""
+        return max(1, a.shape[0])
 
     def sum_rows(self, a):
         return a.sum(dim=0, dtype=self.torch.float64)
