@@ -239,7 +239,6 @@ def _ef_client(x, state, grads, noise, hp, *, operator, memory="v"):
         v = state["v"]
         target = xp.cast((1 - _col(beta1, v)) * v + _col(beta1, v) * target, v.dtype)
         new_state["v"] = target
-    target_norms = core.row_norms(target)
     step = core.ef_step_rows(
         target, state[memory], operator(hp, target.shape[1]), beta2, overwrite_target=not momentum,
         overwrite_memory=True,
@@ -248,7 +247,7 @@ def _ef_client(x, state, grads, noise, hp, *, operator, memory="v"):
     messages = _noisy(step.increment, hp.get("sigma", 0.0), noise)
     if np.any(np.asarray(beta2) != 1):
         messages = xp.cast(_col(beta2, messages) * messages, step.increment.dtype)
-    return ClientRound(messages, new_state, step.active, xp.stack([target_norms, step.input_norms], axis=1))
+    return ClientRound(messages, new_state, step.active, xp.stack([step.target_norms, step.input_norms], axis=1))
 
 
 def _ef_server(x, state, total, count, n, hp):

@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--no-memory", action="store_true", help="skip the memory-per-client figure")
     bench.add_argument(
         "--engines", action="store_true",
-        help="instead: the batched engine against the memory-bandwidth bound and a per-client loop (in process)",
+        help="instead: the batched engine against the memory-bandwidth bound and a per-client-loop proxy (in process)",
     )
     bench.add_argument(
         "--points", default=",".join(f"{n}x{d}" for n, d in ENGINE_POINTS),
