@@ -35,6 +35,14 @@ central_mlp1000_others() {
         --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
 }
 
+# The coarse pass put clip21-sgd2m's winners at beta2 = 1 (its largest value) and at eps 8 at
+# lr = 3 (the grid's end): a second pass around them, with beta1 = 1 too.
+central_mlp1000_clip21_refine() {
+    run central-mlp1000-clip21-refine $S/mnist1d-mlp-1000-central.toml --set algorithms=clip21-sgd2m \
+        --grid lr=1,3,10 --grid tau=0.1,0.3 --grid beta1=0.5,1 --grid beta2=1 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+
 # Priority 2: local DP, the table. Two grids per scenario:
 #   fine (reduced from the 11 x 11 x 3 x 5): lr, tau in half decades, beta1 in {0.5, 1}, beta2 in {0.01, 0.1, 0.3, 1}
 #   authors' (coarse, as in the authors' public scripts): lr in {10, 1, 0.1, 0.01, 1e-3},
@@ -53,7 +61,14 @@ local_digits200() { local_grids local-digits200 $S/digits-200-iid-local.toml fin
 local_digits100() { local_grids local-digits100 $S/digits-100-dirichlet1-local.toml final_accuracy; }
 local_logreg() { local_grids local-logreg $S/logreg-nonconvex-local.toml final_loss; }
 
+# Priority 3 (small grid, for lack of time): local DP on MNIST-1D, MLP, 1000 clients Dirichlet(0.1).
+local_mlp1000() {
+    run local-mlp1000 $S/mnist1d-mlp-1000-local.toml \
+        --grid lr=0.1,0.3,1 --grid tau=0.1,0.3,1 --grid beta2=0.1,1 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(central_mlp1000_clip21 central_mlp1000_dpfedavg central_mlp1000_others
-                           local_digits20 local_digits200 local_digits100 local_logreg)
+[ ${#names[@]} -gt 0 ] || names=(central_mlp1000_clip21 central_mlp1000_dpfedavg central_mlp1000_others central_mlp1000_clip21_refine
+                           local_digits20 local_digits200 local_digits100 local_logreg local_mlp1000)
 for n in "${names[@]}"; do "$n"; done
