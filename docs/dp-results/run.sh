@@ -60,6 +60,18 @@ local_digits20() { local_grids local-digits20 $S/digits-20-dirichlet0.1-local.to
 local_digits200() { local_grids local-digits200 $S/digits-200-iid-local.toml final_accuracy; }
 local_digits100() { local_grids local-digits100 $S/digits-100-dirichlet1-local.toml final_accuracy; }
 local_logreg() { local_grids local-logreg $S/logreg-nonconvex-local.toml final_loss; }
+# For lack of time digits-100 ran on the authors' grid only.
+local_digits100_authors() {
+    run local-digits100-authors $S/digits-100-dirichlet1-local.toml "${AUTHORS[@]}" "${SEEDS[@]}" --metric final_accuracy
+}
+# The diagnosis: noise accumulated in g against the signal, at tuned winners (seed 1).
+noise_in_g() {
+    local py=(python docs/dp-results/noise_in_g.py)
+    "${py[@]}" $S/mnist1d-mlp-1000-central.toml clip21-sgd2m target-epsilon=8 lr=3 tau=0.3 beta1=1 beta2=1 seed=1
+    "${py[@]}" $S/digits-20-dirichlet0.1-local.toml clip21-sgd2m target-epsilon=27 lr=0.03 tau=0.03 beta1=0.5 beta2=0.3 seed=1
+    "${py[@]}" $S/digits-200-iid-local.toml clip21-sgd2m target-epsilon=27 lr=1 tau=0.1 beta1=0.5 beta2=0.3 seed=1
+    "${py[@]}" $S/digits-200-iid-local.toml clip21-sgd2m target-epsilon=27 lr=1 tau=0.1 beta1=0.5 beta2=0.3 seed=1 rounds=10
+}
 
 # Priority 3 (small grid, for lack of time): local DP on MNIST-1D, MLP, 1000 clients Dirichlet(0.1).
 local_mlp1000() {
