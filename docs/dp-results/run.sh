@@ -79,6 +79,20 @@ local_mlp1000() {
         --grid lr=0.1,0.3,1 --grid tau=0.1,0.3,1 --grid beta2=0.1,1 \
         --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
 }
+# The combined tables and plots of docs/dp-results.md (from the tune.csv files above).
+summaries() {
+    local py=(python $OUT/summary.py)
+    "${py[@]}" $OUT/central-mlp1000.png dp-fedavg $OUT/central-mlp1000-clip21-refine \
+        $OUT/central-mlp1000-dpfedavg $OUT/central-mlp1000-others > $OUT/central-mlp1000-summary.md
+    for x in local-digits20-fine local-digits20-authors local-digits200-fine local-digits200-authors \
+             local-digits100-authors local-mlp1000; do
+        [ -f $OUT/$x/tune.csv ] && "${py[@]}" $OUT/$x.png clip-sgd $OUT/$x > $OUT/$x-summary.md
+    done
+    for x in local-logreg-fine local-logreg-authors; do
+        "${py[@]}" "--ylabel=final train loss (mean +- std, held-out seeds)" $OUT/$x.png clip-sgd $OUT/$x \
+            > $OUT/$x-summary.md
+    done
+}
 
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(central_mlp1000_clip21 central_mlp1000_dpfedavg central_mlp1000_others central_mlp1000_clip21_refine

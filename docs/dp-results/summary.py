@@ -1,6 +1,6 @@
 """Tables and plots of docs/dp-results.md from the tune.csv files of docs/dp-results/run.sh.
 
-    python docs/dp-results/summary.py OUT.png REFERENCE TUNE_DIR...
+    python docs/dp-results/summary.py [--ylabel=TEXT] OUT.png REFERENCE TUNE_DIR...
 
 Reads every TUNE_DIR/tune.csv (one row per algorithm and epsilon: the cell tune chose,
 the mean and std over the evaluation seeds) and prints a markdown table: one row per
@@ -33,6 +33,9 @@ def read(dirs: list[str]) -> dict[str, dict[float, tuple[float, float, str, str]
 
 
 def main(argv: list[str]) -> int:
+    ylabel = "test accuracy (mean +- std, held-out seeds)"
+    if argv and argv[0].startswith("--ylabel="):
+        ylabel, argv = argv[0].removeprefix("--ylabel="), argv[1:]
     if len(argv) < 3:
         print(__doc__, file=sys.stderr)
         return 2
@@ -75,7 +78,7 @@ def main(argv: list[str]) -> int:
     ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
     ax.minorticks_off()
     ax.set_xlabel(r"$\varepsilon$")
-    ax.set_ylabel("test accuracy (mean +- std, held-out seeds)")
+    ax.set_ylabel(ylabel)
     ax.set_title(png.stem)
     ax.grid(True, alpha=0.3)
     ax.legend()
