@@ -60,6 +60,9 @@ local_digits20() { local_grids local-digits20 $S/digits-20-dirichlet0.1-local.to
 local_digits200() { local_grids local-digits200 $S/digits-200-iid-local.toml final_accuracy; }
 local_digits100() { local_grids local-digits100 $S/digits-100-dirichlet1-local.toml final_accuracy; }
 local_logreg() { local_grids local-logreg $S/logreg-nonconvex-local.toml final_loss; }
+local_digits200_authors() {
+    run local-digits200-authors $S/digits-200-iid-local.toml "${AUTHORS[@]}" "${SEEDS[@]}" --metric final_accuracy
+}
 # For lack of time digits-100 ran on the authors' grid only.
 local_digits100_authors() {
     run local-digits100-authors $S/digits-100-dirichlet1-local.toml "${AUTHORS[@]}" "${SEEDS[@]}" --metric final_accuracy
