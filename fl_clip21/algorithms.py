@@ -289,7 +289,8 @@ def _dp_fedavg_client(x, state, grads, noise, hp, *, clip: bool):
     xp = backend.of(update)
     norms = core.row_norms(update)
     if not clip:  # adaptive clipping: the server clips, at a norm only it knows
-        return ClientRound(update, {}, norms < 0, xp.stack([norms, norms], axis=1))  # norms < 0: nothing clipped
+        nothing_clipped = xp.zeros(len(update), dtype=bool)
+        return ClientRound(update, {}, nothing_clipped, xp.stack([norms, norms], axis=1))
     c, active, _ = core.clip_rows(np.asarray(hp["lr"]) * np.asarray(hp["tau"]))(update, True)
     return ClientRound(c, {}, active, xp.stack([norms, norms], axis=1))
 
