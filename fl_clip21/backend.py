@@ -123,8 +123,9 @@ class Numpy:
         flat = Y.reshape(int(np.prod(Y.shape[:-1])), Y.shape[-1]) if Y.ndim > 1 else Y[None, :]
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             sq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
-        bad = ~((sq > 1e-280) & (sq < math.inf))
-        if bad.any():  # rescale the rows whose squares overflow or underflow
+        # Two reductions decide the common case (every square finite and normal: a NaN fails both).
+        bad = None if sq.size and sq.min() > 1e-280 and sq.max() < math.inf else ~((sq > 1e-280) & (sq < math.inf))
+        if bad is not None and bad.any():  # rescale the rows whose squares overflow or underflow
             rows = flat[bad].astype(np.float64)
             peak = np.max(np.abs(rows), axis=1, initial=0.0)
             safe = np.where((peak > 0) & np.isfinite(peak), peak, 1.0)

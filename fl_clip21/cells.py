@@ -79,19 +79,26 @@ def run_cells(
     stochastic = cfg0["batch-size"] if algorithm.stochastic else None
     reports = [reports_norms(a) for a in algorithms]
     cached = None  # every row's full gradient at its cell's model, from the last evaluation (full batch)
+    # Every client every round: the batch's rows, drawn once (no sampling per round).
+    full = cfg0["fraction"] >= 1 and cfg0.get("availability", 1.0) >= 1
+    all_arrive = None if drops_possible(cfg0) else True
     start = time.perf_counter()
     for k in range(1, cfg0["rounds"] + 1):
         t0 = time.perf_counter()
-        clients = np.asarray(sample_clients(cfg0["seed"], k, n, cfg0["fraction"], cfg0.get("availability", 1.0),
-                                            cfg0.get("sampling") == "poisson"))
-        sampled = [clients.astype(np.int64)] * C
-        cell_of_row = np.repeat(np.arange(C), [len(s) for s in sampled])
-        client_of_row = np.concatenate(sampled) if sampled else np.zeros(0, dtype=np.int64)
-        index = cell_of_row * n + client_of_row
-        everyone = len(clients) == n  # then the rows are the state arrays themselves, in order
-        rows = xp.asarray(index)
-        for c, s in enumerate(sampled):
-            times_asked[c, s] += 1
+        if k == 1 or not full:
+            clients = np.asarray(sample_clients(cfg0["seed"], k, n, cfg0["fraction"], cfg0.get("availability", 1.0),
+                                                cfg0.get("sampling") == "poisson"), dtype=np.int64)
+            # Rows are grouped by cell: cell c's are the slice cells[c] of the batch (views, not gathers).
+            m = len(clients)
+            cell_of_row = np.repeat(np.arange(C), m)
+            client_of_row = np.tile(clients, C)
+            index = cell_of_row * n + client_of_row
+            everyone = m == n  # then the rows are the state arrays themselves, in order
+            rows = xp.asarray(index)
+            cells = [slice(c * m, (c + 1) * m) for c in range(C)]
+            hp = {**algorithm.hyper, **{key: values[cell_of_row] for key, values in hyper.items()}}
+            cell_rows = xp.asarray(cell_of_row)
+        times_asked[:, clients] += 1
 
         def grads(points: np.ndarray, step: int, cached=cached, rows=rows, everyone=everyone) -> np.ndarray:
             batch = Minibatch(cfg0["seed"], k, stochastic, step) if stochastic else None
@@ -104,13 +111,12 @@ def run_cells(
         def noise(step: int) -> np.ndarray:
             return xp.cast(xp.normals(cfg0["seed"], streams.NOISE, client_of_row, k, d, step), dtype)
 
-        hp = {**algorithm.hyper, **{key: values[cell_of_row] for key, values in hyper.items()}}
-        at_cells = x[xp.asarray(cell_of_row)]
+        at_cells = x[cell_rows]
         out = algorithm.client_round(
             at_cells, {s: v if everyone else v[rows] for s, v in state.items()}, grads, noise, hp
         )
         cached = None  # the round may have written into it
-        arrived = ~late_rows(cfg0, k, client_of_row)
+        arrived = np.ones(len(index), dtype=bool) if all_arrive else ~late_rows(cfg0, k, client_of_row)
         for s, v in out.state.items():
             if not everyone:
                 state[s][rows] = v
@@ -118,10 +124,11 @@ def run_cells(
                 state[s][...] = v
         memory = state[algorithm.memory] if algorithm.memory is not None else None
         settle_rows(memory, copies, index, out.messages, arrived)
-        for c in range(C):
-            mine = xp.asarray((cell_of_row == c) & arrived)
+        for c, mine in enumerate(cells):
+            # A cell's messages are a view of its rows when all of them came in (a gather otherwise).
+            messages = out.messages[mine] if all_arrive else out.messages[mine][xp.asarray(arrived[mine])]
             x[c], servers[c] = algorithms[c].server_round(
-                x[c], servers[c], out.messages[mine], n, noise=server_noise(cfg0["seed"], k, d, xp)
+                x[c], servers[c], messages, n, noise=server_noise(cfg0["seed"], k, d, xp)
             )
         evaluated = k % evaluate_every == 0 or k == cfg0["rounds"]
         evaluations = problem.evaluate_many(x, client_grads=stochastic is None) if evaluated else None
@@ -131,8 +138,7 @@ def run_cells(
         summaries = metrics_many(evaluations) if evaluations is not None else None
         quantiles = norm_quantiles_by_group(norms[arrived], cell_of_row[arrived], C) if any(reports) else None
         seconds = time.perf_counter() - t0
-        for c in range(C):
-            mine = cell_of_row == c
+        for c, mine in enumerate(cells):
             rec = batch_record(
                 k, algorithms[c], applied=arrived[mine], active=active[mine], norms=None, d=d, dtype=dtype,
                 seconds=seconds / C, times_asked=times_asked[c], delta=cfgs[c]["delta"],

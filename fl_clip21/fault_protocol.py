@@ -92,11 +92,30 @@ def settle_rows(memory: Any, copies: Any, rows: np.ndarray, messages: Any, appli
 # --- the record -------------------------------------------------------------------
 
 NORM_QUANTILES = (("q10", 10.0), ("q50", 50.0), ("q90", 90.0), ("max", 100.0))
+_QUANTILES = np.array([q for _, q in NORM_QUANTILES])
 
 
 def reports_norms(algorithm: Algorithm) -> bool:
     """Whether clients report their norms: never with DP noise (an unclipped norm is not private)."""
     return algorithm.noise_multiplier is None
+
+
+def _percentiles(values: np.ndarray, axis: int) -> np.ndarray:
+    """``np.percentile(values, [q for _, q in NORM_QUANTILES], axis)``, equal to it, from one sort.
+
+    The same linear interpolation as numpy's default method (its two-sided
+    lerp included), without its per-call overhead: a round's record computes
+    these every round, and at d = 31 numpy's generic quantile took a fifth of a
+    round of 1000 clients.
+    """
+    ordered = np.moveaxis(np.sort(values, axis=axis), axis, 0)
+    n = ordered.shape[0]
+    index = (n - 1) * (_QUANTILES / 100.0)
+    lo = np.floor(index).astype(np.int64)
+    hi, t = np.minimum(lo + 1, n - 1), (index - lo).reshape((-1,) + (1,) * (ordered.ndim - 1))
+    a, b = ordered[lo], ordered[hi]
+    diff = b - a
+    return np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
 
 
 def norm_quantiles(norms: Sequence[tuple[float, float]] | np.ndarray) -> dict[str, float]:
@@ -108,7 +127,7 @@ def norm_quantiles(norms: Sequence[tuple[float, float]] | np.ndarray) -> dict[st
     """
     if not len(norms):
         return {}
-    table = np.percentile(np.asarray(norms, dtype=np.float64), [q for _, q in NORM_QUANTILES], axis=0)
+    table = _percentiles(np.asarray(norms, dtype=np.float64), axis=0)
     return {
         f"{name}_{suffix}": float(table[i, j])
         for j, name in enumerate(("update_norm", "input_norm"))
@@ -120,7 +139,7 @@ def norm_quantiles_by_group(norms: np.ndarray, group: np.ndarray, groups: int) -
     """:func:`norm_quantiles` of the rows of each group (rows sorted by group), one percentile call when sizes agree."""
     counts = np.bincount(group, minlength=groups)
     if counts.size and counts.min() == counts.max() > 0:
-        table = np.percentile(norms.reshape(groups, counts[0], 2), [q for _, q in NORM_QUANTILES], axis=1)
+        table = _percentiles(norms.reshape(groups, counts[0], 2), axis=1)
         return [
             {f"{name}_{suffix}": float(table[i, g, j]) for j, name in enumerate(("update_norm", "input_norm"))
              for i, (suffix, _) in enumerate(NORM_QUANTILES)}

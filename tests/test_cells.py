@@ -21,6 +21,9 @@ def _cells(name_sets, grid):
     ("clip21-gd", []), ("clip-sgd", ["sigma=0.01"]), ("clip21-sgd2m", ["beta1=0.5", "sigma=0.01"]),
     ("celgc", ["local-steps=2"]), ("ef21-topk", ["topk=3"]),
     ("clip21-gd", ["fraction=1"]), ("clip21-topk", ["fraction=1", "topk=3"]),  # full participation: no gathers
+    # late replies dropped (the rows that arrive are gathered per cell), and offline clients
+    ("clip21-gd", ["straggler-fraction=0.4", "straggler-delay=0.01", "round-timeout=0.005", "availability=0.8"]),
+    ("clip21-gd", ["fraction=1", "straggler-fraction=0.4", "straggler-delay=0.01", "round-timeout=0.005"]),
 ])
 def test_every_cell_of_a_batch_has_the_trajectory_it_has_alone(name, extra):
     # Prepare: 4 cells that differ in tau, lr and beta2, partial participation.

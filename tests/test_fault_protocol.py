@@ -26,7 +26,8 @@ from fl_clip21.config import resolve
 from fl_clip21.copies import MemoryCopies
 from fl_clip21.engine import evaluate, late_rows, run_local
 from fl_clip21.fault_protocol import (
-    batch_record, message_bytes, new_copies, norm_quantiles, resync_due, round_record, settle_rows,
+    NORM_QUANTILES, batch_record, message_bytes, new_copies, norm_quantiles, norm_quantiles_by_group, resync_due,
+    round_record, settle_rows,
 )
 from fl_clip21.flower import records as R
 from fl_clip21.flower.client import train
@@ -122,6 +123,23 @@ def test_round_record_fields_are_defined_once(accepted, rejected, failed, resync
     assert {k: rec[k] for k in ("round", "bytes_up", "seconds")} == {"round": 7, "bytes_up": 3, "seconds": 0.5}
     assert {k: v for k, v in rec.items() if "_norm_" in k} == norm_quantiles(norms)
     assert "epsilon" not in rec
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0, 1e300), st.floats(0, 1e300)), min_size=1, max_size=40),
+    st.integers(1, 4),
+)
+def test_norm_quantiles_are_numpys_linear_percentiles(norms, groups):
+    """The record's quantiles equal np.percentile's (default method) bit for bit, alone and by group."""
+    table = np.asarray(norms)
+    expected = np.percentile(table, [q for _, q in NORM_QUANTILES], axis=0)
+    got = norm_quantiles(table)
+    assert [got[f"update_norm_{s}"] for s, _ in NORM_QUANTILES] == expected[:, 0].tolist()
+    assert [got[f"input_norm_{s}"] for s, _ in NORM_QUANTILES] == expected[:, 1].tolist()
+    rows = np.concatenate([table] * groups)  # equal groups: the one-call path
+    for q in norm_quantiles_by_group(rows, np.repeat(np.arange(groups), len(table)), groups):
+        assert q == got
 
 
 def test_batch_record_is_round_record_of_the_rows_that_came_in():
