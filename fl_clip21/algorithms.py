@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from fl_clip21 import backend, core
-from fl_clip21.core import Params
 
 # grads(points, step) -> (m, d): the batch's (minibatch) gradients at points, (d,) or (m, d);
 # step numbers the draws within a round (CELGC's local steps).

@@ -72,10 +72,30 @@ local_digits100_authors() {
 # The diagnosis: noise accumulated in g against the signal, at tuned winners (seed 1).
 noise_in_g() {
     local py=(python docs/dp-results/noise_in_g.py)
+    {
     "${py[@]}" $S/mnist1d-mlp-1000-central.toml clip21-sgd2m target-epsilon=8 lr=3 tau=0.3 beta1=1 beta2=1 seed=1
+    # the same run without noise, then also with every client every round (no stale memories)
+    "${py[@]}" --no-noise $S/mnist1d-mlp-1000-central.toml clip21-sgd2m lr=3 tau=0.3 beta1=1 beta2=1 seed=1
+    "${py[@]}" --no-noise $S/mnist1d-mlp-1000-central.toml clip21-sgd2m lr=3 tau=0.3 beta1=1 beta2=1 seed=1 \
+        fraction=1 sampling=fixed
     "${py[@]}" $S/digits-20-dirichlet0.1-local.toml clip21-sgd2m target-epsilon=27 lr=0.03 tau=0.03 beta1=0.5 beta2=0.3 seed=1
     "${py[@]}" $S/digits-200-iid-local.toml clip21-sgd2m target-epsilon=27 lr=1 tau=0.1 beta1=0.5 beta2=0.3 seed=1
     "${py[@]}" $S/digits-200-iid-local.toml clip21-sgd2m target-epsilon=27 lr=1 tau=0.1 beta1=0.5 beta2=0.3 seed=1 rounds=10
+    } > $OUT/noise_in_g.txt
+}
+
+# What the noise costs each method at its tuned cell (and Clip21 at tau = 1): the same runs without noise,
+# seeds 1-3 (docs/dp-results.md, section 1).
+noise_cost() {
+    local py=(python $OUT/noise_cost.py $S/mnist1d-mlp-1000-central.toml)
+    {
+        echo "ε = 8"; echo
+        "${py[@]}" --epsilon 8 clip-sgd:lr=3,tau=1 clip21-sgd2m:lr=3,tau=1,beta1=1,beta2=1 \
+            clip21-sgd2m:lr=3,tau=0.3,beta1=1,beta2=1 dp-fedavg:lr=1,tau=3,local-steps=4
+        echo; echo "ε = 1"; echo
+        "${py[@]}" --epsilon 1 clip-sgd:lr=0.3,tau=1 clip21-sgd2m:lr=1,tau=1,beta1=1,beta2=1 \
+            clip21-sgd2m:lr=1,tau=0.1,beta1=1,beta2=1 dp-fedavg:lr=0.3,tau=1,local-steps=4
+    } > $OUT/noise-cost.md
 }
 
 # Priority 3 (small grid, for lack of time): local DP on MNIST-1D, MLP, 1000 clients Dirichlet(0.1).
@@ -103,5 +123,5 @@ names=("$@")
 # Everything docs/dp-results.md reports, in order.
 [ ${#names[@]} -gt 0 ] || names=(central_mlp1000_clip21 central_mlp1000_clip21_refine central_mlp1000_dpfedavg
                            central_mlp1000_others local_digits20 local_digits200 local_digits100_authors local_digits100_fine local_logreg
-                           local_mlp1000 noise_in_g summaries)
+                           local_mlp1000 noise_in_g noise_cost summaries)
 for n in "${names[@]}"; do "$n"; done
