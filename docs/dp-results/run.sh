@@ -62,6 +62,25 @@ central_mlp5000_others() {
         --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
 }
 
+# The first pass put clip21-sgd2m's and dp-fedavg's winners at the ends of lr and tau: a second pass
+# for each, further out and with the first pass's winners in it (so its winner is the best of both),
+# and for dp-fedavg-adaptive (its winners at tau = 3, the end).
+central_mlp5000_clip21_refine() {
+    run central-mlp5000-clip21-refine $S/mnist1d-mlp-5000-central.toml --set algorithms=clip21-sgd2m \
+        --grid lr=3,10,30 --grid tau=0.3,1,3 --grid beta1=1 --grid beta2=1 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+central_mlp5000_dpfedavg_refine() {
+    run central-mlp5000-dpfedavg-refine $S/mnist1d-mlp-5000-central.toml --set algorithms=dp-fedavg \
+        --grid lr=1,3,10 --grid tau=3,10 --grid local-steps=4 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+central_mlp5000_adaptive_refine() {
+    run central-mlp5000-adaptive-refine $S/mnist1d-mlp-5000-central.toml --set algorithms=dp-fedavg-adaptive \
+        --grid lr=1,3,10 --grid tau=3,10 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+
 # Priority 2: local DP, the table. Two grids per scenario:
 #   fine (reduced from the 11 x 11 x 3 x 5): lr, tau in half decades, beta1 in {0.5, 1}, beta2 in {0.01, 0.1, 0.3, 1}
 #   authors' (coarse, as in the authors' public scripts): lr in {10, 1, 0.1, 0.01, 1e-3},
@@ -124,6 +143,7 @@ names=("$@")
 # Everything docs/dp-results.md reports, in order.
 [ ${#names[@]} -gt 0 ] || names=(central_mlp1000_clip21 central_mlp1000_clip21_refine central_mlp1000_dpfedavg
                            central_mlp1000_others central_mlp5000_clip21 central_mlp5000_dpfedavg
-                           central_mlp5000_others local_digits20 local_digits200 local_digits100_authors local_digits100_fine local_logreg
+                           central_mlp5000_others central_mlp5000_clip21_refine central_mlp5000_dpfedavg_refine
+                           central_mlp5000_adaptive_refine local_digits20 local_digits200 local_digits100_authors local_digits100_fine local_logreg
                            local_mlp1000 noise_in_g summaries)
 for n in "${names[@]}"; do "$n"; done
