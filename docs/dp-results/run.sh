@@ -64,7 +64,7 @@ central_mlp5000_others() {
 
 # The first pass put clip21-sgd2m's and dp-fedavg's winners at the ends of lr and tau: a second pass
 # for each, further out and with the first pass's winners in it (so its winner is the best of both),
-# and for dp-fedavg-adaptive (its winners at tau = 3, the end).
+# and for dp-fedavg-adaptive and clip-sgd (their winners at lr = 3, the end, and mostly at an end of tau).
 central_mlp5000_clip21_refine() {
     run central-mlp5000-clip21-refine $S/mnist1d-mlp-5000-central.toml --set algorithms=clip21-sgd2m \
         --grid lr=3,10,30 --grid tau=0.3,1,3 --grid beta1=1 --grid beta2=1 \
@@ -75,9 +75,17 @@ central_mlp5000_dpfedavg_refine() {
         --grid lr=1,3,10 --grid tau=3,10 --grid local-steps=4 \
         --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
 }
-central_mlp5000_adaptive_refine() {
-    run central-mlp5000-adaptive-refine $S/mnist1d-mlp-5000-central.toml --set algorithms=dp-fedavg-adaptive \
-        --grid lr=1,3,10 --grid tau=3,10 \
+central_mlp5000_others_refine() {
+    run central-mlp5000-others-refine $S/mnist1d-mlp-5000-central.toml --set algorithms=dp-fedavg-adaptive,clip-sgd \
+        --grid lr=1,3,10 --grid tau=1,3,10 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+
+# Clip21-SGD2M with momentum (beta1 0.5) and a smaller error-feedback step (beta2 0.3) around its
+# winners: the passes above keep beta1 = beta2 = 1, the 1000-client winners.
+central_mlp5000_clip21_betas() {
+    run central-mlp5000-clip21-betas $S/mnist1d-mlp-5000-central.toml --set algorithms=clip21-sgd2m \
+        --grid lr=3,10 --grid tau=0.3,1 --grid beta1=0.5,1 --grid beta2=0.3,1 \
         --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
 }
 
@@ -127,8 +135,8 @@ summaries() {
     local py=(python $OUT/summary.py)
     "${py[@]}" $OUT/central-mlp1000.png dp-fedavg $OUT/central-mlp1000-clip21-refine \
         $OUT/central-mlp1000-dpfedavg $OUT/central-mlp1000-others > $OUT/central-mlp1000-summary.md
-    "${py[@]}" $OUT/central-mlp5000.png dp-fedavg $OUT/central-mlp5000-clip21 \
-        $OUT/central-mlp5000-dpfedavg $OUT/central-mlp5000-others > $OUT/central-mlp5000-summary.md
+    "${py[@]}" $OUT/central-mlp5000.png dp-fedavg $OUT/central-mlp5000-clip21-refine \
+        $OUT/central-mlp5000-dpfedavg-refine $OUT/central-mlp5000-others-refine > $OUT/central-mlp5000-summary.md
     for x in local-digits20-fine local-digits20-authors local-digits200-fine local-digits200-authors \
              local-digits100-fine local-digits100-authors local-mlp1000; do
         [ -f $OUT/$x/tune.csv ] && "${py[@]}" $OUT/$x.png clip-sgd $OUT/$x > $OUT/$x-summary.md
@@ -144,6 +152,6 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(central_mlp1000_clip21 central_mlp1000_clip21_refine central_mlp1000_dpfedavg
                            central_mlp1000_others central_mlp5000_clip21 central_mlp5000_dpfedavg
                            central_mlp5000_others central_mlp5000_clip21_refine central_mlp5000_dpfedavg_refine
-                           central_mlp5000_adaptive_refine local_digits20 local_digits200 local_digits100_authors local_digits100_fine local_logreg
+                           central_mlp5000_others_refine central_mlp5000_clip21_betas local_digits20 local_digits200 local_digits100_authors local_digits100_fine local_logreg
                            local_mlp1000 noise_in_g summaries)
 for n in "${names[@]}"; do "$n"; done
