@@ -18,7 +18,7 @@ selection reads only final metrics; a line per batch on stderr says how far
 it got.
 
 Outputs: ``tune.csv`` and ``tune.md`` (per algorithm and epsilon: the chosen
-cell, its selection score, mean +- std on the evaluation seeds, the edge
+cell, in the keys the algorithm reads, its selection score, mean +- std on the evaluation seeds, the edge
 flag), ``selection.csv`` (every cell's selection score), ``tune.png``.
 """
 
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from fl_clip21.algorithms import HYPER_KEYS, algorithm_from_config
+from fl_clip21.algorithms import CENTRAL_DP, DP_FEDAVG, HYPER_KEYS, algorithm_from_config
 from fl_clip21.cells import batch_key, run_cells
 from fl_clip21.config import ConfigError, expand_runs, load_scenario, parse_sets
 from fl_clip21.outputs import claim
@@ -152,10 +152,30 @@ def _configs(scenario: Path, sets: dict[str, str], cell: Cell, seeds: list[int],
     return expand_runs(load_scenario(scenario, {**sets, **cell, **extra, "seeds": ",".join(map(str, seeds))}))
 
 
-def _on_edge(cell: Cell, grid: Grid, name: str) -> list[str]:
-    """The keys ``name`` takes whose chosen value is the first or last of its grid."""
-    takes = HYPER_KEYS.get(name, ())
-    return [k for k, v in cell.items() if k in takes and len(grid[k]) > 1 and v in (grid[k][0], grid[k][-1])]
+def _reads(cell: Cell, name: str, dp: str) -> list[str]:
+    """The keys of ``cell`` whose value the runs of ``name`` read.
+
+    Its hyper-parameters (``HYPER_KEYS``), ``sigma`` where the server adds
+    the noise (as :func:`fl_clip21.algorithms.algorithm_from_config` does it:
+    DP-FedAvg, and the clipping family under central DP: ``dp`` unless the
+    cell sets it), and every key no
+    algorithm takes as a hyper-parameter (rounds, batch-size, ...: the run's
+    own). The others (clip-sgd's beta1, dp-fedavg's beta2) change nothing
+    (:func:`run_key`), so the chosen cell does not list them.
+    """
+    if name not in HYPER_KEYS:
+        return list(cell)
+    takes = set(HYPER_KEYS[name])
+    if name in DP_FEDAVG or (cell.get("dp", dp) == "central" and name in CENTRAL_DP):
+        takes.add("sigma")
+    anyone = {k for keys in HYPER_KEYS.values() for k in keys}
+    return [k for k in cell if k in takes or k not in anyone]
+
+
+def _on_edge(cell: Cell, grid: Grid, name: str, dp: str) -> list[str]:
+    """The keys ``name`` reads (:func:`_reads`) whose chosen value is the first or last of its grid."""
+    reads = _reads(cell, name, dp)
+    return [k for k, v in cell.items() if k in reads and len(grid[k]) > 1 and v in (grid[k][0], grid[k][-1])]
 
 
 def tune(
@@ -193,10 +213,12 @@ def tune(
             chosen = best(by_cell, key=lambda c: _rank(by_cell[c], best))
             held_cfgs = _configs(scenario, sets, dict(chosen), evaluation, eps)
             held = [_score(r, metric) for r in _run(held_cfgs, name, budget, progress, f"{at} evaluation")]
+            cell = dict(chosen)
             winners.append({
-                "algorithm": name, "epsilon": eps, "cell": dict(chosen), "selection": by_cell[chosen],
+                "algorithm": name, "epsilon": eps, "cell": {k: cell[k] for k in _reads(cell, name, base["dp"])},
+                "selection": by_cell[chosen],
                 "mean": statistics.fmean(held), "std": statistics.stdev(held) if len(held) > 1 else 0.0,
-                "eval_seeds": evaluation, "edge": _on_edge(dict(chosen), grid, name),
+                "eval_seeds": evaluation, "edge": _on_edge(cell, grid, name, base["dp"]),
             })
     return winners, scores
 

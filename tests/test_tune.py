@@ -85,6 +85,26 @@ def test_cells_that_differ_only_in_keys_an_algorithm_does_not_take_run_once(coun
     assert not set(sgd["edge"]) & {"beta1", "beta2"}  # keys it does not take are never its edge
 
 
+def test_the_chosen_cell_lists_only_the_keys_the_algorithm_reads():
+    from fl_clip21.tune import markdown
+
+    # beta2 is clip21-sgd2m's, local-steps dp-fedavg's: neither is clip-sgd's; rounds is every run's.
+    grid = {"tau": ["0.1", "1"], "beta2": ["0.1", "1"], "local-steps": ["1", "2"], "rounds": ["3", "4"]}
+    sets = {"algorithms": "clip-sgd,dp-fedavg", "partition.kind": "iid", "batch-size": "8"}
+    winners, _ = tune(SCENARIO, grid, sets, selection=[0], evaluation=[1], metric="final_loss")
+    cells = {w["algorithm"]: w["cell"] for w in winners}
+    assert list(cells["clip-sgd"]) == ["tau", "rounds"]
+    assert list(cells["dp-fedavg"]) == ["tau", "local-steps", "rounds"]
+    rows = {line.split(" | ")[0].strip("| "): line for line in markdown(winners, "final_loss", "t").splitlines()
+            if line.startswith("| clip-sgd |") or line.startswith("| dp-fedavg |")}
+    assert "beta2" not in rows["clip-sgd"] and "local-steps" not in rows["clip-sgd"]
+    assert "beta2" not in rows["dp-fedavg"] and "local-steps=" in rows["dp-fedavg"]
+    # The listed keys are the whole run: rerunning the shown cell alone gives the reported result.
+    for w in winners:
+        own = run_local(expand_runs(load_scenario(SCENARIO, {**sets, **w["cell"], "seeds": "1"}))[0], w["algorithm"])
+        assert w["mean"] == pytest.approx(own["records"][-1]["loss"], rel=1e-9), w
+
+
 def test_a_memory_budget_of_one_cell_gives_the_results_of_one_batch(counted):
     from fl_clip21.tune import cell_bytes
 

@@ -43,6 +43,52 @@ central_mlp1000_clip21_refine() {
         --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
 }
 
+# Central DP at 5000 clients (30 rows each, Dirichlet(0.1), 10% Poisson sampling: m = 500 a round,
+# so the per-round noise z tau / m is 5x smaller than at 1000 clients). Grids centred on the
+# 1000-client winners (central-mlp1000-summary.md), one pass each, for lack of time.
+central_mlp5000_clip21() {
+    run central-mlp5000-clip21 $S/mnist1d-mlp-5000-central.toml --set algorithms=clip21-sgd2m \
+        --grid lr=1,3,10 --grid tau=0.1,0.3,1 --grid beta1=1 --grid beta2=1 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+central_mlp5000_dpfedavg() {
+    run central-mlp5000-dpfedavg $S/mnist1d-mlp-5000-central.toml --set algorithms=dp-fedavg \
+        --grid lr=0.3,1,3 --grid tau=1,3 --grid local-steps=4 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+central_mlp5000_others() {
+    run central-mlp5000-others $S/mnist1d-mlp-5000-central.toml --set algorithms=dp-fedavg-adaptive,clip-sgd \
+        --grid lr=0.3,1,3 --grid tau=1,3 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+
+# The first pass put clip21-sgd2m's and dp-fedavg's winners at the ends of lr and tau: a second pass
+# for each, further out and with the first pass's winners in it (so its winner is the best of both),
+# and for dp-fedavg-adaptive and clip-sgd (their winners at lr = 3, the end, and mostly at an end of tau).
+central_mlp5000_clip21_refine() {
+    run central-mlp5000-clip21-refine $S/mnist1d-mlp-5000-central.toml --set algorithms=clip21-sgd2m \
+        --grid lr=3,10,30 --grid tau=0.3,1,3 --grid beta1=1 --grid beta2=1 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+central_mlp5000_dpfedavg_refine() {
+    run central-mlp5000-dpfedavg-refine $S/mnist1d-mlp-5000-central.toml --set algorithms=dp-fedavg \
+        --grid lr=1,3,10 --grid tau=3,10 --grid local-steps=4 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+central_mlp5000_others_refine() {
+    run central-mlp5000-others-refine $S/mnist1d-mlp-5000-central.toml --set algorithms=dp-fedavg-adaptive,clip-sgd \
+        --grid lr=1,3,10 --grid tau=1,3,10 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+
+# Clip21-SGD2M with momentum (beta1 0.5) and a smaller error-feedback step (beta2 0.3) around its
+# winners: the passes above keep beta1 = beta2 = 1, the 1000-client winners.
+central_mlp5000_clip21_betas() {
+    run central-mlp5000-clip21-betas $S/mnist1d-mlp-5000-central.toml --set algorithms=clip21-sgd2m \
+        --grid lr=3,10 --grid tau=0.3,1 --grid beta1=0.5,1 --grid beta2=0.3,1 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
+
 # Priority 2: local DP, the table. Two grids per scenario:
 #   fine (reduced from the 11 x 11 x 3 x 5): lr, tau in half decades, beta1 in {0.5, 1}, beta2 in {0.01, 0.1, 0.3, 1}
 #   authors' (coarse, as in the authors' public scripts): lr in {10, 1, 0.1, 0.01, 1e-3},
@@ -109,6 +155,8 @@ summaries() {
     local py=(python $OUT/summary.py)
     "${py[@]}" $OUT/central-mlp1000.png dp-fedavg $OUT/central-mlp1000-clip21-refine \
         $OUT/central-mlp1000-dpfedavg $OUT/central-mlp1000-others > $OUT/central-mlp1000-summary.md
+    "${py[@]}" $OUT/central-mlp5000.png dp-fedavg $OUT/central-mlp5000-clip21-refine \
+        $OUT/central-mlp5000-dpfedavg-refine $OUT/central-mlp5000-others-refine > $OUT/central-mlp5000-summary.md
     for x in local-digits20-fine local-digits20-authors local-digits200-fine local-digits200-authors \
              local-digits100-fine local-digits100-authors local-mlp1000; do
         [ -f $OUT/$x/tune.csv ] && "${py[@]}" $OUT/$x.png clip-sgd $OUT/$x > $OUT/$x-summary.md
@@ -122,6 +170,8 @@ summaries() {
 names=("$@")
 # Everything docs/dp-results.md reports, in order.
 [ ${#names[@]} -gt 0 ] || names=(central_mlp1000_clip21 central_mlp1000_clip21_refine central_mlp1000_dpfedavg
-                           central_mlp1000_others local_digits20 local_digits200 local_digits100_authors local_digits100_fine local_logreg
+                           central_mlp1000_others central_mlp5000_clip21 central_mlp5000_dpfedavg
+                           central_mlp5000_others central_mlp5000_clip21_refine central_mlp5000_dpfedavg_refine
+                           central_mlp5000_others_refine central_mlp5000_clip21_betas local_digits20 local_digits200 local_digits100_authors local_digits100_fine local_logreg
                            local_mlp1000 noise_in_g noise_cost summaries)
 for n in "${names[@]}"; do "$n"; done
