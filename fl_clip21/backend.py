@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_clip21 import streams
+from fl_clip21 import kernels, streams
 
 # The values of the scenario key ``device``: numpy, or torch on the CPU or the (first) CUDA GPU.
 DEVICES = ("numpy", "cpu", "cuda")
@@ -169,14 +169,22 @@ class Numpy:
 
         The CSR structure (indices, offsets) is checked once here; a call only
         puts this round's weights into a shallow copy of the matrix (no shared
-        state written, no format check, no copy of the structure).
+        state written, no format check, no copy of the structure). Where numba
+        is installed the product is a compiled loop with scipy's sums in
+        scipy's order (fl_clip21.kernels), bit for bit the same.
         """
         from scipy.sparse import csr_array
 
-        indptr = np.concatenate(([0], np.cumsum(counts)))
-        matrix = csr_array((np.zeros(len(rows)), np.asarray(rows), indptr), shape=(len(counts), num_rows))
+        indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= num_rows):
+            raise ValueError(f"row_sums: rows must lie in [0, {num_rows}), got {rows.min()}..{rows.max()}")
+        matrix = csr_array((np.zeros(len(rows)), rows, indptr), shape=(len(counts), num_rows))
 
         def sums(values: np.ndarray, X: np.ndarray) -> np.ndarray:
+            if (kernels.usable(X) and X.dtype == np.float64 and values.dtype == np.float64
+                    and values.shape == rows.shape and X.shape[0] >= num_rows):
+                return kernels.row_sums(np.ascontiguousarray(values), X, rows, indptr)
             product = copy.copy(matrix)
             product.data = values
             return np.asarray(product @ X)

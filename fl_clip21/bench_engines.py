@@ -13,6 +13,8 @@ data, and for the digits MLP, in one process with one BLAS thread
   in float32) and the clients' memories V (n x d in the model's dtype) read and
   written once, ``D + 2 V`` bytes in all. It is timed as one numpy copy of
   ``D / 2 + V`` bytes, which reads that many and writes that many;
+- **numpy only** (where numba is installed): the same batched round with
+  the compiled loops of fl_clip21.kernels turned off, numpy's calls only;
 - **loop**: today's functions called once per client per round (its gradient,
   its update: a batch of one each), then the evaluation. It is a proxy of the
   per-client structure, not the previous engine: the engine before the batched
@@ -45,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_clip21 import backend
+from fl_clip21 import backend, kernels
 from fl_clip21.algorithms import algorithm_from_config
 from fl_clip21.config import ConfigError, resolve
 from fl_clip21.engine import batch_grads, batch_noise, run_local
@@ -161,6 +163,11 @@ def bench_point(
         "batched_us_per_client_round": 1e6 * statistics.median(batched) / n,
     }
     row["batched_over_bound"] = row["batched"]["median_ms"] / row["bound"]["median_ms"]
+    if kernels.ENABLED:  # the same round without the compiled loops (fl_clip21.kernels), in this process
+        with kernels.switched(False):
+            plain = [s for _ in range(repeats) for s in _batched_round_seconds(cfg, rounds)]
+        row["numpy_only"] = _summary(plain)
+        row["numpy_only_over_batched"] = row["numpy_only"]["median_ms"] / row["batched"]["median_ms"]
     if loop:
         looped = [s for _ in range(repeats) for s in _loop_round_seconds(cfg, max(1, rounds // 2))]
         row["loop"] = _summary(looped)
@@ -174,6 +181,10 @@ def line(row: dict[str, Any]) -> str:
     loop = (
         f"  per-client-loop proxy {row['loop']['median_ms']:9.2f} ms ({row['loop_over_batched']:5.1f}x slower)" if "loop" in row else ""
     )
+    plain = (
+        f"  numpy only {row['numpy_only']['median_ms']:9.2f} ms ({row['numpy_only_over_batched']:4.2f}x)"
+        if "numpy_only" in row else ""
+    )
     dev = row.get("device")
     device = (
         f"  torch-{dev['device']} {dev['batched']['median_ms']:9.2f} ms (min {dev['batched']['min_ms']:.2f}; "
@@ -183,7 +194,7 @@ def line(row: dict[str, Any]) -> str:
     return (
         f"{row['problem']:>7} n={row['clients']:>6} d={row['d']:>6}: batched {row['batched']['median_ms']:9.2f} ms "
         f"(min {row['batched']['min_ms']:.2f}), {row['batched_us_per_client_round']:8.2f} us/client-round; "
-        f"bound {row['bound']['median_ms']:8.2f} ms ({row['batched_over_bound']:5.2f}x){loop}{device}"
+        f"bound {row['bound']['median_ms']:8.2f} ms ({row['batched_over_bound']:5.2f}x){plain}{loop}{device}"
     )
 
 
@@ -192,19 +203,23 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     device = next((r["device"]["device"] for r in rows if "device" in r), None)
     head = (
         "| problem | n | d | batched ms/round (median, min) | us/client-round | bound ms | batched / bound | "
-        "per-client-loop proxy ms | proxy / batched |"
+        "numpy-only ms (median) | numpy-only / batched | per-client-loop proxy ms | proxy / batched |"
     )
-    rule = "|---|---|---|---|---|---|---|---|---|"
+    rule = "|---|---|---|---|---|---|---|---|---|---|---|"
     if device:
         head += f" torch-{device} ms/round (median, min) | torch-{device} bound ms | torch / bound | numpy / torch |"
         rule += "---|---|---|---|"
     out = [head, rule]
     for r in rows:
         loop = (f"{r['loop']['median_ms']:.2f}", f"{r['loop_over_batched']:.1f}x") if "loop" in r else ("-", "-")
+        plain = (
+            (f"{r['numpy_only']['median_ms']:.2f}", f"{r['numpy_only_over_batched']:.2f}x") if "numpy_only" in r
+            else ("-", "-")
+        )
         text = (
             f"| {r['problem']} | {r['clients']} | {r['d']} | {r['batched']['median_ms']:.2f} ({r['batched']['min_ms']:.2f}) "
             f"| {r['batched_us_per_client_round']:.2f} | {r['bound']['median_ms']:.2f} | {r['batched_over_bound']:.2f}x "
-            f"| {loop[0]} | {loop[1]} |"
+            f"| {plain[0]} | {plain[1]} | {loop[0]} | {loop[1]} |"
         )
         if device:
             dev = r["device"]
@@ -288,7 +303,8 @@ def run_engine_bench(
     return {
         "machine": {
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "blas_threads": 1, **_torch_machine(xp),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "blas_threads": 1,
+            "kernels": kernels.name(), **_torch_machine(xp),
         },
         "rounds": rounds, "repeats": repeats, "results": rows, "sweep": swept,
     }

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fl_clip21 import backend
+from fl_clip21 import backend, kernels
 
 Params = dict[str, np.ndarray]
 
@@ -106,6 +106,7 @@ def clip_rows(tau: float | np.ndarray) -> RowOperator:
         column = xp.cast(factor[:, None], Y.dtype)
         return xp.multiply(Y, column, out=Y if inplace else None), active, norms
 
+    op.clip_tau = t  # what ef_step_rows hands to the compiled loop (fl_clip21.kernels)
     return op
 
 
@@ -168,10 +169,18 @@ def ef_step_rows(
     many clients then moves each (m, d) array as few times as it can. On numpy
     the rows go in blocks that stay in the core's cache (``block_rows``): every
     pass of a block (norms, difference, operator, memory) reads it from there,
-    not from main memory. Each row's numbers do not depend on the blocks.
+    not from main memory. Each row's numbers do not depend on the blocks. A
+    clip (:func:`clip_rows`) on numpy arrays runs as one compiled loop where
+    numba is installed (fl_clip21.kernels): each row read from memory once.
     """
     xp = backend.of(memory)
     m = memory.shape[0]
+    tau = getattr(op, "clip_tau", None)
+    if (tau is not None and np.size(tau) in (1, m) and np.size(step) in (1, m)
+            and kernels.usable(target, memory) and target.shape == memory.shape
+            and not np.may_share_memory(target, memory)):
+        step_rows = None if np.ndim(step) == 0 and step == 1 else np.asarray(step, dtype=np.float64)
+        return RowStep(*kernels.clip_ef_step(target, memory, tau, step_rows, overwrite_target, overwrite_memory))
     block = xp.block_rows(memory)
     increment = target if overwrite_target else xp.zeros(target.shape, target.dtype)
     new_memory = memory if overwrite_memory else xp.zeros(memory.shape, memory.dtype)

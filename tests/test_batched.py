@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fl_clip21 import core, streams
+from fl_clip21 import core, kernels, streams
 from fl_clip21.layout import Layout
 
 
@@ -108,6 +108,10 @@ def test_bench_engines_prints_ratios_against_the_bound_the_loop_and_torch(tmp_pa
     assert (rows[0]["data_bytes"], rows[0]["memory_bytes"]) == (1000 * 31 * 8, 10 * 31 * 8)
     assert rows[2]["memory_bytes"] == 5 * 2410 * 4 and rows[2]["data_bytes"] % (64 * 4) == 0
     assert result["machine"]["device"] == "cpu" and result["machine"]["torch_threads"] == 1
+    # with numba, each point also runs with the compiled loops off, in the same process
+    assert result["machine"]["kernels"] == kernels.name()
+    assert all(("numpy_only" in r) == kernels.ENABLED for r in rows)
+    assert all(r["numpy_only_over_batched"] > 0 for r in rows if "numpy_only" in r)
     assert "| problem | n | d |" in proc.stdout and "torch-cpu ms/round" in proc.stdout
 
 
