@@ -167,6 +167,9 @@ class Numpy:
     ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         """:meth:`weighted_row_sums` for a fixed ``(rows, counts)``: ``sums(values, X)``, built once, called often.
 
+        ``sums(values, X, with_total=True)`` returns the sum of the (m, d)
+        result's rows too (float64), as ``(result, total)``.
+
         The CSR structure (indices, offsets) is checked once here; a call only
         puts this round's weights into a shallow copy of the matrix (no shared
         state written, no format check, no copy of the structure). Where numba
@@ -181,13 +184,14 @@ class Numpy:
             raise ValueError(f"row_sums: rows must lie in [0, {num_rows}), got {rows.min()}..{rows.max()}")
         matrix = csr_array((np.zeros(len(rows)), rows, indptr), shape=(len(counts), num_rows))
 
-        def sums(values: np.ndarray, X: np.ndarray) -> np.ndarray:
+        def sums(values: np.ndarray, X: np.ndarray, with_total: bool = False):
             if (kernels.usable(X) and X.dtype == np.float64 and values.dtype == np.float64
                     and values.shape == rows.shape and X.shape[0] >= num_rows):
-                return kernels.row_sums(np.ascontiguousarray(values), X, rows, indptr)
+                return kernels.row_sums(np.ascontiguousarray(values), X, rows, indptr, with_total)
             product = copy.copy(matrix)
             product.data = values
-            return np.asarray(product @ X)
+            out = np.asarray(product @ X)
+            return (out, self.sum_rows(out)) if with_total else out
 
         return sums
 
@@ -333,11 +337,12 @@ class Torch:
         indices = self.asarray(np.asarray(rows, dtype=np.int64))
         size = (len(counts), num_rows)
 
-        def sums(values, X):
+        def sums(values, X, with_total: bool = False):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
                 matrix = self.torch.sparse_csr_tensor(indptr, indices, values, size=size, check_invariants=False)
-                return matrix @ X
+                out = matrix @ X
+            return (out, self.sum_rows(out)) if with_total else out
 
         return sums
 

@@ -132,8 +132,9 @@ if numba is not None:
                     v[j] = v[j] + c[j]
 
     @_jit
-    def _row_sums(values, X, rows, indptr, out):  # pragma: no cover - compiled
+    def _row_sums(values, X, rows, indptr, out, total):  # pragma: no cover - compiled
         d = X.shape[1]
+        keep_total = total.shape[0] > 0
         for i in range(indptr.shape[0] - 1):
             o = out[i]
             for j in range(d):
@@ -143,6 +144,9 @@ if numba is not None:
                 x = X[rows[k]]
                 for j in range(d):
                     o[j] += a * x[j]
+            if keep_total:  # while the row is in the cache
+                for j in range(d):
+                    total[j] += o[j]
 
 
 def clip_ef_step(
@@ -169,8 +173,14 @@ def clip_ef_step(
     return C, V, active, input_norms, target_norms
 
 
-def row_sums(values: np.ndarray, X: np.ndarray, rows: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    """(m, d): row i the sum over k in [indptr[i], indptr[i+1]) of values[k] X[rows[k]], in scipy's CSR order."""
+def row_sums(
+    values: np.ndarray, X: np.ndarray, rows: np.ndarray, indptr: np.ndarray, with_total: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """(m, d): row i the sum over k in [indptr[i], indptr[i+1]) of values[k] X[rows[k]], in scipy's CSR order.
+
+    ``with_total``: also the sum of those m rows (summed row after row, while each is in the cache).
+    """
     out = np.empty((indptr.shape[0] - 1, X.shape[1]), dtype=np.float64)
-    _row_sums(values, X, rows, indptr, out)
-    return out
+    total = np.zeros(X.shape[1] if with_total else 0)
+    _row_sums(values, X, rows, indptr, out, total)
+    return (out, total) if with_total else out

@@ -669,8 +669,8 @@ class LogReg(_ClientData):
         weights[self._data_slots], weights[self._reg_slots] = s, 1.0
         with self._slots_lock:
             self._Xr[-1] = self._reg_grad(x)
-            per_client = self._client_sums(weights, self._Xr)
-        return Evaluation(loss, xp.sum_rows(per_client) / self.num_clients, accuracy, per_client)
+            per_client, total = self._client_sums(weights, self._Xr, with_total=True)
+        return Evaluation(loss, total / self.num_clients, accuracy, per_client)
 
     def evaluate_many(self, xs: np.ndarray, client_grads: bool = False) -> list[Evaluation]:
         """:meth:`evaluate` of C models from one (N, C) product with X.

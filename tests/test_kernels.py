@@ -104,6 +104,12 @@ def test_the_compiled_row_sums_are_scipys_bit_for_bit(sizes, d, seed):
         slow = sums(values, X)
     assert fast.shape == slow.shape == (len(sizes), d)
     np.testing.assert_array_equal(fast, slow)
+    with compiled(True):
+        again, total = sums(values, X, with_total=True)
+    with compiled(False):
+        _, slow_total = sums(values, X, with_total=True)
+    np.testing.assert_array_equal(again, fast)
+    np.testing.assert_allclose(total, slow_total, rtol=1e-12, atol=1e-12)
 
 
 def test_row_sums_refuse_rows_outside_the_data():
