@@ -11,9 +11,9 @@ The numbers are numpy's, with one exception: a row's sum of squares is
 summed in another order (vectorised), so a norm, and what a clip does with
 it, can differ from numpy's in the last bit. The CSR product's sums are
 scipy's, in scipy's order, bit for bit. Both engines call the same kernels
-(the Flower client's batch of one row goes through them too), so they still
-agree bit for bit; a run with and without numba agrees to float rounding
-(tests/test_kernels.py).
+(the Flower client's batch of one row goes through them too), so the kernels
+add no difference between the engines; a run with and without numba agrees
+to float rounding (tests/test_kernels.py).
 
 ``FL_CLIP21_KERNELS=numpy`` in the environment turns them off; without numba
 they are off, and nothing else changes.

@@ -144,6 +144,25 @@ noise_cost() {
     } > $OUT/noise-cost.md
 }
 
+# The same at 5000 clients, at the 5000-client winners (section 1b).
+noise_cost_5000() {
+    local py=(python $OUT/noise_cost.py $S/mnist1d-mlp-5000-central.toml)
+    {
+        echo "ε = 8"; echo
+        "${py[@]}" --epsilon 8 clip-sgd:lr=3,tau=1 clip21-sgd2m:lr=10,tau=1,beta1=1,beta2=1 \
+            dp-fedavg:lr=3,tau=3,local-steps=4
+        echo; echo "ε = 1"; echo
+        "${py[@]}" --epsilon 1 clip-sgd:lr=3,tau=1 clip21-sgd2m:lr=3,tau=0.3,beta1=1,beta2=1 \
+            dp-fedavg:lr=1,tau=3,local-steps=4 clip21-sgd2m:lr=3,tau=1,beta1=1,beta2=1
+    } > $OUT/noise-cost-5000.md
+    {
+        python docs/dp-results/noise_in_g.py $S/mnist1d-mlp-5000-central.toml clip21-sgd2m target-epsilon=8 \
+            lr=10 tau=1 beta1=1 beta2=1 seed=1
+        python docs/dp-results/noise_in_g.py --no-noise $S/mnist1d-mlp-5000-central.toml clip21-sgd2m \
+            lr=10 tau=1 beta1=1 beta2=1 seed=1
+    } > $OUT/noise_in_g-5000.txt
+}
+
 # Priority 3 (small grid, for lack of time): local DP on MNIST-1D, MLP, 1000 clients Dirichlet(0.1).
 local_mlp1000() {
     run local-mlp1000 $S/mnist1d-mlp-1000-local.toml \
@@ -173,5 +192,5 @@ names=("$@")
                            central_mlp1000_others central_mlp5000_clip21 central_mlp5000_dpfedavg
                            central_mlp5000_others central_mlp5000_clip21_refine central_mlp5000_dpfedavg_refine
                            central_mlp5000_others_refine central_mlp5000_clip21_betas local_digits20 local_digits200 local_digits100_authors local_digits100_fine local_logreg
-                           local_mlp1000 noise_in_g noise_cost summaries)
+                           local_mlp1000 noise_in_g noise_cost noise_cost_5000 summaries)
 for n in "${names[@]}"; do "$n"; done
