@@ -127,6 +127,8 @@ noise_in_g() {
     "${py[@]}" $S/digits-20-dirichlet0.1-local.toml clip21-sgd2m target-epsilon=27 lr=0.03 tau=0.03 beta1=0.5 beta2=0.3 seed=1
     "${py[@]}" $S/digits-200-iid-local.toml clip21-sgd2m target-epsilon=27 lr=1 tau=0.1 beta1=0.5 beta2=0.3 seed=1
     "${py[@]}" $S/digits-200-iid-local.toml clip21-sgd2m target-epsilon=27 lr=1 tau=0.1 beta1=0.5 beta2=0.3 seed=1 rounds=10
+    # local DP at 5000 clients, clip21-sgd2m's tuned cell at eps 27 (local-mlp5000/tune.md; beta1 the scenario's)
+    "${py[@]}" $S/mnist1d-mlp-5000-local.toml clip21-sgd2m target-epsilon=27 lr=0.3 tau=0.3 beta1=0.5 beta2=0.1 seed=1
     } > $OUT/noise_in_g.txt
 }
 
@@ -169,6 +171,13 @@ local_mlp1000() {
         --grid lr=0.1,0.3,1 --grid tau=0.1,0.3,1 --grid beta2=0.1,1 \
         --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
 }
+# Local DP at 5000 clients (30 rows each, Dirichlet(0.1), 10% Poisson sampling: m = 500 a round):
+# the same grid as local_mlp1000.
+local_mlp5000() {
+    run local-mlp5000 $S/mnist1d-mlp-5000-local.toml \
+        --grid lr=0.1,0.3,1 --grid tau=0.1,0.3,1 --grid beta2=0.1,1 \
+        --select-seeds 0 --eval-seeds 1,2,3 --metric final_accuracy
+}
 # The combined tables and plots of docs/dp-results.md (from the tune.csv files above).
 summaries() {
     local py=(python $OUT/summary.py)
@@ -177,7 +186,8 @@ summaries() {
     "${py[@]}" $OUT/central-mlp5000.png dp-fedavg $OUT/central-mlp5000-clip21-refine \
         $OUT/central-mlp5000-dpfedavg-refine $OUT/central-mlp5000-others-refine > $OUT/central-mlp5000-summary.md
     for x in local-digits20-fine local-digits20-authors local-digits200-fine local-digits200-authors \
-             local-digits100-fine local-digits100-authors local-mlp1000; do
+             local-digits100-fine local-digits100-authors local-mlp1000 \
+             local-mlp5000; do
         [ -f $OUT/$x/tune.csv ] && "${py[@]}" $OUT/$x.png clip-sgd $OUT/$x > $OUT/$x-summary.md
     done
     for x in local-logreg-fine local-logreg-authors; do
@@ -192,5 +202,5 @@ names=("$@")
                            central_mlp1000_others central_mlp5000_clip21 central_mlp5000_dpfedavg
                            central_mlp5000_others central_mlp5000_clip21_refine central_mlp5000_dpfedavg_refine
                            central_mlp5000_others_refine central_mlp5000_clip21_betas local_digits20 local_digits200 local_digits100_authors local_digits100_fine local_logreg
-                           local_mlp1000 noise_in_g noise_cost noise_cost_5000 summaries)
+                           local_mlp1000 local_mlp5000 noise_in_g noise_cost noise_cost_5000 summaries)
 for n in "${names[@]}"; do "$n"; done
