@@ -1,19 +1,28 @@
-"""Compiled loops for the numpy backend's two heaviest passes, with numba (optional: ``pip install fl-clip21[fast]``).
+"""Compiled loops for the numpy backend's heaviest passes, with numba (optional: ``pip install fl-clip21[fast]``).
 
 numpy runs a batch's error-feedback step as half a dozen calls over the
 (m, d) arrays (the target's norms, the difference, its norms, the scaling,
-the memory update), each reading and writing the batch, and the logistic
-regression's per-client gradients as a scipy CSR product. Here each is one
-loop over the rows: a row is read from memory once and every later pass over
-it hits the core's cache (docs/benchmarks.md, "The batched engine").
+the memory update), each reading and writing the batch, and logistic
+regression's evaluation as a product with X for the margins, then a scipy
+CSR product over X again for the per-client gradients. Here each is one loop
+over the rows: a row is read from memory once and every later pass over it
+hits the core's cache (docs/benchmarks.md, "The batched engine"):
 
-The numbers are numpy's, with one exception: a row's sum of squares is
-summed in another order (vectorised), so a norm, and what a clip does with
-it, can differ from numpy's in the last bit. The CSR product's sums are
-scipy's, in scipy's order, bit for bit. Both engines call the same kernels
-(the Flower client's batch of one row goes through them too), so the kernels
-add no difference between the engines; a run with and without numba agrees
-to float rounding (tests/test_kernels.py).
+- :func:`clip_ef_step`: ``C = clip_tau(target - memory)``, ``memory + step C``;
+- :func:`logreg_evaluate`: every client's margins, losses, accuracy and full
+  gradient, and their sum, in one pass over X; logistic regression's full
+  gradients (``LogReg.grads`` without a minibatch) come from the same loop, so
+  a client's gradient is the same numbers whichever engine asks for it;
+- :func:`row_sums`: the CSR product of minibatch gradients, scipy's sums in
+  scipy's order, bit for bit.
+
+The numbers are numpy's to float rounding: a row's sum of squares and a
+row's margin are summed in another (vectorised) order than numpy's and
+BLAS's, and exp and log1p are libm's rather than numpy's. Everything else
+rounds as numpy does (no multiply-add is contracted). Both engines call the
+same loops (the Flower client's batch of one row goes through them too), so
+the loops add no difference between the engines; a run with and without
+numba agrees to float rounding (tests/test_kernels.py).
 
 ``FL_CLIP21_KERNELS=numpy`` in the environment turns them off; without numba
 they are off, and nothing else changes.
@@ -149,6 +158,46 @@ if numba is not None:
                     total[j] += o[j]
 
 
+    @_jit_sum
+    def _dot(a, b):  # pragma: no cover - compiled
+        s = 0.0
+        for j in range(a.shape[0]):
+            s += a[j] * b[j]
+        return s
+
+    @_jit
+    def _logreg_evaluate(X, signs, x, reg_row, starts, sizes, out, total):  # pragma: no cover - compiled
+        # Client after client, row after row: the margin, the loss and the weight, then the row added
+        # into the client's gradient while it is in the cache: X read from memory once.
+        d = X.shape[1]
+        keep = out.shape[0] == starts.shape[0]
+        data_loss, correct = 0.0, 0
+        for i in range(starts.shape[0]):
+            o = out[i] if keep else out[0]
+            for j in range(d):
+                o[j] = 0.0
+            weight = 1.0 / sizes[i]
+            client_loss = 0.0
+            for r in range(starts[i], starts[i] + sizes[i]):
+                row = X[r]
+                z = _dot(row, x)
+                sign = signs[r]
+                margin = sign * z
+                e = np.exp(-abs(margin))
+                client_loss += max(-margin, 0.0) + np.log1p(e)  # log(1 + exp(-margin)), no overflow
+                sigmoid = (e if margin > 0 else 1.0) / (1.0 + e)  # 1 / (1 + exp(margin)), no overflow
+                a = -sign * sigmoid * weight  # -y sigmoid(-y z) / |P_i|
+                if (z > 0) == (sign > 0):
+                    correct += 1
+                for j in range(d):
+                    o[j] += a * row[j]
+            for j in range(d):
+                o[j] += reg_row[j]
+                total[j] += o[j]
+            data_loss += client_loss / sizes[i]
+        return data_loss / starts.shape[0], correct
+
+
 def clip_ef_step(
     target: np.ndarray, memory: np.ndarray, tau: np.ndarray, step: np.ndarray | None,
     overwrite_target: bool = False, overwrite_memory: bool = False,
@@ -184,3 +233,21 @@ def row_sums(
     total = np.zeros(X.shape[1] if with_total else 0)
     _row_sums(values, X, rows, indptr, out, total)
     return (out, total) if with_total else out
+
+
+def logreg_evaluate(
+    X: np.ndarray, signs: np.ndarray, x: np.ndarray, reg_row: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
+    client_grads: bool,
+) -> tuple[float, int, np.ndarray, np.ndarray | None]:
+    """Logistic regression's evaluation in one pass over X: ``(mean data loss, correct rows, sum of the
+    clients' gradients, every client's gradient or None)``.
+
+    Client i owns rows ``starts[i] : starts[i] + sizes[i]`` (every size > 0) of ``X``,
+    with labels ``signs`` (+-1); its loss is the mean of log(1 + exp(-y z)) over its rows,
+    its gradient the mean of -y sigmoid(-y z) a over them plus ``reg_row``.
+    """
+    n, d = starts.shape[0], X.shape[1]
+    out = np.empty((n if client_grads else 1, d))
+    total = np.zeros(d)
+    data_loss, correct = _logreg_evaluate(X, signs, x, reg_row, starts, sizes, out, total)
+    return data_loss, correct, total, out if client_grads else None

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fl_clip21 import backend, streams
+from fl_clip21 import backend, kernels, streams
 from fl_clip21.config import MAX_DIM, MAX_FEATURES, MAX_ROWS, ConfigError, plugin_parts
 from fl_clip21.core import Params
 from fl_clip21.layout import Layout
@@ -597,6 +597,7 @@ class LogReg(_ClientData):
         indices[self._data_slots], indices[self._reg_slots] = np.arange(N), N
         self._client_sums = backend.NUMPY.row_sums(indices, self.sizes + 1, N + 1)
         self._slots_lock = threading.Lock()  # the spare row is written by every evaluation
+        self._nonempty = bool(np.all(self.sizes > 0))
 
     xp: backend.Backend = backend.NUMPY
 
@@ -627,6 +628,14 @@ class LogReg(_ClientData):
         """Every listed client's (minibatch) gradient: its rows' margins, then one sparse-times-dense product."""
         xp = self.xp
         clients = np.asarray(clients, dtype=np.int64)
+        full = minibatch is None or (clients.size > 0 and minibatch.size >= self.sizes[clients].max())
+        if (full and point_of_row is None and points.ndim == 1 and self._nonempty and clients.size > 0
+                and points.dtype == np.float64 and kernels.usable(self.X, points[None, :])):
+            # Full gradients at one model (a minibatch of at least every row is every row, in order): the
+            # evaluation's compiled pass over these clients' rows, bit for bit what the evaluation computes.
+            return kernels.logreg_evaluate(
+                self.X, self.signs, points, self._reg_grad(points), self.starts[clients], self.sizes[clients], True
+            )[3]
         rows, owner, weight = self.rows(clients, minibatch)
         counts = np.bincount(owner, minlength=clients.size)
         rows, owner, weight = xp.asarray(rows), xp.asarray(owner), xp.asarray(weight)
@@ -653,8 +662,18 @@ class LogReg(_ClientData):
         return out
 
     def evaluate(self, x, client_grads: bool = False) -> Evaluation:
-        """f, its gradient and accuracy from one product with X (two with ``client_grads``: every client's, kept)."""
+        """f, its gradient and accuracy from one product with X (two with ``client_grads``: every client's, kept).
+
+        Where numba is installed (fl_clip21.kernels), one compiled pass over X
+        computes them all, each row's margin summed in another order than BLAS's.
+        """
         xp = self.xp
+        if kernels.usable(self.X, x[None, :]) and x.dtype == np.float64 and self._nonempty:
+            reg = self.reg * (x**2 / (1 + x**2)).sum()
+            data, correct, total, per_client = kernels.logreg_evaluate(
+                self.X, self.signs, x, self._reg_grad(x), self.starts, self.sizes, client_grads
+            )
+            return Evaluation(float(data + reg), total / self.num_clients, correct / self.X.shape[0], per_client)
         z = self.X @ x
         margin = self.signs * z
         reg = self.reg * (x**2 / (1 + x**2)).sum()

@@ -134,3 +134,55 @@ def test_a_run_is_the_same_with_and_without_the_compiled_loops(algorithm):
         assert a["clip_fraction"] == b["clip_fraction"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-11)
     assert max(r["clip_fraction"] for r in fast["records"]) > 0  # the clip did work
+
+
+@pytest.mark.parametrize("client_grads", [True, False])
+def test_the_compiled_logreg_evaluation_is_numpys(client_grads):
+    from fl_clip21.problems import build_problem
+
+    cfg = resolve({
+        "algorithms": ["clip21-gd"], "num-clients": 7, "seed": 1,
+        "problem": {"name": "logreg", "dataset": "synthetic", "rows": 300, "features": 12, "reg": 0.1},
+        "partition": {"kind": "dirichlet", "alpha": 1.0},
+    })
+    problem = build_problem(cfg)
+    with compiled(True):
+        assert kernels.ENABLED and kernels.usable(problem.X, np.zeros((1, 13))) and problem._nonempty
+    rng = np.random.default_rng(0)
+    for x in (np.zeros(13), rng.standard_normal(13), 30 * rng.standard_normal(13)):
+        with compiled(True):
+            fast = problem.evaluate(x, client_grads=client_grads)
+        with compiled(False):
+            slow = problem.evaluate(x, client_grads=client_grads)
+        assert fast.loss == pytest.approx(slow.loss, rel=1e-13)
+        assert fast.accuracy == slow.accuracy
+        np.testing.assert_allclose(fast.grad, slow.grad, rtol=1e-12, atol=1e-15)
+        if client_grads:
+            np.testing.assert_allclose(fast.client_grads, slow.client_grads, rtol=1e-12, atol=1e-15)
+        else:
+            assert fast.client_grads is None and slow.client_grads is None
+
+
+def test_a_clients_full_gradient_is_the_evaluations_row_bit_for_bit():
+    """The Flower client computes its gradient with ``grads`` (a batch of one); the batched engine reads
+    the evaluation's rows: with the compiled pass both are the same numbers."""
+    from fl_clip21.problems import build_problem
+
+    cfg = resolve({
+        "algorithms": ["clip21-gd"], "num-clients": 6, "seed": 2,
+        "problem": {"name": "logreg", "dataset": "synthetic", "rows": 240, "features": 9},
+        "partition": {"kind": "dirichlet", "alpha": 1.0},
+    })
+    problem = build_problem(cfg)
+    x = np.random.default_rng(1).standard_normal(10)
+    for on in (True, False):
+        with compiled(on):
+            every = problem.evaluate(x, client_grads=True).client_grads
+            for i in range(6):
+                one = problem.grads(x, np.array([i]))
+                if on:
+                    np.testing.assert_array_equal(one[0], every[i])
+                else:
+                    np.testing.assert_allclose(one[0], every[i], rtol=1e-12, atol=1e-15)
+            if on:  # any batch of clients, in any order
+                np.testing.assert_array_equal(problem.grads(x, np.array([4, 1])), every[[4, 1]])
