@@ -76,10 +76,21 @@ def usable(*arrays: np.ndarray) -> bool:
 
 
 if numba is not None:
-    # reassoc: the sum of squares may be summed in any order (vectorised); nothing else is reordered,
+    # reassoc (sums of squares and margins only): summed in any order (vectorised); nothing else is reordered,
     # and no multiply-add is contracted, so every other operation rounds as numpy's does.
-    _jit = numba.njit(cache=True, nogil=True)
-    _jit_sum = numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+    def _compiled(**flags):
+        """numba.njit with its on-disk cache, or without one where the install has nowhere to write it."""
+
+        def wrap(function):
+            try:
+                return numba.njit(cache=True, nogil=True, **flags)(function)
+            except RuntimeError:  # "no locator available": a read-only install, no writable cache dir
+                return numba.njit(cache=False, nogil=True, **flags)(function)
+
+        return wrap
+
+    _jit = _compiled()
+    _jit_sum = _compiled(fastmath={"reassoc"})
 
     @_jit_sum
     def _sum_squares(a):  # pragma: no cover - compiled

@@ -186,3 +186,26 @@ def test_a_clients_full_gradient_is_the_evaluations_row_bit_for_bit():
                     np.testing.assert_allclose(one[0], every[i], rtol=1e-12, atol=1e-15)
             if on:  # any batch of clients, in any order
                 np.testing.assert_array_equal(problem.grads(x, np.array([4, 1])), every[[4, 1]])
+
+
+def test_a_read_only_install_compiles_without_the_cache(monkeypatch):
+    """Where numba finds no writable place for its cache it refuses cache=True when a function is
+    decorated; the module then compiles each process instead of failing to import."""
+    import importlib
+
+    real = kernels.numba.njit
+
+    def no_cache(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'kernels.py'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.numba, "njit", no_cache)
+    try:
+        reloaded = importlib.reload(kernels)
+        C, V, active, _, _ = reloaded.clip_ef_step(np.array([[3.0, 4.0]]), np.zeros((1, 2)), np.array([1.0]), None)
+        np.testing.assert_allclose(C, [[0.6, 0.8]])
+        assert active.tolist() == [True]
+    finally:
+        monkeypatch.undo()
+        importlib.reload(kernels)
