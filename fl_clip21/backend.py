@@ -180,6 +180,8 @@ class Numpy:
 
         indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         rows = np.asarray(rows, dtype=np.int64)
+        if indptr[-1] != rows.size:
+            raise ValueError(f"row_sums: counts add up to {indptr[-1]}, but {rows.size} rows were given")
         if rows.size and (rows.min() < 0 or rows.max() >= num_rows):
             raise ValueError(f"row_sums: rows must lie in [0, {num_rows}), got {rows.min()}..{rows.max()}")
         matrix = csr_array((np.zeros(len(rows)), rows, indptr), shape=(len(counts), num_rows))

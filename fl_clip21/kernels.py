@@ -221,6 +221,10 @@ def clip_ef_step(
     ``memory``'s (else into copies). Returns ``(C, new_memory, active,
     input_norms, target_norms)``, as :func:`fl_clip21.core.ef_step_rows` does.
     """
+    if target.shape != memory.shape or np.size(tau) not in (1, target.shape[0]) or (
+            step is not None and np.size(step) not in (1, target.shape[0])):
+        raise ValueError(f"clip_ef_step: target {target.shape}, memory {memory.shape}, tau {np.shape(tau)} and "
+                         f"step {np.shape(step)} do not fit")  # the loop does not check its indices
     C = target if overwrite_target else target.copy()
     V = memory if overwrite_memory else memory.copy()
     m = C.shape[0]
@@ -258,6 +262,12 @@ def logreg_evaluate(
     its gradient the mean of -y sigmoid(-y z) a over them plus ``reg_row``.
     """
     n, d = starts.shape[0], X.shape[1]
+    # The loop does not check its indices: every shape is checked here.
+    if x.shape != (d,) or reg_row.shape != (d,) or signs.shape != (X.shape[0],) or sizes.shape != (n,):
+        raise ValueError(f"logreg_evaluate: shapes x {x.shape}, reg_row {reg_row.shape}, signs {signs.shape}, "
+                         f"sizes {sizes.shape} do not fit X {X.shape} and {n} clients")
+    if n and (starts.min() < 0 or sizes.min() < 1 or (starts + sizes).max() > X.shape[0]):
+        raise ValueError(f"logreg_evaluate: client rows outside X's {X.shape[0]} rows, or a client without rows")
     out = np.empty((n if client_grads else 1, d))
     total = np.zeros(d)
     data_loss, correct = _logreg_evaluate(X, signs, x, reg_row, starts, sizes, out, total)

@@ -209,3 +209,19 @@ def test_a_read_only_install_compiles_without_the_cache(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(kernels)
+
+
+def test_the_loops_refuse_shapes_they_would_read_past():
+    """A compiled loop does not check its indices: its wrapper checks every shape first."""
+    X, signs = np.ones((4, 3)), np.ones(4)
+    starts, sizes = np.array([0, 2]), np.array([2, 2])
+    with pytest.raises(ValueError, match="do not fit X"):
+        kernels.logreg_evaluate(X, signs, np.ones(2), np.zeros(3), starts, sizes, True)
+    with pytest.raises(ValueError, match="outside X"):
+        kernels.logreg_evaluate(X, signs, np.ones(3), np.zeros(3), starts, np.array([2, 3]), True)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.clip_ef_step(np.ones((2, 3)), np.ones((3, 3)), np.array([1.0]), None)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.clip_ef_step(np.ones((2, 3)), np.ones((2, 3)), np.ones(3), None)
+    with pytest.raises(ValueError, match="add up to 3"):
+        backend.NUMPY.row_sums(np.array([0, 1]), np.array([3]), 3)
