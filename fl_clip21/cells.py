@@ -81,7 +81,7 @@ def run_cells(
     cached = None  # every row's full gradient at its cell's model, from the last evaluation (full batch)
     # Every client every round: the batch's rows, drawn once (no sampling per round).
     full = cfg0["fraction"] >= 1 and cfg0.get("availability", 1.0) >= 1
-    all_arrive = None if drops_possible(cfg0) else True
+    all_arrive = not drops_possible(cfg0)
     start = time.perf_counter()
     for k in range(1, cfg0["rounds"] + 1):
         t0 = time.perf_counter()
@@ -98,6 +98,7 @@ def run_cells(
             cells = [slice(c * m, (c + 1) * m) for c in range(C)]
             hp = {**algorithm.hyper, **{key: values[cell_of_row] for key, values in hyper.items()}}
             cell_rows = xp.asarray(cell_of_row)
+            every_row = np.ones(len(index), dtype=bool)
         times_asked[:, clients] += 1
 
         def grads(points: np.ndarray, step: int, cached=cached, rows=rows, everyone=everyone) -> np.ndarray:
@@ -116,7 +117,7 @@ def run_cells(
             at_cells, {s: v if everyone else v[rows] for s, v in state.items()}, grads, noise, hp
         )
         cached = None  # the round may have written into it
-        arrived = np.ones(len(index), dtype=bool) if all_arrive else ~late_rows(cfg0, k, client_of_row)
+        arrived = every_row if all_arrive else ~late_rows(cfg0, k, client_of_row)
         for s, v in out.state.items():
             if not everyone:
                 state[s][rows] = v

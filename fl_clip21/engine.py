@@ -176,14 +176,17 @@ def client_round(
     )
 
 
-def metrics(ev: Evaluation) -> dict[str, float]:
-    """The record's global metrics: loss, grad_norm_sq (of f, on all data), accuracy."""
-    norm = float(core.row_norms(ev.grad))
+def _metrics(ev: Evaluation, norm: float) -> dict[str, float]:
     # A product overflows to inf where ``norm ** 2`` raises: a diverging run is reported, not a crash.
     rec = {"loss": ev.loss, "grad_norm_sq": norm * norm}
     if ev.accuracy is not None:
         rec["accuracy"] = ev.accuracy
     return rec
+
+
+def metrics(ev: Evaluation) -> dict[str, float]:
+    """The record's global metrics: loss, grad_norm_sq (of f, on all data), accuracy."""
+    return _metrics(ev, float(core.row_norms(ev.grad)))
 
 
 def metrics_many(evaluations: Sequence[Evaluation]) -> list[dict[str, float]]:
@@ -192,13 +195,7 @@ def metrics_many(evaluations: Sequence[Evaluation]) -> list[dict[str, float]]:
         return []
     xp = backend.of(evaluations[0].grad)
     norms = xp.to_numpy(core.row_norms(xp.stack([ev.grad for ev in evaluations])))
-    out = []
-    for ev, norm in zip(evaluations, norms.tolist()):
-        rec = {"loss": ev.loss, "grad_norm_sq": norm * norm}  # inf where it overflows, as in metrics
-        if ev.accuracy is not None:
-            rec["accuracy"] = ev.accuracy
-        out.append(rec)
-    return out
+    return [_metrics(ev, norm) for ev, norm in zip(evaluations, norms.tolist())]
 
 
 def evaluate(problem: Problem, params: core.Params) -> dict[str, float]:

@@ -168,7 +168,6 @@ if numba is not None:
                 for j in range(d):
                     total[j] += o[j]
 
-
     @_jit_sum
     def _dot(a, b):  # pragma: no cover - compiled
         s = 0.0

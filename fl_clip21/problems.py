@@ -621,6 +621,11 @@ class LogReg(_ClientData):
     def init_params(self) -> Params:
         return {"w": np.zeros(self.X.shape[1])}
 
+    def _compiled(self, x: np.ndarray) -> bool:
+        """Whether the compiled pass (fl_clip21.kernels.logreg_evaluate) takes the model ``x``: one float64 model
+        on numpy, numba on, every client with rows."""
+        return x.ndim == 1 and x.dtype == np.float64 and self._nonempty and kernels.usable(self.X, x[None, :])
+
     def _reg_grad(self, w: np.ndarray) -> np.ndarray:
         return self.reg * 2 * w / (1 + w**2) ** 2
 
@@ -629,8 +634,7 @@ class LogReg(_ClientData):
         xp = self.xp
         clients = np.asarray(clients, dtype=np.int64)
         full = minibatch is None or (clients.size > 0 and minibatch.size >= self.sizes[clients].max())
-        if (full and point_of_row is None and points.ndim == 1 and self._nonempty and clients.size > 0
-                and points.dtype == np.float64 and kernels.usable(self.X, points[None, :])):
+        if full and point_of_row is None and clients.size > 0 and self._compiled(points):
             # Full gradients at one model (a minibatch of at least every row is every row, in order): the
             # evaluation's compiled pass over these clients' rows, bit for bit what the evaluation computes.
             return kernels.logreg_evaluate(
@@ -668,15 +672,14 @@ class LogReg(_ClientData):
         computes them all, each row's margin summed in another order than BLAS's.
         """
         xp = self.xp
-        if kernels.usable(self.X, x[None, :]) and x.dtype == np.float64 and self._nonempty:
-            reg = self.reg * (x**2 / (1 + x**2)).sum()
+        reg = self.reg * (x**2 / (1 + x**2)).sum()
+        if self._compiled(x):
             data, correct, total, per_client = kernels.logreg_evaluate(
                 self.X, self.signs, x, self._reg_grad(x), self.starts, self.sizes, client_grads
             )
             return Evaluation(float(data + reg), total / self.num_clients, correct / self.X.shape[0], per_client)
         z = self.X @ x
         margin = self.signs * z
-        reg = self.reg * (x**2 / (1 + x**2)).sum()
         losses, sigmoids = xp.logistic(margin)
         data = xp.segment_means(losses, self.starts, self.sizes)
         s = -self.signs * sigmoids * self._row_weight
