@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fl_clip21 import outputs
+from fl_clip21 import kernels, outputs
 from fl_clip21.algorithms import ALGORITHMS
 from fl_clip21.calibrate import PROBE_ROUNDS
 from fl_clip21.config import ConfigError, check_work, expand_runs, keys_help, load_scenario, parse_sets, resolve
@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         command = {"bench": cmd_bench, "calibrate": cmd_calibrate, "tune": _cmd_tune}.get(args.command, cmd_run)
     try:
+        if kernels.ENV_ERROR is not None:
+            raise ConfigError(kernels.ENV_ERROR)
         if getattr(args, "help", False):
             _help(run if args.command == "run" else sweep, args)
         return command(args)

@@ -24,14 +24,16 @@ same loops (the Flower client's batch of one row goes through them too), so
 the loops add no difference between the engines; a run with and without
 numba agrees to float rounding (tests/test_kernels.py).
 
-``FL_CLIP21_KERNELS=numpy`` in the environment turns them off; without numba
-they are off, and nothing else changes.
+``FL_CLIP21_KERNELS=numpy`` in the environment turns them off (``numba``, the
+default, leaves them on; any other value is refused by the CLI); without
+numba they are off, and nothing else changes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -41,8 +43,14 @@ try:  # an optional dependency: the "fast" extra
 except ImportError:  # pragma: no cover - exercised where numba is not installed
     numba = None
 
+_CHOICE = os.environ.get("FL_CLIP21_KERNELS", "numba")
+# Another value is a mistake: the CLI stops on it (exit 2); a library import warns once and runs numpy's code.
+ENV_ERROR = (
+    None if _CHOICE in ("numba", "numpy") else f"FL_CLIP21_KERNELS must be 'numba' or 'numpy', got {_CHOICE!r}"
+)
 # Whether the compiled loops run (tests switch it to compare both ways).
-ENABLED = numba is not None and os.environ.get("FL_CLIP21_KERNELS", "numba") != "numpy"
+ENABLED = numba is not None and _CHOICE == "numba"
+_warned = False
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -66,6 +74,10 @@ def switched(on: bool) -> Iterator[None]:
 
 def usable(*arrays: np.ndarray) -> bool:
     """Whether the kernels take these arrays: numpy, C-contiguous, 2-D, float32 or float64, one dtype."""
+    global _warned
+    if ENV_ERROR is not None and not _warned:
+        _warned = True
+        warnings.warn(f"{ENV_ERROR}: the compiled loops are off, numpy's code runs", stacklevel=2)
     if not ENABLED:
         return False
     first = arrays[0]

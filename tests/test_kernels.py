@@ -9,6 +9,8 @@ product equals scipy's bit for bit; a whole run agrees with and without them.
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +21,7 @@ from fl_clip21 import backend, core, kernels
 from fl_clip21.config import resolve
 from fl_clip21.engine import run_local
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed (the 'fast' extra)")
 
 HOSTILE = st.one_of(
@@ -225,3 +228,27 @@ def test_the_loops_refuse_shapes_they_would_read_past():
         kernels.clip_ef_step(np.ones((2, 3)), np.ones((2, 3)), np.ones(3), None)
     with pytest.raises(ValueError, match="add up to 3"):
         backend.NUMPY.row_sums(np.array([0, 1]), np.array([3]), 3)
+
+
+def test_a_mistyped_kernels_variable_is_exit_2_in_the_cli_and_a_warning_in_a_library(tmp_path):
+    """FL_CLIP21_KERNELS takes 'numba' or 'numpy'; 'off' is not silently read as either."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FL_CLIP21_KERNELS": "off"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fl_clip21.cli", "run", str(ROOT / "scenarios" / "logreg-nonconvex.toml"),
+         "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fl-clip21: error: FL_CLIP21_KERNELS must be 'numba' or 'numpy', got 'off'"
+    assert not (tmp_path / "r").exists()  # nothing ran, nothing written
+    library = subprocess.run(
+        [sys.executable, "-W", "error", "-c",
+         "import numpy as np; from fl_clip21 import core; "
+         "core.ef_step_rows(np.ones((2, 3)), np.zeros((2, 3)), core.clip_rows(1.0))"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert library.returncode != 0 and "FL_CLIP21_KERNELS must be 'numba' or 'numpy', got 'off'" in library.stderr
